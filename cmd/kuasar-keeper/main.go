@@ -1,0 +1,102 @@
+// Command kuasar-keeper is the node-wide process keeper of containerd-kuasar
+// (see package pkg/keeper). containerd-kuasar starts it on demand; it is the
+// parent of workload processes so that their exit statuses, terminals and
+// stdin survive a daemon restart, and it exits by itself once idle.
+//
+// Run as "kuasar-keeper pause" it is instead the init of a pod's shared PID
+// namespace: it reaps orphans and waits for a signal.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/pkg/keeper"
+	"github.com/kuasar-io/containerd-kuasar/version"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "pause" {
+		os.Exit(pause())
+	}
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "kuasar-keeper:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	socket := flag.String("socket", "", "socket to serve on (required)")
+	idle := flag.Duration("idle", time.Minute, "exit after being idle this long (0: never)")
+	level := flag.String("log-level", "info", "log level")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if *showVersion {
+		version.Fprint(os.Stdout)
+		return nil
+	}
+	if *socket == "" {
+		return errors.New("--socket is required")
+	}
+	if err := log.SetLevel(*level); err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
+	defer cancel()
+
+	if err := os.MkdirAll(filepath.Dir(*socket), 0o700); err != nil {
+		return err
+	}
+	// One keeper per socket: the lock outlives a stale socket file.
+	lock, err := os.OpenFile(*socket+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return fmt.Errorf("another keeper holds %s: %w", lock.Name(), err)
+	}
+	_ = os.Remove(*socket)
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: *socket, Net: "unixpacket"})
+	if err != nil {
+		return err
+	}
+	defer os.Remove(*socket)
+	if err := os.Chmod(*socket, 0o600); err != nil {
+		return err
+	}
+	log.G(ctx).WithField("pid", os.Getpid()).WithField("socket", *socket).Info("kuasar-keeper serving")
+	s := keeper.NewServer(*idle)
+	defer s.Shutdown()
+	return s.Serve(ctx, l)
+}
+
+// pause is the init of a shared PID namespace: it reaps every orphan and
+// exits on SIGTERM or SIGINT.
+func pause() int {
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGCHLD, unix.SIGTERM, unix.SIGINT)
+	for s := range sigs {
+		if s != unix.SIGCHLD {
+			return 0
+		}
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+	return 0
+}

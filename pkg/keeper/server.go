@@ -1,0 +1,364 @@
+package keeper
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// Server is the keeper side. One Server runs per keeper process.
+type Server struct {
+	idle time.Duration
+
+	mu      sync.Mutex
+	waiters map[int]chan Exit // spawned with Wait: exit goes to the reply
+	exits   map[int]Exit      // reaped, not yet acknowledged
+	order   []int             // pids of exits in reap order
+	fds     map[string]*os.File
+	subs    map[*serverConn]struct{}
+	clients int
+	busyAt  time.Time
+}
+
+// NewServer returns a keeper that exits after being idle (no clients, no
+// children, no held descriptors, no unacknowledged exits) for idle; zero
+// disables idle exit.
+func NewServer(idle time.Duration) *Server {
+	return &Server{
+		idle:    idle,
+		waiters: map[int]chan Exit{},
+		exits:   map[int]Exit{},
+		fds:     map[string]*os.File{},
+		subs:    map[*serverConn]struct{}{},
+		busyAt:  time.Now(),
+	}
+}
+
+// Serve makes the calling process a child subreaper, reaps its children and
+// serves clients on l until ctx is done or the keeper has been idle.
+func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("becoming child subreaper: %w", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	sigs := make(chan os.Signal, 32)
+	signal.Notify(sigs, unix.SIGCHLD)
+	defer signal.Stop(sigs)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-sigs:
+				s.reap()
+			}
+		}
+	}()
+	s.reap() // children inherited before the handler was installed
+
+	if s.idle > 0 {
+		go s.idleWatch(ctx, cancel)
+	}
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			log.G(ctx).WithError(err).Warn("keeper accept")
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		if err := checkPeer(c); err != nil {
+			log.G(ctx).WithError(err).Warn("keeper refused a client")
+			c.Close()
+			continue
+		}
+		sc := &serverConn{conn: conn{c}, s: s}
+		s.mu.Lock()
+		s.clients++
+		s.mu.Unlock()
+		go sc.serve(ctx)
+	}
+}
+
+// checkPeer admits only clients of the keeper's own user.
+func checkPeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
+	}
+	return nil
+}
+
+// reap collects every exited child and routes its status.
+func (s *Server) reap() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if pid <= 0 || err != nil {
+			return
+		}
+		e := exitFromWaitStatus(pid, ws, time.Now())
+		s.mu.Lock()
+		if w, ok := s.waiters[pid]; ok {
+			delete(s.waiters, pid)
+			w <- e
+		} else {
+			s.exits[pid] = e
+			s.order = append(s.order, pid)
+			for sc := range s.subs {
+				sc.event(e)
+			}
+		}
+		s.busyAt = time.Now()
+		s.mu.Unlock()
+	}
+}
+
+func (s *Server) idleWatch(ctx context.Context, stop func()) {
+	t := time.NewTicker(s.idle / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		busy := s.clients > 0 || len(s.fds) > 0 || len(s.exits) > 0 || len(s.waiters) > 0 || hasChildren()
+		if busy {
+			s.busyAt = time.Now()
+		}
+		idleFor := time.Since(s.busyAt)
+		s.mu.Unlock()
+		if idleFor >= s.idle {
+			log.G(ctx).Info("keeper idle: no children, clients or held state; exiting")
+			stop()
+			return
+		}
+	}
+}
+
+// hasChildren reports whether the process has any child, alive or zombie.
+func hasChildren() bool {
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+	return err != unix.ECHILD
+}
+
+type serverConn struct {
+	conn
+	s      *Server
+	sendMu sync.Mutex
+}
+
+func (c *serverConn) reply(m *message, files ...*os.File) {
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	if err := c.send(m, files...); err != nil {
+		log.L.WithError(err).Debug("keeper reply")
+	}
+}
+
+// event is called with s.mu held.
+func (c *serverConn) event(e Exit) {
+	ev := e
+	go c.reply(&message{Op: opExit, Exit: &ev})
+}
+
+func (c *serverConn) serve(ctx context.Context) {
+	defer func() {
+		c.s.mu.Lock()
+		c.s.clients--
+		delete(c.s.subs, c)
+		c.s.busyAt = time.Now()
+		c.s.mu.Unlock()
+		c.c.Close()
+	}()
+	for {
+		m, files, err := c.recv()
+		if err != nil {
+			return
+		}
+		go c.handle(ctx, m, files)
+	}
+}
+
+func (c *serverConn) handle(ctx context.Context, m *message, files []*os.File) {
+	s := c.s
+	r := &message{ID: m.ID}
+	switch m.Op {
+	case opHello:
+		r.Version = ProtocolVersion
+		r.Pid = os.Getpid()
+	case opSpawn:
+		pid, exit, err := s.spawn(m.Spawn, files)
+		closeAll(files)
+		files = nil
+		if err != nil {
+			r.Error = err.Error()
+		}
+		r.Pid, r.Exit = pid, exit
+	case opSubscribe:
+		s.mu.Lock()
+		s.subs[c] = struct{}{}
+		for _, pid := range s.order {
+			if e, ok := s.exits[pid]; ok {
+				c.event(e)
+			}
+		}
+		s.mu.Unlock()
+	case opAck:
+		s.mu.Lock()
+		for _, pid := range m.Pids {
+			delete(s.exits, pid)
+		}
+		kept := s.order[:0]
+		for _, pid := range s.order {
+			if _, ok := s.exits[pid]; ok {
+				kept = append(kept, pid)
+			}
+		}
+		s.order = kept
+		s.mu.Unlock()
+	case opPutFD:
+		if len(files) != 1 || m.Key == "" {
+			r.Error = "putfd needs a key and exactly one descriptor"
+			break
+		}
+		s.mu.Lock()
+		if old, ok := s.fds[m.Key]; ok {
+			old.Close()
+		}
+		s.fds[m.Key] = files[0]
+		s.mu.Unlock()
+		files = nil
+	case opGetFD:
+		s.mu.Lock()
+		f, ok := s.fds[m.Key]
+		s.mu.Unlock()
+		if !ok {
+			r.Error = errNoFD.Error()
+			break
+		}
+		c.reply(r, f)
+		return
+	case opDropFD:
+		s.mu.Lock()
+		for k, f := range s.fds {
+			if k == m.Key || (m.Prefix && len(k) >= len(m.Key) && k[:len(m.Key)] == m.Key) {
+				f.Close()
+				delete(s.fds, k)
+			}
+		}
+		s.mu.Unlock()
+	default:
+		r.Error = fmt.Sprintf("unknown keeper operation %q", m.Op)
+	}
+	closeAll(files)
+	c.reply(r)
+}
+
+func (s *Server) spawn(req *SpawnRequest, files []*os.File) (int, *Exit, error) {
+	if req == nil || req.Path == "" || len(req.Args) == 0 {
+		return 0, nil, errors.New("spawn needs a path and arguments")
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer devnull.Close()
+	pick := func(i int) (uintptr, error) {
+		if i == NoFD {
+			return devnull.Fd(), nil
+		}
+		if i < 0 || i >= len(files) {
+			return 0, fmt.Errorf("descriptor index %d out of range (%d attached)", i, len(files))
+		}
+		return files[i].Fd(), nil
+	}
+	var fds []uintptr
+	for _, i := range append(req.Stdio[:], req.Extra...) {
+		fd, err := pick(i)
+		if err != nil {
+			return 0, nil, err
+		}
+		fds = append(fds, fd)
+	}
+	attr := &syscall.ProcAttr{
+		Dir:   req.Dir,
+		Env:   req.Env,
+		Files: fds,
+		Sys: &syscall.SysProcAttr{
+			Setsid:     req.Setsid,
+			Cloneflags: req.Cloneflags,
+		},
+	}
+	if attr.Env == nil {
+		attr.Env = []string{}
+	}
+
+	var wait chan Exit
+	s.mu.Lock()
+	pid, err := syscall.ForkExec(req.Path, req.Args, attr)
+	if err == nil && req.Wait {
+		wait = make(chan Exit, 1)
+		s.waiters[pid] = wait
+	}
+	s.busyAt = time.Now()
+	s.mu.Unlock()
+	if err != nil {
+		return 0, nil, fmt.Errorf("starting %s: %w", req.Path, err)
+	}
+	if wait == nil {
+		return pid, nil, nil
+	}
+	e := <-wait
+	return pid, &e, nil
+}
+
+// Shutdown closes every held descriptor.
+func (s *Server) Shutdown() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, f := range s.fds {
+		f.Close()
+		delete(s.fds, k)
+	}
+}
