@@ -22,7 +22,7 @@ func TestMain(m *testing.M) {
 		if err != nil {
 			os.Exit(2)
 		}
-		_ = NewServer(2 * time.Second).Serve(context.Background(), l)
+		_ = NewServer(2*time.Second).Serve(context.Background(), l)
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
