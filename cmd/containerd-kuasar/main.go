@@ -11,7 +11,7 @@ import (
 	"github.com/urfave/cli/v3"
 
 	"github.com/kuasar-io/containerd-kuasar/builtins"
-	"github.com/kuasar-io/containerd-kuasar/version"
+	"github.com/kuasar-io/containerd-kuasar/cmd/internal/version"
 )
 
 const usage = `containerd with Kuasar sandboxes: microVM, application kernel,

@@ -21,8 +21,8 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
-	"github.com/kuasar-io/containerd-kuasar/pkg/keeper"
-	"github.com/kuasar-io/containerd-kuasar/version"
+	"github.com/kuasar-io/containerd-kuasar/cmd/internal/version"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 )
 
 func main() {

@@ -96,6 +96,7 @@ type message struct {
 	Error string `json:"error,omitempty"`
 	Pid   int    `json:"pid,omitempty"`
 	Exit  *Exit  `json:"exit,omitempty"`
+	Exits []Exit `json:"exits,omitempty"`
 }
 
 // errNoFD is returned by getfd for an unknown key.

@@ -213,15 +213,18 @@ func (c *Client) Spawn(ctx context.Context, req SpawnRequest, files ...*os.File)
 	return r.m.Pid, r.m.Exit, nil
 }
 
-// Subscribe delivers every unacknowledged and future exit of keeper
-// children to h, from one goroutine. Exits are redelivered (to a new
-// connection) until acknowledged.
-func (c *Client) Subscribe(ctx context.Context, h func(Exit)) error {
+// Subscribe returns the exits the keeper holds unacknowledged (the backlog)
+// and delivers every later exit to h, from one goroutine. Exits are
+// redelivered (to a new connection) until acknowledged.
+func (c *Client) Subscribe(ctx context.Context, h func(Exit)) ([]Exit, error) {
 	c.mu.Lock()
 	c.onExit = h
 	c.mu.Unlock()
-	_, err := c.call(ctx, &message{Op: opSubscribe})
-	return err
+	r, err := c.call(ctx, &message{Op: opSubscribe})
+	if err != nil {
+		return nil, err
+	}
+	return r.m.Exits, nil
 }
 
 // Ack tells the keeper it may forget the exits of pids.

@@ -237,10 +237,11 @@ func (c *serverConn) handle(ctx context.Context, m *message, files []*os.File) {
 		r.Pid, r.Exit = pid, exit
 	case opSubscribe:
 		s.mu.Lock()
+		// The backlog rides on the reply; later exits arrive as events.
 		s.subs[c] = struct{}{}
 		for _, pid := range s.order {
 			if e, ok := s.exits[pid]; ok {
-				c.event(e)
+				r.Exits = append(r.Exits, e)
 			}
 		}
 		s.mu.Unlock()

@@ -1,0 +1,155 @@
+// Package nsutil creates and holds Linux namespaces without a process: a
+// locked OS thread unshares them, and their /proc files are bind-mounted
+// onto files that keep them alive. It also runs code inside namespaces
+// (for pod sysctls). Sandboxes use it in place of a pause container.
+package nsutil
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// Kind names a namespace type as in /proc/PID/ns.
+type Kind string
+
+// Namespace kinds handled here.
+const (
+	IPC Kind = "ipc"
+	UTS Kind = "uts"
+	Net Kind = "net"
+)
+
+var cloneFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET}
+
+// Create makes new namespaces of the given kinds, sets hostname in a new
+// UTS namespace, and pins each at dir/<kind>. It returns the pinned paths.
+// On error nothing is left mounted.
+func Create(dir string, kinds []Kind, hostname string) (map[Kind]string, error) {
+	if len(kinds) == 0 {
+		return map[Kind]string{}, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	flags := 0
+	for _, k := range kinds {
+		f, ok := cloneFlag[k]
+		if !ok {
+			return nil, fmt.Errorf("unsupported namespace %q", k)
+		}
+		flags |= f
+	}
+	type result struct {
+		paths map[Kind]string
+		err   error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// The thread is never unlocked: it exits with the goroutine, taking
+		// its altered namespaces with it.
+		runtime.LockOSThread()
+		paths, err := unshareAndPin(dir, kinds, flags, hostname)
+		ch <- result{paths, err}
+	}()
+	r := <-ch
+	return r.paths, r.err
+}
+
+func unshareAndPin(dir string, kinds []Kind, flags int, hostname string) (_ map[Kind]string, retErr error) {
+	if err := unix.Unshare(flags); err != nil {
+		return nil, fmt.Errorf("unshare: %w", err)
+	}
+	if hostname != "" && flags&unix.CLONE_NEWUTS != 0 {
+		if err := unix.Sethostname([]byte(hostname)); err != nil {
+			return nil, fmt.Errorf("sethostname %q: %w", hostname, err)
+		}
+	}
+	tid := unix.Gettid()
+	paths := map[Kind]string{}
+	defer func() {
+		if retErr != nil {
+			for _, p := range paths {
+				Release(p)
+			}
+		}
+	}()
+	for _, k := range kinds {
+		target := filepath.Join(dir, string(k))
+		if err := Pin(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k), target); err != nil {
+			return nil, err
+		}
+		paths[k] = target
+	}
+	return paths, nil
+}
+
+// Pin bind-mounts the namespace file src onto target (created if needed).
+func Pin(src, target string) error {
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o400)
+	if err != nil {
+		return fmt.Errorf("creating namespace pin: %w", err)
+	}
+	f.Close()
+	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+		os.Remove(target)
+		return fmt.Errorf("pinning %s at %s: %w", src, target, err)
+	}
+	return nil
+}
+
+// Release unmounts a pinned namespace file and removes it. A missing or
+// unmounted file is not an error.
+func Release(path string) error {
+	err := unix.Unmount(path, unix.MNT_DETACH)
+	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmounting %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// IsPinned reports whether path is a mounted namespace file.
+func IsPinned(path string) bool {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false
+	}
+	return st.Type == unix.NSFS_MAGIC
+}
+
+// Do runs fn on a thread that has joined the namespaces at paths (kinds to
+// namespace file paths). The thread is discarded afterwards.
+func Do(paths map[Kind]string, fn func() error) error {
+	ch := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		for k, p := range paths {
+			fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				ch <- fmt.Errorf("opening %s namespace %s: %w", k, p, err)
+				return
+			}
+			err = unix.Setns(fd, cloneFlag[k])
+			unix.Close(fd)
+			if err != nil {
+				ch <- fmt.Errorf("joining %s namespace %s: %w", k, p, err)
+				return
+			}
+		}
+		ch <- fn()
+	}()
+	return <-ch
+}
+
+// ProcPath returns /proc/PID/ns/KIND.
+func ProcPath(pid int, k string) string {
+	return "/proc/" + strconv.Itoa(pid) + "/ns/" + k
+}

@@ -1,0 +1,111 @@
+package nsutil
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestSysctlNamespace(t *testing.T) {
+	tests := []struct {
+		name string
+		want Kind
+	}{
+		{"net.ipv4.ip_forward", Net},
+		{"kernel.shm_rmid_forced", IPC},
+		{"fs.mqueue.msg_max", IPC},
+		{"kernel.domainname", UTS},
+		{"kernel.pid_max", ""},
+		{"vm.swappiness", ""},
+	}
+	for _, tt := range tests {
+		if got := SysctlNamespace(tt.name); got != tt.want {
+			t.Errorf("SysctlNamespace(%q) = %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestApplySysctlsRejects(t *testing.T) {
+	tests := []struct {
+		name    string
+		paths   map[Kind]string
+		sysctls map[string]string
+	}{
+		{"not namespaced", map[Kind]string{IPC: "/x"}, map[string]string{"kernel.pid_max": "1"}},
+		{"host namespace", map[Kind]string{IPC: "/x"}, map[string]string{"net.ipv4.ip_forward": "1"}},
+		{"traversal", map[Kind]string{Net: "/x"}, map[string]string{"net/../../kernel": "1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if err := ApplySysctls(tt.paths, tt.sysctls); err == nil {
+				t.Fatal("expected an error")
+			}
+		})
+	}
+}
+
+// Needs root (the project's tests run as root, as on nodes).
+func TestCreatePinsNamespaces(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: creating namespaces needs root")
+	}
+	dir := t.TempDir()
+	paths, err := Create(dir, []Kind{IPC, UTS}, "pod-host")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, p := range paths {
+			if err := Release(p); err != nil {
+				t.Error(err)
+			}
+		}
+		if IsPinned(filepath.Join(dir, "uts")) {
+			t.Error("uts still pinned after release")
+		}
+	}()
+	for _, k := range []Kind{IPC, UTS} {
+		if !IsPinned(paths[k]) {
+			t.Fatalf("%s not pinned", k)
+		}
+	}
+	self, _ := os.Readlink("/proc/self/ns/uts")
+	pinned := ""
+	err = Do(map[Kind]string{UTS: paths[UTS]}, func() error {
+		var u unix.Utsname
+		if err := unix.Uname(&u); err != nil {
+			return err
+		}
+		pinned = strings.TrimRight(string(u.Nodename[:]), "\x00")
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pinned != "pod-host" {
+		t.Fatalf("hostname in pod UTS namespace = %q", pinned)
+	}
+	const knob = "/proc/sys/kernel/shm_rmid_forced"
+	before, _ := os.ReadFile(knob)
+	want := "1"
+	if strings.TrimSpace(string(before)) == "1" {
+		want = "0"
+	}
+	if err := ApplySysctls(map[Kind]string{IPC: paths[IPC]}, map[string]string{"kernel.shm_rmid_forced": want}); err != nil {
+		t.Fatal(err)
+	}
+	var inside []byte
+	if err := Do(map[Kind]string{IPC: paths[IPC]}, func() (err error) { inside, err = os.ReadFile(knob); return }); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.ReadFile(knob)
+	if strings.TrimSpace(string(inside)) != want || string(after) != string(before) {
+		t.Fatalf("sysctl inside = %q (want %q), host %q -> %q", inside, want, before, after)
+	}
+	if now, _ := os.Readlink("/proc/self/ns/uts"); now != self {
+		t.Fatal("the calling thread's namespace changed")
+	}
+}

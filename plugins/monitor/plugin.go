@@ -1,0 +1,58 @@
+package monitor
+
+import (
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/log"
+	"github.com/containerd/plugin"
+	"github.com/containerd/plugin/registry"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+)
+
+// Type is the plugin type of the monitor.
+const Type plugin.Type = "io.containerd.kuasar.monitor.v1"
+
+// ID of the monitor plugin.
+const ID = "keeper"
+
+// Config of the monitor plugin.
+type Config struct {
+	// KeeperPath is the kuasar-keeper binary; empty looks beside the daemon
+	// and on PATH.
+	KeeperPath string `toml:"keeper_path"`
+	// Socket the keeper serves on; empty is keeper.sock in the plugin's
+	// state directory.
+	Socket string `toml:"socket"`
+}
+
+func init() {
+	registry.Register(&plugin.Registration{
+		Type:   Type,
+		ID:     ID,
+		Config: &Config{},
+		InitFn: func(ic *plugin.InitContext) (any, error) {
+			cfg := ic.Config.(*Config)
+			state := ic.Properties[plugins.PropertyStateDir]
+			if err := os.MkdirAll(state, 0o700); err != nil {
+				return nil, err
+			}
+			bin, err := FindKeeper(cfg.KeeperPath)
+			if err != nil {
+				// Not fatal here: sandboxes report it when they need it.
+				log.G(ic.Context).WithError(err).Warn("kuasar-keeper not found; Kuasar sandboxes that run processes will fail")
+			}
+			sock := cfg.Socket
+			if sock == "" {
+				sock = filepath.Join(state, "keeper.sock")
+			}
+			return New(keeper.Launch{
+				Binary:  bin,
+				Socket:  sock,
+				LogPath: filepath.Join(state, "keeper.log"),
+			}), nil
+		},
+	})
+}

@@ -1,0 +1,327 @@
+package runc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/nsutil"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
+	"github.com/kuasar-io/containerd-kuasar/plugins/task"
+)
+
+// podState is what a kuasar-runc pod records about itself.
+type podState struct {
+	// Namespaces the pod owns or joins, by kind (ipc, uts, net).
+	Namespaces map[nsutil.Kind]string `json:"namespaces,omitempty"`
+	// Pinned lists the namespace files this pod created (and releases).
+	Pinned []string `json:"pinned,omitempty"`
+	// HolderPid is the init of the pod's shared PID namespace, if any.
+	HolderPid   int    `json:"holderPid,omitempty"`
+	HolderStart uint64 `json:"holderStart,omitempty"`
+	// Shm is the pod's /dev/shm mount, if it has its own.
+	Shm string `json:"shm,omitempty"`
+}
+
+// pod is one kuasar-runc sandbox: namespaces pinned to files instead of a
+// pause process, and CRI's pod files.
+type pod struct {
+	k  *kind
+	sb *sandbox.Sandbox
+
+	mu sync.Mutex
+	st podState
+}
+
+const defaultShmSize = 64 << 20
+
+func nsOptions(sb *sandbox.Sandbox) *runtime.NamespaceOption {
+	return sb.Config.GetLinux().GetSecurityContext().GetNamespaceOptions()
+}
+
+// create builds the pod; on error it undoes what it did.
+func (p *pod) create(ctx context.Context) (retErr error) {
+	sb, ns := p.sb, nsOptions(p.sb)
+	defer func() {
+		if retErr != nil {
+			p.release(context.WithoutCancel(ctx))
+		}
+	}()
+	if ns.GetUsernsOptions().GetMode() == runtime.NamespaceMode_POD {
+		return fmt.Errorf("pod user namespaces are not supported by kuasar-runc: %w", errdefs.ErrNotImplemented)
+	}
+	if ns.GetPid() == runtime.NamespaceMode_TARGET {
+		return fmt.Errorf("a pod cannot target a container's PID namespace: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := writePodFiles(sb); err != nil {
+		return err
+	}
+
+	p.st.Namespaces = map[nsutil.Kind]string{}
+	var kinds []nsutil.Kind
+	hostname := ""
+	if ns.GetIpc() != runtime.NamespaceMode_NODE {
+		kinds = append(kinds, nsutil.IPC)
+	}
+	if !sb.HostNetwork() {
+		if sb.NetNSPath == "" {
+			return fmt.Errorf("pod has no network namespace from CRI: %w", errdefs.ErrInvalidArgument)
+		}
+		p.st.Namespaces[nsutil.Net] = sb.NetNSPath
+		kinds = append(kinds, nsutil.UTS)
+		hostname = sb.Config.GetHostname()
+	}
+	pinned, err := nsutil.Create(filepath.Join(sb.Dir, "ns"), kinds, hostname)
+	if err != nil {
+		return fmt.Errorf("creating pod namespaces: %w", err)
+	}
+	for k, path := range pinned {
+		p.st.Namespaces[k] = path
+		p.st.Pinned = append(p.st.Pinned, path)
+	}
+
+	if ns.GetIpc() != runtime.NamespaceMode_NODE {
+		shm := filepath.Join(sb.CRIStateDir, "shm")
+		if err := os.MkdirAll(shm, 0o700); err != nil {
+			return err
+		}
+		opts := fmt.Sprintf("mode=1777,size=%d", defaultShmSize)
+		if err := unix.Mount("shm", shm, "tmpfs", unix.MS_NOEXEC|unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+			return fmt.Errorf("mounting pod /dev/shm: %w", err)
+		}
+		p.st.Shm = shm
+	}
+
+	if err := nsutil.ApplySysctls(p.st.Namespaces, p.sysctls()); err != nil {
+		return fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
+	}
+
+	if ns.GetPid() == runtime.NamespaceMode_POD {
+		if err := p.startHolder(ctx); err != nil {
+			return err
+		}
+	}
+	return p.saveState()
+}
+
+// sysctls are the pod's, plus the unprivileged port and ICMP defaults CRI
+// gives every pod with its own network.
+func (p *pod) sysctls() map[string]string {
+	out := map[string]string{}
+	if !p.sb.HostNetwork() {
+		if p.k.cfg.EnableUnprivilegedPorts {
+			out["net.ipv4.ip_unprivileged_port_start"] = "0"
+		}
+		if p.k.cfg.EnableUnprivilegedICMP {
+			out["net.ipv4.ping_group_range"] = "0 2147483647"
+		}
+	}
+	for k, v := range p.sb.Config.GetLinux().GetSysctls() {
+		out[k] = v
+	}
+	return out
+}
+
+// startHolder starts the init of the pod's shared PID namespace.
+func (p *pod) startHolder(ctx context.Context) error {
+	mon := p.k.env.Monitor
+	bin := mon.KeeperBinary()
+	if bin == "" {
+		return fmt.Errorf("a shared PID namespace needs kuasar-keeper: %w", errdefs.ErrFailedPrecondition)
+	}
+	pid, _, err := mon.Spawn(ctx, keeper.SpawnRequest{
+		Path:       bin,
+		Args:       []string{"pause"},
+		Stdio:      [3]int{keeper.NoFD, keeper.NoFD, keeper.NoFD},
+		Setsid:     true,
+		Cloneflags: unix.CLONE_NEWPID,
+	})
+	if err != nil {
+		return fmt.Errorf("starting the pod's PID namespace holder: %w", err)
+	}
+	p.st.HolderPid, p.st.HolderStart = pid, proc.StartTime(pid)
+	return p.watchHolder(ctx)
+}
+
+func (p *pod) watchHolder(ctx context.Context) error {
+	return p.k.env.Monitor.Watch(ctx, p.st.HolderPid, p.st.HolderStart, func(e keeper.Exit) {
+		p.mu.Lock()
+		mine := p.st.HolderPid == e.Pid
+		p.st.HolderPid = 0
+		p.mu.Unlock()
+		if mine {
+			p.sb.Exited(uint32(e.Status))
+		}
+	})
+}
+
+func (p *pod) saveState() error {
+	b, err := json.Marshal(&p.st)
+	if err != nil {
+		return err
+	}
+	p.sb.State = b
+	return nil
+}
+
+func (p *pod) Start(context.Context) error { return nil }
+
+func (p *pod) Runtime() task.Runtime { return &containers{pod: p, k: p.k} }
+
+// Stop ends the PID namespace holder and releases the pod's namespaces and
+// /dev/shm: nothing runs in them any more.
+func (p *pod) Stop(ctx context.Context) error {
+	p.release(ctx)
+	return p.saveState()
+}
+
+// Shutdown releases everything, CRI's pod files included.
+func (p *pod) Shutdown(ctx context.Context) error {
+	p.release(ctx)
+	var errs []error
+	for _, d := range []string{p.sb.CRIRootDir, p.sb.CRIStateDir} {
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// release undoes create; it is idempotent.
+func (p *pod) release(ctx context.Context) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.st.HolderPid != 0 {
+		pid, start := p.st.HolderPid, p.st.HolderStart
+		p.st.HolderPid = 0
+		p.k.env.Monitor.Unwatch(pid)
+		if err := proc.Signal(pid, start, unix.SIGKILL); err == nil {
+			waitGone(pid, start, 5*time.Second)
+		}
+	}
+	for _, path := range p.st.Pinned {
+		if err := nsutil.Release(path); err != nil {
+			log.G(ctx).WithError(err).Warn("releasing pod namespace")
+		}
+	}
+	p.st.Pinned = nil
+	if p.st.Shm != "" {
+		if err := unix.Unmount(p.st.Shm, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			log.G(ctx).WithError(err).Warn("unmounting pod /dev/shm")
+		}
+		p.st.Shm = ""
+	}
+}
+
+func waitGone(pid int, start uint64, d time.Duration) {
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if st, err := proc.ReadStat(pid); err != nil || st.StartTime != start || st.State == 'Z' {
+			return
+		}
+	}
+}
+
+// Metrics of the pod's cgroup (its cgroup_parent).
+func (p *pod) Metrics(ctx context.Context) (*types.Metric, error) {
+	parent := p.sb.Config.GetLinux().GetCgroupParent()
+	if parent == "" {
+		return nil, fmt.Errorf("pod %s has no cgroup_parent to report: %w", p.sb.ID, errdefs.ErrFailedPrecondition)
+	}
+	data, err := cgroupstats.Metrics(cgroupstats.StaticPaths(parent))
+	if err != nil {
+		return nil, err
+	}
+	return &types.Metric{ID: p.sb.ID, Data: data}, nil
+}
+
+func (p *pod) Info() map[string]any {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ns := map[string]string{}
+	for k, v := range p.st.Namespaces {
+		ns[string(k)] = v
+	}
+	info := map[string]any{"namespaces": ns, "pid": 0}
+	if p.st.HolderPid != 0 {
+		info["pidNamespaceHolder"] = p.st.HolderPid
+	}
+	return info
+}
+
+// pidNamespace returns the path of the pod's shared PID namespace.
+func (p *pod) pidNamespace() (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.st.HolderPid == 0 {
+		return "", false
+	}
+	return nsutil.ProcPath(p.st.HolderPid, "pid"), true
+}
+
+func (p *pod) namespace(k nsutil.Kind) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	path, ok := p.st.Namespaces[k]
+	return path, ok
+}
+
+// writePodFiles writes the hostname, hosts and resolv.conf files CRI
+// mounts into every container of the pod.
+func writePodFiles(sb *sandbox.Sandbox) error {
+	if err := os.MkdirAll(sb.CRIRootDir, 0o755); err != nil {
+		return err
+	}
+	hostname := sb.Config.GetHostname()
+	if hostname == "" {
+		var err error
+		if hostname, err = os.Hostname(); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(sb.CRIRootDir, "hostname"), []byte(hostname+"\n"), 0o644); err != nil {
+		return err
+	}
+	hosts, err := os.ReadFile("/etc/hosts")
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(sb.CRIRootDir, "hosts"), hosts, 0o644); err != nil {
+		return err
+	}
+	var resolv []byte
+	if dns := sb.Config.GetDnsConfig(); dns != nil {
+		resolv = []byte(resolvConf(dns.Servers, dns.Searches, dns.Options))
+	} else if resolv, err = os.ReadFile("/etc/resolv.conf"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return os.WriteFile(filepath.Join(sb.CRIRootDir, "resolv.conf"), resolv, 0o644)
+}
+
+func resolvConf(servers, searches, options []string) string {
+	var b strings.Builder
+	if len(searches) > 0 {
+		fmt.Fprintf(&b, "search %s\n", strings.Join(searches, " "))
+	}
+	for _, s := range servers {
+		fmt.Fprintf(&b, "nameserver %s\n", s)
+	}
+	if len(options) > 0 {
+		fmt.Fprintf(&b, "options %s\n", strings.Join(options, " "))
+	}
+	return b.String()
+}

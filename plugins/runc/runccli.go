@@ -1,0 +1,100 @@
+package runc
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+
+	"github.com/containerd/errdefs"
+)
+
+// runcCLI runs the OCI runtime binary (runc or a compatible one).
+type runcCLI struct {
+	path string // resolved binary
+	root string // --root state directory
+}
+
+// global returns the global flags, with a JSON log file when logPath is set.
+func (r *runcCLI) global(logPath string) []string {
+	args := []string{"--root", r.root}
+	if logPath != "" {
+		args = append(args, "--log", logPath, "--log-format", "json")
+	}
+	return args
+}
+
+// argv builds a full command line (for processes spawned by the keeper).
+func (r *runcCLI) argv(logPath string, args ...string) []string {
+	return append(append([]string{r.path}, r.global(logPath)...), args...)
+}
+
+// run executes a short runc command from the daemon and returns its
+// output, or an error carrying runc's message.
+func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, r.path, append(r.global(""), args...)...)
+	cmd.Stdin = stdin
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%s %s: %w", r.path, args[0], runcFailure(stderr.String(), err))
+	}
+	return stdout.Bytes(), nil
+}
+
+// runcFailure maps runc's message to an error kind containerd understands.
+func runcFailure(msg string, err error) error {
+	msg = strings.TrimSpace(msg)
+	if msg == "" {
+		return err
+	}
+	lower := strings.ToLower(msg)
+	switch {
+	case strings.Contains(lower, "does not exist"), strings.Contains(lower, "not found"):
+		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
+	case strings.Contains(lower, "not running"), strings.Contains(lower, "no such process"), strings.Contains(lower, "process already finished"):
+		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
+	}
+	return errors.New(msg)
+}
+
+// logError returns the last error runc wrote to its JSON log.
+func logError(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	var last string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var e struct {
+			Level string `json:"level"`
+			Msg   string `json:"msg"`
+		}
+		if json.Unmarshal(sc.Bytes(), &e) == nil && (e.Level == "error" || e.Level == "fatal") {
+			last = e.Msg
+		}
+	}
+	return last
+}
+
+// ps lists the pids of a container.
+func (r *runcCLI) ps(ctx context.Context, id string) ([]int, error) {
+	out, err := r.run(ctx, nil, "ps", "--format", "json", id)
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	if err := json.Unmarshal(out, &pids); err != nil {
+		return nil, fmt.Errorf("decoding runc ps: %w", err)
+	}
+	return pids, nil
+}

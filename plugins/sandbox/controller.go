@@ -1,0 +1,398 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/platforms"
+	"github.com/containerd/typeurl/v2"
+	imagespec "github.com/opencontainers/image-spec/specs-go/v1"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/task"
+)
+
+// CRI states a controller must report.
+const (
+	stateReady    = "SANDBOX_READY"
+	stateNotReady = "SANDBOX_NOTREADY"
+)
+
+// Paths tells a controller where its files go.
+type Paths struct {
+	// State is the controller's state directory (tmpfs on a node).
+	State string
+	// Sockets is where task endpoints are created; it must be short.
+	Sockets string
+	// CRIRoot and CRIState are CRI's per-sandbox directories parents.
+	CRIRoot  string
+	CRIState string
+}
+
+// Controller implements containerd's sandbox.Controller for one Kind.
+type Controller struct {
+	id        string
+	kind      Kind
+	paths     Paths
+	publisher events.Publisher
+
+	mu        sync.Mutex
+	sandboxes map[string]*entry
+}
+
+var _ sandbox.Controller = (*Controller)(nil)
+
+type entry struct {
+	mu       sync.Mutex
+	sb       *Sandbox
+	inst     Instance
+	tasks    *task.Service
+	endpoint *task.Endpoint
+
+	state      string // "" (created), SANDBOX_READY or SANDBOX_NOTREADY
+	exitStatus uint32
+	exitedAt   time.Time
+	exited     chan struct{}
+}
+
+// NewController returns the controller of kind, registered as id.
+func NewController(id string, kind Kind, paths Paths, publisher events.Publisher) *Controller {
+	return &Controller{
+		id:        id,
+		kind:      kind,
+		paths:     paths,
+		publisher: publisher,
+		sandboxes: map[string]*entry{},
+	}
+}
+
+func (c *Controller) get(id string) (*entry, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.sandboxes[id]
+	if !ok {
+		return nil, fmt.Errorf("sandbox %q in %s: %w", id, c.id, errdefs.ErrNotFound)
+	}
+	return e, nil
+}
+
+func (c *Controller) socketPath(ns, id string) string {
+	h := sha256.Sum256([]byte(c.id + "/" + ns + "/" + id))
+	return filepath.Join(c.paths.Sockets, hex.EncodeToString(h[:12])+".sock")
+}
+
+// Create builds a sandbox's isolation.
+func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+	if err := identifiers.Validate(info.ID); err != nil {
+		return err
+	}
+	var o sandbox.CreateOptions
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return err
+		}
+	}
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return err
+	}
+	config := &runtime.PodSandboxConfig{}
+	if o.Options != nil && o.Options.GetValue() != nil {
+		if err := typeurl.UnmarshalTo(o.Options, config); err != nil {
+			return fmt.Errorf("decoding pod sandbox config: %w: %w", err, errdefs.ErrInvalidArgument)
+		}
+	}
+
+	c.mu.Lock()
+	if _, ok := c.sandboxes[info.ID]; ok {
+		c.mu.Unlock()
+		return fmt.Errorf("sandbox %q: %w", info.ID, errdefs.ErrAlreadyExists)
+	}
+	e := &entry{exited: make(chan struct{})}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c.sandboxes[info.ID] = e
+	c.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			c.mu.Lock()
+			delete(c.sandboxes, info.ID)
+			c.mu.Unlock()
+		}
+	}()
+
+	sb := &Sandbox{
+		ID:          info.ID,
+		Namespace:   ns,
+		Config:      config,
+		NetNSPath:   o.NetNSPath,
+		Annotations: o.Annotations,
+		CreatedAt:   time.Now().UTC(),
+		Dir:         filepath.Join(c.paths.State, info.ID),
+		CRIRootDir:  filepath.Join(c.paths.CRIRoot, info.ID),
+		CRIStateDir: filepath.Join(c.paths.CRIState, info.ID),
+	}
+	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
+	if err := os.MkdirAll(sb.Dir, 0o700); err != nil {
+		return fmt.Errorf("creating sandbox dir: %w", err)
+	}
+	defer func() {
+		if retErr != nil {
+			os.RemoveAll(sb.Dir)
+		}
+	}()
+
+	inst, err := c.kind.Create(ctx, sb)
+	if err != nil {
+		return fmt.Errorf("creating %s sandbox: %w", c.id, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := inst.Shutdown(context.WithoutCancel(ctx)); err != nil {
+				log.G(ctx).WithError(err).Warn("cleaning up a sandbox that failed to create")
+			}
+		}
+	}()
+	tasks, err := task.NewService(sb.ID, ns, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher)
+	if err != nil {
+		return err
+	}
+	e.sb, e.inst, e.tasks = sb, inst, tasks
+	return c.save(e)
+}
+
+// Start makes the sandbox ready and returns its task endpoint.
+func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.ControllerInstance, retErr error) {
+	e, err := c.get(id)
+	if err != nil {
+		return sandbox.ControllerInstance{}, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.sb == nil {
+		return sandbox.ControllerInstance{}, fmt.Errorf("sandbox %q was not created: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	if e.state != "" {
+		return sandbox.ControllerInstance{}, fmt.Errorf("sandbox %q already started: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	ep, err := task.Listen(ctx, c.socketPath(e.sb.Namespace, id), e.tasks)
+	if err != nil {
+		return sandbox.ControllerInstance{}, err
+	}
+	defer func() {
+		if retErr != nil {
+			ep.Close()
+		}
+	}()
+	if err := e.inst.Start(ctx); err != nil {
+		return sandbox.ControllerInstance{}, fmt.Errorf("starting %s sandbox: %w", c.id, err)
+	}
+	e.endpoint = ep
+	e.state = stateReady
+	if err := c.save(e); err != nil {
+		e.endpoint, e.state = nil, ""
+		return sandbox.ControllerInstance{}, err
+	}
+	return sandbox.ControllerInstance{
+		SandboxID: id,
+		CreatedAt: e.sb.CreatedAt,
+		Address:   ep.Address(),
+		Version:   task.Version,
+		Labels:    map[string]string{"kuasar.io/kind": c.id},
+	}, nil
+}
+
+// Platform of the sandbox: the host's.
+func (c *Controller) Platform(context.Context, string) (imagespec.Platform, error) {
+	return platforms.DefaultSpec(), nil
+}
+
+// Stop kills whatever still runs in the sandbox and marks it not ready.
+func (c *Controller) Stop(ctx context.Context, id string, opts ...sandbox.StopOpt) error {
+	e, err := c.get(id)
+	if err != nil {
+		return err
+	}
+	var so sandbox.StopOptions
+	for _, o := range opts {
+		o(&so)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return c.stopLocked(ctx, e, so.Timeout)
+}
+
+func (c *Controller) stopLocked(ctx context.Context, e *entry, timeout *time.Duration) error {
+	if e.sb == nil || e.state == stateNotReady {
+		return nil
+	}
+	kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if timeout != nil && *timeout > 0 {
+		kctx, cancel = context.WithTimeout(ctx, *timeout)
+	}
+	e.tasks.KillAll(kctx)
+	cancel()
+	if err := e.inst.Stop(ctx); err != nil {
+		return fmt.Errorf("stopping %s sandbox: %w", c.id, err)
+	}
+	c.markExited(e, 0)
+	return nil
+}
+
+// markExited is called with e.mu held.
+func (c *Controller) markExited(e *entry, status uint32) {
+	if e.state == stateNotReady {
+		return
+	}
+	e.state = stateNotReady
+	e.exitStatus = status
+	e.exitedAt = time.Now().UTC()
+	close(e.exited)
+	if err := c.save(e); err != nil {
+		log.L.WithError(err).WithField("sandbox", e.sb.ID).Warn("saving sandbox record")
+	}
+}
+
+func (c *Controller) exitedOnItsOwn(e *entry, status uint32) {
+	go func() {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.state == stateReady {
+			log.L.WithField("sandbox", e.sb.ID).WithField("status", status).Warn("sandbox ended on its own")
+			c.markExited(e, status)
+		}
+	}()
+}
+
+// Wait blocks until the sandbox stops.
+func (c *Controller) Wait(ctx context.Context, id string) (sandbox.ExitStatus, error) {
+	e, err := c.get(id)
+	if err != nil {
+		return sandbox.ExitStatus{}, err
+	}
+	select {
+	case <-e.exited:
+	case <-ctx.Done():
+		return sandbox.ExitStatus{}, ctx.Err()
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return sandbox.ExitStatus{ExitStatus: e.exitStatus, ExitedAt: e.exitedAt}, nil
+}
+
+// Status reports the sandbox's state.
+func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandbox.ControllerStatus, error) {
+	e, err := c.get(id)
+	if err != nil {
+		return sandbox.ControllerStatus{}, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.sb == nil {
+		return sandbox.ControllerStatus{}, fmt.Errorf("sandbox %q is being created: %w", id, errdefs.ErrNotFound)
+	}
+	st := sandbox.ControllerStatus{
+		SandboxID: id,
+		State:     stateNotReady,
+		CreatedAt: e.sb.CreatedAt,
+		ExitedAt:  e.exitedAt,
+		Version:   task.Version,
+	}
+	if e.state == stateReady {
+		st.State = stateReady
+	}
+	if e.endpoint != nil {
+		st.Address = e.endpoint.Address()
+	}
+	info := map[string]any{
+		"sandboxer": c.id,
+		"state":     st.State,
+		"dir":       e.sb.Dir,
+		"netns":     e.sb.NetNSPath,
+		"address":   st.Address,
+	}
+	for k, v := range e.inst.Info() {
+		info[k] = v
+	}
+	if verbose {
+		info["containers"] = len(e.tasks.Containers())
+	}
+	b, err := json.Marshal(info)
+	if err != nil {
+		return sandbox.ControllerStatus{}, err
+	}
+	st.Info = map[string]string{"info": string(b)}
+	return st, nil
+}
+
+// Shutdown releases everything the sandbox holds and forgets it.
+func (c *Controller) Shutdown(ctx context.Context, id string) error {
+	e, err := c.get(id)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.sb == nil {
+		return fmt.Errorf("sandbox %q is being created: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	if err := c.stopLocked(ctx, e, nil); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", id).Warn("stopping sandbox at shutdown")
+	}
+	e.tasks.DeleteAll(ctx)
+	if e.endpoint != nil {
+		if err := e.endpoint.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("closing task endpoint")
+		}
+		e.endpoint = nil
+	}
+	if err := e.inst.Shutdown(ctx); err != nil {
+		return fmt.Errorf("shutting down %s sandbox: %w", c.id, err)
+	}
+	if err := os.RemoveAll(e.sb.Dir); err != nil {
+		return fmt.Errorf("removing sandbox dir: %w", err)
+	}
+	c.mu.Lock()
+	delete(c.sandboxes, id)
+	c.mu.Unlock()
+	return nil
+}
+
+// Metrics returns pod-level metrics.
+func (c *Controller) Metrics(ctx context.Context, id string) (*types.Metric, error) {
+	e, err := c.get(id)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	inst := e.inst
+	e.mu.Unlock()
+	if inst == nil {
+		return nil, fmt.Errorf("sandbox %q is being created: %w", id, errdefs.ErrNotFound)
+	}
+	return inst.Metrics(ctx)
+}
+
+// Update has nothing to change in a running sandbox.
+func (c *Controller) Update(ctx context.Context, id string, _ sandbox.Sandbox, fields ...string) error {
+	_, err := c.get(id)
+	return err
+}
+
+// errNotRecorded marks a directory without a sandbox record.
+var errNotRecorded = errors.New("no sandbox record")

@@ -1,0 +1,85 @@
+// Package sandbox adapts a Kuasar kind of sandbox to containerd's
+// sandbox.Controller, once for every kind, and registers it as an in-process
+// plugin (io.containerd.sandbox.controller.v1.<id>).
+//
+// A kind implements Kind and Instance: how to build, start, stop and tear
+// down one sandbox, and the task.Runtime that runs its containers. This
+// package does the rest: the sandbox state machine and its records on disk,
+// the per-sandbox task endpoint containerd connects to instead of a shim,
+// Wait and Status as CRI expects them, and recovery after a restart.
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/task"
+)
+
+// Kind is one kind of sandbox (namespaces, Wasm, application kernel, VM).
+type Kind interface {
+	// Create builds the isolation of a new sandbox without starting it. It
+	// may record what it needs in sb.State. On error it must leave nothing
+	// behind.
+	Create(ctx context.Context, sb *Sandbox) (Instance, error)
+	// Recover rebuilds the Instance of a sandbox recorded by a previous
+	// daemon, from sb.State.
+	Recover(ctx context.Context, sb *Sandbox) (Instance, error)
+}
+
+// Instance is one sandbox of a kind.
+type Instance interface {
+	// Start makes the sandbox ready to run containers.
+	Start(ctx context.Context) error
+	// Runtime runs the sandbox's containers.
+	Runtime() task.Runtime
+	// Stop ends whatever of the sandbox still runs. Its containers have been
+	// killed already. The sandbox stays inspectable until Shutdown.
+	Stop(ctx context.Context) error
+	// Shutdown releases everything the sandbox holds. It must be idempotent.
+	Shutdown(ctx context.Context) error
+	// Metrics returns the pod-level metrics (cgroup v1 or v2 metrics).
+	Metrics(ctx context.Context) (*types.Metric, error)
+	// Info adds kind-specific details to the sandbox's status info.
+	Info() map[string]any
+}
+
+// Sandbox is what the framework knows of one sandbox, and records on disk.
+type Sandbox struct {
+	ID        string `json:"id"`
+	Namespace string `json:"namespace"`
+	// Config is the CRI pod config (never nil; empty for non-CRI clients).
+	Config      *runtime.PodSandboxConfig `json:"-"`
+	NetNSPath   string                    `json:"netnsPath,omitempty"`
+	Annotations map[string]string         `json:"annotations,omitempty"`
+	CreatedAt   time.Time                 `json:"createdAt"`
+
+	// Dir is the sandbox's private state directory.
+	Dir string `json:"dir"`
+	// CRIRootDir and CRIStateDir are where CRI looks for the pod's
+	// hostname, hosts and resolv.conf files, and its /dev/shm.
+	CRIRootDir  string `json:"criRootDir"`
+	CRIStateDir string `json:"criStateDir"`
+
+	// State is the kind's own record of the sandbox.
+	State json.RawMessage `json:"state,omitempty"`
+
+	exit func(status uint32)
+}
+
+// Exited tells the framework that the sandbox ended on its own (a VM or a
+// namespace holder died): it becomes NOTREADY and Wait returns.
+func (sb *Sandbox) Exited(status uint32) {
+	if sb.exit != nil {
+		sb.exit(status)
+	}
+}
+
+// HostNetwork reports whether the pod uses the node's network namespace.
+func (sb *Sandbox) HostNetwork() bool {
+	return sb.Config.GetLinux().GetSecurityContext().GetNamespaceOptions().GetNetwork() == runtime.NamespaceMode_NODE
+}

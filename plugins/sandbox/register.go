@@ -1,0 +1,78 @@
+package sandbox
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/core/events/exchange"
+	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/plugin"
+	"github.com/containerd/plugin/registry"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/monitor"
+)
+
+// criPluginDir is where CRI keeps its files, under containerd's root and
+// state directories.
+const criPluginDir = "io.containerd.grpc.v1.cri"
+
+// Env is what a kind gets at initialisation.
+type Env struct {
+	// Root and State are the controller plugin's own directories.
+	Root  string
+	State string
+	// Monitor starts processes through the node's process keeper.
+	Monitor *monitor.Monitor
+}
+
+// NewKind builds a kind from its plugin config. It may return an error
+// wrapping plugin.ErrSkipPlugin when the host cannot run the kind.
+type NewKind func(ic *plugin.InitContext, env Env) (Kind, error)
+
+// Register registers a kind as the sandbox controller plugin id, with
+// config as its default configuration.
+func Register(id string, config any, newKind NewKind) {
+	registry.Register(&plugin.Registration{
+		Type:   plugins.SandboxControllerPlugin,
+		ID:     id,
+		Config: config,
+		Requires: []plugin.Type{
+			plugins.EventPlugin,
+			monitor.Type,
+		},
+		InitFn: func(ic *plugin.InitContext) (any, error) {
+			ep, err := ic.GetByID(plugins.EventPlugin, "exchange")
+			if err != nil {
+				return nil, err
+			}
+			mi, err := ic.GetByID(monitor.Type, monitor.ID)
+			if err != nil {
+				return nil, err
+			}
+			root := ic.Properties[plugins.PropertyRootDir]
+			state := ic.Properties[plugins.PropertyStateDir]
+			for _, d := range []string{root, state} {
+				if err := os.MkdirAll(d, 0o700); err != nil {
+					return nil, err
+				}
+			}
+			kind, err := newKind(ic, Env{Root: root, State: state, Monitor: mi.(*monitor.Monitor)})
+			if err != nil {
+				return nil, err
+			}
+			containerdRoot, containerdState := filepath.Dir(root), filepath.Dir(state)
+			paths := Paths{
+				State:    filepath.Join(state, "sandboxes"),
+				Sockets:  filepath.Join(containerdState, "k"),
+				CRIRoot:  filepath.Join(containerdRoot, criPluginDir, "sandboxes"),
+				CRIState: filepath.Join(containerdState, criPluginDir, "sandboxes"),
+			}
+			c := NewController(id, kind, paths, ep.(*exchange.Exchange))
+			if err := c.Recover(ic.Context); err != nil {
+				return nil, fmt.Errorf("recovering %s sandboxes: %w", id, err)
+			}
+			return c, nil
+		},
+	})
+}
