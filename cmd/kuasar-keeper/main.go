@@ -26,7 +26,9 @@ import (
 )
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "pause" {
+	// The sandboxes start it with argv[0] "pause", so that it reads as the
+	// pod's pause process in ps.
+	if filepath.Base(os.Args[0]) == "pause" || (len(os.Args) > 1 && os.Args[1] == "pause") {
 		os.Exit(pause())
 	}
 	if err := run(); err != nil {

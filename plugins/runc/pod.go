@@ -62,7 +62,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 			p.release(context.WithoutCancel(ctx))
 		}
 	}()
-	if ns.GetUsernsOptions().GetMode() == runtime.NamespaceMode_POD {
+	if u := ns.GetUsernsOptions(); u != nil && u.GetMode() == runtime.NamespaceMode_POD {
 		return fmt.Errorf("pod user namespaces are not supported by kuasar-runc: %w", errdefs.ErrNotImplemented)
 	}
 	if ns.GetPid() == runtime.NamespaceMode_TARGET {

@@ -14,7 +14,9 @@ import (
 
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
+	v1stats "github.com/containerd/cgroups/v3/cgroup1/stats"
 	"github.com/containerd/cgroups/v3/cgroup2"
+	v2stats "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/typeurl/v2"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -111,6 +113,10 @@ func Metrics(p Paths) (*anypb.Any, error) {
 			m, err = cg.Stat(cgroup1.IgnoreNotExist)
 		}
 	}
+	if errors.Is(err, cgroup1.ErrCgroupDeleted) || errors.Is(err, os.ErrNotExist) {
+		// Not created yet (a pod before its first container) or gone.
+		m, err = emptyMetrics(p), nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading cgroup metrics: %w", err)
 	}
@@ -119,6 +125,13 @@ func Metrics(p Paths) (*anypb.Any, error) {
 		return nil, err
 	}
 	return typeurl.MarshalProto(a), nil
+}
+
+func emptyMetrics(p Paths) any {
+	if p.Unified != "" {
+		return &v2stats.Metrics{}
+	}
+	return &v1stats.Metrics{}
 }
 
 // OOMKills returns how many processes of the cgroup the OOM killer killed.
