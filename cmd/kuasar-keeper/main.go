@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"time"
+	"unsafe"
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
@@ -86,6 +87,8 @@ func run() error {
 // pause is the init of a shared PID namespace: it reaps every orphan and
 // exits on SIGTERM or SIGINT.
 func pause() int {
+	// Read as "pause" in ps, like the pause container it replaces.
+	_ = unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&[]byte("pause\x00")[0])), 0, 0, 0)
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, unix.SIGCHLD, unix.SIGTERM, unix.SIGINT)
 	for s := range sigs {

@@ -227,6 +227,13 @@ func (c *Client) Subscribe(ctx context.Context, h func(Exit)) ([]Exit, error) {
 	return r.m.Exits, nil
 }
 
+// Sync returns once every exit the keeper has reaped so far has been
+// delivered to this client's exit handler.
+func (c *Client) Sync(ctx context.Context) error {
+	_, err := c.call(ctx, &message{Op: opSync})
+	return err
+}
+
 // Ack tells the keeper it may forget the exits of pids.
 func (c *Client) Ack(ctx context.Context, pids ...int) error {
 	if len(pids) == 0 {

@@ -45,7 +45,7 @@ const (
 	opPutFD     = "putfd"
 	opGetFD     = "getfd"
 	opDropFD    = "dropfd"
-	opSignal    = "signal"
+	opSync      = "sync"
 	opExit      = "exit" // event, keeper -> daemon
 )
 

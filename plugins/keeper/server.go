@@ -19,6 +19,10 @@ import (
 type Server struct {
 	idle time.Duration
 
+	// reapMu is held across reaping and routing an exit, so that a sync
+	// never overtakes an exit already collected.
+	reapMu sync.Mutex
+
 	mu      sync.Mutex
 	waiters map[int]chan Exit // spawned with Wait: exit goes to the reply
 	exits   map[int]Exit      // reaped, not yet acknowledged
@@ -93,7 +97,7 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 			c.Close()
 			continue
 		}
-		sc := &serverConn{conn: conn{c}, s: s}
+		sc := &serverConn{conn: conn{c}, s: s, out: make(chan outgoing, 1024), done: make(chan struct{})}
 		s.mu.Lock()
 		s.clients++
 		s.mu.Unlock()
@@ -125,6 +129,8 @@ func checkPeer(c *net.UnixConn) error {
 
 // reap collects every exited child and routes its status.
 func (s *Server) reap() {
+	s.reapMu.Lock()
+	defer s.reapMu.Unlock()
 	for {
 		var ws unix.WaitStatus
 		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
@@ -182,33 +188,65 @@ func hasChildren() bool {
 	return err != unix.ECHILD
 }
 
+// serverConn is one client. Replies and exit events leave through one
+// queue, in order: a reply is never sent ahead of an event queued before it.
 type serverConn struct {
 	conn
-	s      *Server
-	sendMu sync.Mutex
+	s    *Server
+	out  chan outgoing
+	done chan struct{}
 }
 
+type outgoing struct {
+	m     *message
+	files []*os.File // owned by the queue: closed once sent
+}
+
+func (c *serverConn) writer() {
+	for {
+		select {
+		case o := <-c.out:
+			if err := c.send(o.m, o.files...); err != nil {
+				log.L.WithError(err).Debug("keeper send")
+			}
+			closeAll(o.files)
+		case <-c.done:
+			for {
+				select {
+				case o := <-c.out:
+					closeAll(o.files)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// reply queues m; the files are closed after sending.
 func (c *serverConn) reply(m *message, files ...*os.File) {
-	c.sendMu.Lock()
-	defer c.sendMu.Unlock()
-	if err := c.send(m, files...); err != nil {
-		log.L.WithError(err).Debug("keeper reply")
+	select {
+	case c.out <- outgoing{m, files}:
+	case <-c.done:
+		closeAll(files)
 	}
 }
 
 // event is called with s.mu held.
 func (c *serverConn) event(e Exit) {
 	ev := e
-	go c.reply(&message{Op: opExit, Exit: &ev})
+	c.reply(&message{Op: opExit, Exit: &ev})
 }
 
 func (c *serverConn) serve(ctx context.Context) {
+	go c.writer()
 	defer func() {
 		c.s.mu.Lock()
 		c.s.clients--
 		delete(c.s.subs, c)
 		c.s.busyAt = time.Now()
 		c.s.mu.Unlock()
+		close(c.done)
 		c.c.Close()
 	}()
 	for {
@@ -235,6 +273,9 @@ func (c *serverConn) handle(ctx context.Context, m *message, files []*os.File) {
 			r.Error = err.Error()
 		}
 		r.Pid, r.Exit = pid, exit
+	case opSync:
+		// Every exit reaped so far is queued before this reply.
+		s.reap()
 	case opSubscribe:
 		s.mu.Lock()
 		// The backlog rides on the reply; later exits arrive as events.
@@ -273,12 +314,24 @@ func (c *serverConn) handle(ctx context.Context, m *message, files []*os.File) {
 	case opGetFD:
 		s.mu.Lock()
 		f, ok := s.fds[m.Key]
+		var dup *os.File
+		var derr error
+		if ok {
+			var fd int
+			if fd, derr = unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0); derr == nil {
+				dup = os.NewFile(uintptr(fd), f.Name())
+			}
+		}
 		s.mu.Unlock()
 		if !ok {
 			r.Error = errNoFD.Error()
 			break
 		}
-		c.reply(r, f)
+		if derr != nil {
+			r.Error = derr.Error()
+			break
+		}
+		c.reply(r, dup)
 		return
 	case opDropFD:
 		s.mu.Lock()

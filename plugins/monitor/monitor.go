@@ -202,23 +202,44 @@ func (m *Monitor) expireLocked() {
 // An exit that arrived before Watch is delivered at once. A process that is
 // already gone with no recorded exit is reported with LostStatus.
 func (m *Monitor) Watch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit)) error {
-	if _, err := m.conn(ctx); err != nil {
+	c, err := m.conn(ctx)
+	if err != nil {
 		return err
+	}
+	w := &watcher{start: start, fn: fn}
+	m.mu.Lock()
+	if m.claimLocked(pid, w) {
+		m.mu.Unlock()
+		return nil
+	}
+	if proc.Alive(pid, start) {
+		m.watchers[pid] = w
+		m.mu.Unlock()
+		return nil
+	}
+	m.mu.Unlock()
+	// Gone already: its exit may still be on its way from the keeper.
+	if err := c.Sync(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("syncing with the keeper")
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	w := &watcher{start: start, fn: fn}
-	if p, ok := m.pending[pid]; ok {
-		delete(m.pending, pid)
-		go m.deliver(w, p.exit)
-		return nil
-	}
-	if !proc.Alive(pid, start) {
+	if !m.claimLocked(pid, w) {
+		log.G(ctx).WithField("pid", pid).Warn("process ended with no exit status recorded")
 		go w.fn(keeper.Exit{Pid: pid, Status: LostStatus, At: time.Now()})
-		return nil
 	}
-	m.watchers[pid] = w
 	return nil
+}
+
+// claimLocked delivers a pending exit of pid to w, if there is one.
+func (m *Monitor) claimLocked(pid int, w *watcher) bool {
+	p, ok := m.pending[pid]
+	if !ok {
+		return false
+	}
+	delete(m.pending, pid)
+	go m.deliver(w, p.exit)
+	return true
 }
 
 // Unwatch drops the watcher of pid, if any.

@@ -59,7 +59,9 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 	sb, ns := p.sb, nsOptions(p.sb)
 	defer func() {
 		if retErr != nil {
-			p.release(context.WithoutCancel(ctx))
+			if err := p.Shutdown(context.WithoutCancel(ctx)); err != nil {
+				log.G(ctx).WithError(err).Warn("undoing a pod that failed to create")
+			}
 		}
 	}()
 	if u := ns.GetUsernsOptions(); u != nil && u.GetMode() == runtime.NamespaceMode_POD {

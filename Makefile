@@ -1,0 +1,125 @@
+# containerd-kuasar
+#
+#   make demo    install what is needed, build, run a pod of every handler
+#   make test    install what is needed, unit and end-to-end tests
+#
+# Builds are cached under .cache/ (ignored by git).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+ROOT        := $(CURDIR)
+OUT         := $(ROOT)/_output
+BIN         := $(OUT)/bin
+STOCK_BIN   := $(OUT)/stock/bin
+CACHE       := $(ROOT)/.cache
+export GOCACHE    ?= $(CACHE)/go-build
+export GOMODCACHE ?= $(CACHE)/go-mod
+export GOFLAGS    ?= -mod=mod
+export GONOSUMDB  := sigs.k8s.io/cri-tools,k8s.io
+export PATH       := $(BIN):/usr/local/go/bin:$(PATH)
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+
+MODULE             := github.com/kuasar-io/containerd-kuasar
+VERSION            ?= $(shell git describe --tags --match 'v*' --dirty 2>/dev/null || echo v0.1.0-dev)
+REVISION           ?= $(shell git rev-parse HEAD 2>/dev/null)
+CONTAINERD_VERSION := $(shell go list -m -f '{{.Version}}' github.com/containerd/containerd/v2 2>/dev/null)
+BUILDTAGS          := no_btrfs
+LDFLAGS := -s -w \
+	-X $(MODULE)/cmd/internal/version.Version=$(VERSION) \
+	-X $(MODULE)/cmd/internal/version.Revision=$(REVISION) \
+	-X github.com/containerd/containerd/v2/version.Version=$(CONTAINERD_VERSION)
+GOBUILD := go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
+
+# Debian packages the daemon, the tests and the demo use.
+DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static \
+	iproute2 procps psmisc gcc libc6-dev util-linux
+
+BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper
+
+.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance
+
+all: build tools
+
+## deps: install missing system packages (idempotent)
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## build: the daemon, the runtime-type binary and the keeper
+build: $(BINARIES)
+
+$(BIN)/containerd-kuasar: FORCE
+	@mkdir -p $(BIN)
+	$(GOBUILD) -o $@ ./cmd/containerd-kuasar
+
+$(BIN)/containerd-shim-kuasar-v1: FORCE
+	@mkdir -p $(BIN)
+	$(GOBUILD) -o $@ ./cmd/containerd-shim-kuasar-v1
+
+$(BIN)/kuasar-keeper: FORCE
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-keeper
+
+## tools: crictl, critest (cri-tools v1.34.0), test image builder, stock baseline
+tools: stock
+	@mkdir -p $(BIN)
+	cd integration/tools && go build -trimpath -o $(BIN)/crictl sigs.k8s.io/cri-tools/cmd/crictl
+	cd integration/tools && go test -c -trimpath -o $(BIN)/critest sigs.k8s.io/cri-tools/cmd/critest
+	go build -trimpath -o $(BIN)/testimages ./integration/cmd/testimages
+
+## stock: stock containerd, its runc shim and ctr, same version and flags
+stock:
+	@mkdir -p $(STOCK_BIN)
+	$(GOBUILD) -o $(STOCK_BIN)/containerd github.com/containerd/containerd/v2/cmd/containerd
+	$(GOBUILD) -o $(STOCK_BIN)/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+	$(GOBUILD) -o $(STOCK_BIN)/ctr github.com/containerd/containerd/v2/cmd/ctr
+
+## lint: gofmt and go vet
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	go vet ./...
+	go vet -tags e2e ./integration/...
+
+## unit: unit tests
+unit:
+	go test -count=1 ./...
+
+## e2e: end-to-end tests against a real daemon (needs root)
+E2E_FLAGS ?=
+e2e: build tools
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
+		go test -count=1 -tags e2e -timeout 30m -v ./integration/ $(E2E_FLAGS) 2>&1 | tee $(OUT)/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
+## test: everything CI runs
+test: deps lint unit e2e
+
+## run: the daemon in the foreground on the scratch config
+SCRATCH ?= /tmp/containerd-kuasar
+run: deps build
+	@echo "socket: unix://$(SCRATCH)/containerd.sock"
+	$(BIN)/containerd-kuasar scratch --dir $(SCRATCH) --mirror 127.0.0.1:5000
+
+## demo: a pod of every handler through crictl, with what each costs
+demo: deps build tools
+	KUASAR_BIN_DIR=$(BIN) KUASAR_CACHE_DIR=$(CACHE) integration/demo.sh
+
+## install: binaries, node config and systemd unit (honours DESTDIR, PREFIX)
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/containerd $(DESTDIR)/etc/systemd/system
+	install -m 0755 $(BINARIES) $(DESTDIR)$(PREFIX)/bin/
+	@if [ -n "$(DESTDIR)" ] || [ ! -e /etc/containerd/config.toml ]; then \
+		install -m 0644 contrib/config.toml $(DESTDIR)/etc/containerd/config.toml; \
+	else echo "keeping existing /etc/containerd/config.toml (see contrib/config.toml)"; fi
+	sed 's#@BINDIR@#$(PREFIX)/bin#g' contrib/systemd/containerd.service > $(DESTDIR)/etc/systemd/system/containerd.service
+
+clean:
+	rm -rf $(OUT)
+
+FORCE:
