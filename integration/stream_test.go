@@ -1,0 +1,180 @@
+//go:build e2e
+
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/creack/pty"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// ptyRun runs cmd under a pseudo-terminal, writes input, and returns what
+// the terminal showed once the command exits.
+func ptyRun(t *testing.T, cmd *exec.Cmd, input string, timeout time.Duration) string {
+	t.Helper()
+	f, err := pty.Start(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var mu sync.Mutex
+	var out bytes.Buffer
+	done := make(chan struct{})
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := f.Read(buf)
+			// Answer cursor position queries as a terminal would (busybox's
+			// line editor waits for the answer).
+			if bytes.Contains(buf[:n], []byte("\x1b[6n")) {
+				_, _ = f.Write([]byte("\x1b[1;1R"))
+			}
+			mu.Lock()
+			out.Write(buf[:n])
+			mu.Unlock()
+			if err != nil {
+				close(done)
+				return
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	if _, err := io.WriteString(f, input); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	select {
+	case <-waited:
+	case <-time.After(timeout):
+		cmd.Process.Kill()
+		<-waited
+		mu.Lock()
+		defer mu.Unlock()
+		t.Fatalf("%v did not finish; terminal showed:\n%s", cmd.Args, out.String())
+	}
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return strings.ReplaceAll(out.String(), "\r", "")
+}
+
+// TestExecStreaming: crictl exec with and without a terminal, through the
+// CRI streaming server.
+func TestExecStreaming(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	podCfg := d.podConfig("stream")
+	pod := d.runPod(t, kuasarRunc, podCfg)
+	c := d.run(t, pod, podCfg, ctrConfig("sleeper", "sleep", "3600"))
+
+	// Interactive shell with a terminal: the shell sees a tty and answers.
+	out := ptyRun(t, d.crictl("exec", "-it", c, "sh"), "tty; echo kuasar-$((6*7)); exit 5\n", 30*time.Second)
+	if !strings.Contains(out, "/dev/pts/") || !strings.Contains(out, "kuasar-42") {
+		t.Fatalf("interactive exec output:\n%s", out)
+	}
+
+	// Without a terminal: stdin streamed in, stdout streamed out, exit code.
+	cmd := d.crictl("exec", "-i", c, "sh", "-c", "read x; echo got-$x; exit 4")
+	cmd.Stdin = strings.NewReader("hello\n")
+	b, err := cmd.CombinedOutput()
+	if !strings.Contains(string(b), "got-hello") {
+		t.Fatalf("exec -i output %q (%v)", b, err)
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() == 0 {
+		t.Fatalf("exec -i exit: %v", err)
+	}
+}
+
+// TestAttach attaches to a container started with stdin and a terminal.
+func TestAttach(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	podCfg := d.podConfig("attach")
+	pod := d.runPod(t, kuasarRunc, podCfg)
+	cfg := ctrConfig("shell", "sh")
+	cfg.Stdin, cfg.Tty = true, true
+	c := d.run(t, pod, podCfg, cfg)
+	d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_RUNNING, 10*time.Second)
+	out := ptyRun(t, d.crictl("attach", "-it", c), "echo attached-$((2+3))\nexit 3\n", 30*time.Second)
+	if !strings.Contains(out, "attached-5") {
+		t.Fatalf("attach output:\n%s", out)
+	}
+	st := d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_EXITED, 10*time.Second)
+	if st.ExitCode != 3 {
+		t.Fatalf("exit code %d, want 3", st.ExitCode)
+	}
+	// What was typed and printed is in the container's log too.
+	d.waitLog(t, c, "attached-5", 5*time.Second)
+
+	// A container reading stdin without a terminal sees EOF when the
+	// attach with stdin_once ends.
+	once := ctrConfig("once", "sh", "-c", "cat; echo stdin-closed")
+	once.Stdin, once.StdinOnce = true, true
+	o := d.run(t, pod, podCfg, once)
+	cmd := d.crictl("attach", "-i", o)
+	cmd.Stdin = strings.NewReader("line-from-attach\n")
+	b, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("attach -i: %v %s", err, b)
+	}
+	st = d.waitState(t, o, runtimeapi.ContainerState_CONTAINER_EXITED, 10*time.Second)
+	d.waitLog(t, o, "line-from-attach", 5*time.Second)
+	d.waitLog(t, o, "stdin-closed", 5*time.Second)
+	if st.ExitCode != 0 {
+		t.Fatalf("stdin_once container exit %d", st.ExitCode)
+	}
+}
+
+// TestPortForward forwards a local port to a web server in the pod.
+func TestPortForward(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	podCfg := d.podConfig("web")
+	pod := d.runPod(t, kuasarRunc, podCfg)
+	d.run(t, pod, podCfg, ctrConfig("httpd", "sh", "-c", "mkdir -p /www && echo kuasar-web > /www/index.html && exec httpd -f -p 8080 -h /www"))
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	cmd := d.crictl("port-forward", pod, fmt.Sprintf("%d:8080", port))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	if err := waitPort(addr, 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.TrimSpace(string(body)) == "kuasar-web" {
+				return
+			}
+			err = fmt.Errorf("body %q", body)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("port-forward: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
