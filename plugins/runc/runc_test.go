@@ -1,0 +1,156 @@
+package runc
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/nsutil"
+	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
+)
+
+func testPod(st podState) *containers {
+	p := &pod{sb: &sandbox.Sandbox{}, st: st}
+	return &containers{pod: p}
+}
+
+func TestAdaptSpec(t *testing.T) {
+	full := podState{
+		Namespaces: map[nsutil.Kind]string{nsutil.Net: "/run/netns/cni-1", nsutil.IPC: "/s/ns/ipc", nsutil.UTS: "/s/ns/uts"},
+		HolderPid:  4242,
+	}
+	tests := []struct {
+		name  string
+		st    podState
+		in    []specs.LinuxNamespace
+		want  map[specs.LinuxNamespaceType]string
+		error error
+	}{
+		{"pod namespaces", full,
+			[]specs.LinuxNamespace{{Type: "network", Path: "/proc/0/ns/net"}, {Type: "ipc", Path: "/proc/0/ns/ipc"}, {Type: "uts", Path: "/proc/0/ns/uts"}, {Type: "pid", Path: "/proc/0/ns/pid"}, {Type: "mount"}},
+			map[specs.LinuxNamespaceType]string{"network": "/run/netns/cni-1", "ipc": "/s/ns/ipc", "uts": "/s/ns/uts", "pid": "/proc/4242/ns/pid", "mount": ""}, nil},
+		{"own pid namespace untouched", full,
+			[]specs.LinuxNamespace{{Type: "pid"}, {Type: "network", Path: "/proc/0/ns/net"}},
+			map[specs.LinuxNamespaceType]string{"pid": "", "network": "/run/netns/cni-1"}, nil},
+		{"target container's pid namespace untouched", full,
+			[]specs.LinuxNamespace{{Type: "pid", Path: "/proc/77/ns/pid"}},
+			map[specs.LinuxNamespaceType]string{"pid": "/proc/77/ns/pid"}, nil},
+		{"pod pid namespace missing", podState{Namespaces: full.Namespaces},
+			[]specs.LinuxNamespace{{Type: "pid", Path: "/proc/0/ns/pid"}}, nil, errdefs.ErrInvalidArgument},
+		{"pod ipc is the node's", podState{Namespaces: map[nsutil.Kind]string{nsutil.Net: "/n"}},
+			[]specs.LinuxNamespace{{Type: "ipc", Path: "/proc/0/ns/ipc"}}, nil, errdefs.ErrInvalidArgument},
+		{"user namespace", full,
+			[]specs.LinuxNamespace{{Type: "user", Path: "/proc/0/ns/user"}}, nil, errdefs.ErrNotImplemented},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec := &specs.Spec{Linux: &specs.Linux{Namespaces: tt.in}}
+			err := testPod(tt.st).adaptSpec(spec)
+			if tt.error != nil {
+				if !errors.Is(err, tt.error) {
+					t.Fatalf("err = %v, want %v", err, tt.error)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, ns := range spec.Linux.Namespaces {
+				if ns.Path != tt.want[ns.Type] {
+					t.Errorf("%s namespace path %q, want %q", ns.Type, ns.Path, tt.want[ns.Type])
+				}
+			}
+		})
+	}
+	if err := testPod(full).adaptSpec(&specs.Spec{}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Fatalf("spec without linux section: %v", err)
+	}
+}
+
+func TestResolvConf(t *testing.T) {
+	tests := []struct {
+		servers, searches, options []string
+		want                       string
+	}{
+		{nil, nil, nil, ""},
+		{[]string{"10.0.0.10", "8.8.8.8"}, []string{"ns.svc.cluster.local", "svc.cluster.local"}, []string{"ndots:5"},
+			"search ns.svc.cluster.local svc.cluster.local\nnameserver 10.0.0.10\nnameserver 8.8.8.8\noptions ndots:5\n"},
+	}
+	for _, tt := range tests {
+		if got := resolvConf(tt.servers, tt.searches, tt.options); got != tt.want {
+			t.Errorf("resolvConf = %q, want %q", got, tt.want)
+		}
+	}
+}
+
+func TestRuncFailure(t *testing.T) {
+	base := errors.New("exit status 1")
+	tests := []struct {
+		msg  string
+		kind error
+	}{
+		{"container does not exist", errdefs.ErrNotFound},
+		{"cannot kill: container not running", errdefs.ErrNotFound},
+		{"something else broke", nil},
+		{"", nil},
+	}
+	for _, tt := range tests {
+		err := runcFailure(tt.msg, base)
+		if tt.kind != nil && !errors.Is(err, tt.kind) {
+			t.Errorf("%q: %v is not %v", tt.msg, err, tt.kind)
+		}
+		if tt.msg != "" && !strings.Contains(err.Error(), tt.msg) {
+			t.Errorf("%q lost from %v", tt.msg, err)
+		}
+	}
+}
+
+func TestLogError(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "log.json")
+	os.WriteFile(p, []byte(`{"level":"info","msg":"fine"}
+{"level":"error","msg":"first"}
+not json
+{"level":"error","msg":"exec: \"x\": not found"}
+`), 0o600)
+	if got := logError(p); got != `exec: "x": not found` {
+		t.Fatalf("logError = %q", got)
+	}
+	if got := logError(filepath.Join(t.TempDir(), "missing")); got != "" {
+		t.Fatalf("missing log: %q", got)
+	}
+}
+
+func TestOpenOutput(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "out")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := openOutput(fifo) // read-write: must not block without a reader
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	file := filepath.Join(dir, "log")
+	f, err = openOutput("file://" + file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("x")
+	f.Close()
+	if b, _ := os.ReadFile(file); string(b) != "x" {
+		t.Fatalf("file:// output %q", b)
+	}
+	if f, err := openOutput(""); f != nil || err != nil {
+		t.Fatal("empty path must mean no output")
+	}
+	if _, err := openOutput("binary:///usr/bin/logger"); !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Fatalf("binary log URI: %v", err)
+	}
+}

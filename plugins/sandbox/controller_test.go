@@ -1,0 +1,244 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/task"
+)
+
+type fakeKind struct {
+	failCreate error
+	created    []*Sandbox
+	recovered  []string
+	instances  []*fakeInstance
+}
+
+func (k *fakeKind) Create(ctx context.Context, sb *Sandbox) (Instance, error) {
+	if k.failCreate != nil {
+		return nil, k.failCreate
+	}
+	sb.State = json.RawMessage(`{"hello":"world"}`)
+	k.created = append(k.created, sb)
+	i := &fakeInstance{}
+	k.instances = append(k.instances, i)
+	return i, nil
+}
+
+func (k *fakeKind) Recover(ctx context.Context, sb *Sandbox) (Instance, error) {
+	if string(sb.State) != `{"hello":"world"}` {
+		return nil, errors.New("kind state lost")
+	}
+	k.recovered = append(k.recovered, sb.ID)
+	return &fakeInstance{}, nil
+}
+
+type fakeInstance struct {
+	started, stopped, shutdown int
+}
+
+func (i *fakeInstance) Start(context.Context) error    { i.started++; return nil }
+func (i *fakeInstance) Runtime() task.Runtime          { return nil }
+func (i *fakeInstance) Stop(context.Context) error     { i.stopped++; return nil }
+func (i *fakeInstance) Shutdown(context.Context) error { i.shutdown++; return nil }
+func (i *fakeInstance) Metrics(context.Context) (*types.Metric, error) {
+	return &types.Metric{ID: "x"}, nil
+}
+func (i *fakeInstance) Info() map[string]any { return map[string]any{"fake": true} }
+
+type nopPublisher struct{}
+
+func (nopPublisher) Publish(context.Context, string, events.Event) error { return nil }
+
+func testPaths(t *testing.T) Paths {
+	d := t.TempDir()
+	return Paths{State: filepath.Join(d, "sb"), Sockets: filepath.Join(d, "s"), CRIRoot: filepath.Join(d, "cri"), CRIState: filepath.Join(d, "cris")}
+}
+
+func nsCtx() context.Context { return namespaces.WithNamespace(context.Background(), "k8s.io") }
+
+func createStart(t *testing.T, c *Controller, id string) sandbox.ControllerInstance {
+	t.Helper()
+	cfg := &runtime.PodSandboxConfig{Hostname: "h-" + id}
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: id}, sandbox.WithOptions(cfg), sandbox.WithNetNSPath("/var/run/netns/x")); err != nil {
+		t.Fatal(err)
+	}
+	ci, err := c.Start(nsCtx(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ci
+}
+
+func TestControllerLifecycle(t *testing.T) {
+	k := &fakeKind{}
+	paths := testPaths(t)
+	c := NewController("kuasar-test", k, paths, nopPublisher{})
+	ci := createStart(t, c, "sb1")
+	if ci.Version != 3 || !strings.HasPrefix(ci.Address, "ttrpc+unix:///") {
+		t.Fatalf("endpoint %q v%d", ci.Address, ci.Version)
+	}
+	sock := strings.TrimPrefix(ci.Address, "ttrpc+unix://")
+	if conn, err := net.Dial("unix", sock); err != nil {
+		t.Fatalf("task endpoint not listening: %v", err)
+	} else {
+		conn.Close()
+	}
+	if k.created[0].Config.GetHostname() != "h-sb1" || k.created[0].NetNSPath != "/var/run/netns/x" {
+		t.Fatalf("kind got %+v", k.created[0])
+	}
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "sb1"}); !errors.Is(err, errdefs.ErrAlreadyExists) {
+		t.Fatalf("duplicate create: %v", err)
+	}
+	st, err := c.Status(nsCtx(), "sb1", true)
+	if err != nil || st.State != "SANDBOX_READY" || st.Address != ci.Address {
+		t.Fatalf("status %+v %v", st, err)
+	}
+	var info map[string]any
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info["fake"] != true {
+		t.Fatalf("info %q: %v", st.Info["info"], err)
+	}
+
+	waited := make(chan sandbox.ExitStatus, 1)
+	go func() {
+		es, _ := c.Wait(nsCtx(), "sb1")
+		waited <- es
+	}()
+	select {
+	case <-waited:
+		t.Fatal("Wait returned while the sandbox runs")
+	case <-time.After(50 * time.Millisecond):
+	}
+	if err := c.Stop(nsCtx(), "sb1"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case es := <-waited:
+		if es.ExitedAt.IsZero() {
+			t.Fatal("no exit time")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Wait did not return after Stop")
+	}
+	if st, _ := c.Status(nsCtx(), "sb1", false); st.State != "SANDBOX_NOTREADY" {
+		t.Fatalf("state after stop %q", st.State)
+	}
+	if err := c.Stop(nsCtx(), "sb1"); err != nil {
+		t.Fatalf("second stop: %v", err)
+	}
+	if err := c.Shutdown(nsCtx(), "sb1"); err != nil {
+		t.Fatal(err)
+	}
+	if k.instances[0].stopped != 1 || k.instances[0].shutdown != 1 {
+		t.Fatalf("instance %+v", k.instances[0])
+	}
+	if _, err := os.Stat(filepath.Join(paths.State, "sb1")); !os.IsNotExist(err) {
+		t.Fatal("sandbox dir left after shutdown")
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatal("socket left after shutdown")
+	}
+	if _, err := c.Status(nsCtx(), "sb1", false); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("status after shutdown: %v", err)
+	}
+}
+
+func TestControllerCreateFailureLeavesNothing(t *testing.T) {
+	k := &fakeKind{failCreate: errors.New("no kvm")}
+	paths := testPaths(t)
+	c := NewController("kuasar-test", k, paths, nopPublisher{})
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "sb1"}); err == nil || !strings.Contains(err.Error(), "no kvm") {
+		t.Fatalf("create: %v", err)
+	}
+	entries, _ := os.ReadDir(paths.State)
+	if len(entries) != 0 {
+		t.Fatalf("left %v", entries)
+	}
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "../x"}); err == nil {
+		t.Fatal("bad sandbox id accepted")
+	}
+	if _, err := c.Start(nsCtx(), "sb1"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("start of a failed sandbox: %v", err)
+	}
+}
+
+func TestSandboxEndingOnItsOwn(t *testing.T) {
+	k := &fakeKind{}
+	c := NewController("kuasar-test", k, testPaths(t), nopPublisher{})
+	createStart(t, c, "sb1")
+	k.created[0].Exited(3)
+	ctx, cancel := context.WithTimeout(nsCtx(), 2*time.Second)
+	defer cancel()
+	es, err := c.Wait(ctx, "sb1")
+	if err != nil || es.ExitStatus != 3 {
+		t.Fatalf("wait: %+v %v", es, err)
+	}
+}
+
+func TestControllerRecover(t *testing.T) {
+	k := &fakeKind{}
+	paths := testPaths(t)
+	c := NewController("kuasar-test", k, paths, nopPublisher{})
+	ci := createStart(t, c, "ready")
+	createStart(t, c, "stopped")
+	if err := c.Stop(nsCtx(), "stopped"); err != nil {
+		t.Fatal(err)
+	}
+	// A directory a crash left without a record.
+	if err := os.MkdirAll(filepath.Join(paths.State, "halfmade"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// The daemon dies: its endpoints go with it.
+	for _, id := range []string{"ready", "stopped"} {
+		e, _ := c.get(id)
+		e.endpoint.Close()
+	}
+
+	k2 := &fakeKind{}
+	c2 := NewController("kuasar-test", k2, paths, nopPublisher{})
+	if err := c2.Recover(nsCtx()); err != nil {
+		t.Fatal(err)
+	}
+	if len(k2.recovered) != 2 {
+		t.Fatalf("recovered %v", k2.recovered)
+	}
+	st, err := c2.Status(nsCtx(), "ready", false)
+	if err != nil || st.State != "SANDBOX_READY" || st.Address != ci.Address {
+		t.Fatalf("recovered ready: %+v %v", st, err)
+	}
+	conn, err := net.Dial("unix", strings.TrimPrefix(st.Address, "ttrpc+unix://"))
+	if err != nil {
+		t.Fatalf("recovered endpoint not listening: %v", err)
+	}
+	conn.Close()
+	if st, _ := c2.Status(nsCtx(), "stopped", false); st.State != "SANDBOX_NOTREADY" {
+		t.Fatalf("recovered stopped: %q", st.State)
+	}
+	ctx, cancel := context.WithTimeout(nsCtx(), time.Second)
+	defer cancel()
+	if _, err := c2.Wait(ctx, "stopped"); err != nil {
+		t.Fatalf("wait on a recovered stopped sandbox: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(paths.State, "halfmade")); !os.IsNotExist(err) {
+		t.Fatal("record-less dir not cleaned")
+	}
+	for _, id := range []string{"ready", "stopped"} {
+		if err := c2.Shutdown(nsCtx(), id); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

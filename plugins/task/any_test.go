@@ -1,0 +1,5 @@
+package task
+
+import "google.golang.org/protobuf/types/known/anypb"
+
+type anyProto = anypb.Any
