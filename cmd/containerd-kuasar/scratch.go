@@ -23,6 +23,8 @@ func scratchCommand() *cli.Command {
 			&cli.StringFlag{Name: "dir", Usage: "Scratch root directory", Value: filepath.Join(os.TempDir(), "containerd-kuasar")},
 			&cli.StringFlag{Name: "mirror", Usage: "Registry (host:port, plain HTTP) standing in for public registries"},
 			&cli.StringFlag{Name: "default-runtime", Usage: "CRI default runtime handler"},
+			&cli.StringFlag{Name: "bridge", Usage: "Pod network bridge", Value: "kuasar0"},
+			&cli.StringFlag{Name: "subnet", Usage: "Pod network subnet", Value: "10.250.0.0/16"},
 			&cli.StringFlag{Name: "log-level", Usage: "Log level", Value: "info"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
@@ -34,6 +36,8 @@ func scratchCommand() *cli.Command {
 				Dir:            dir,
 				Mirror:         cmd.String("mirror"),
 				DefaultHandler: cmd.String("default-runtime"),
+				Bridge:         cmd.String("bridge"),
+				Subnet:         cmd.String("subnet"),
 			})
 			if err != nil {
 				return err

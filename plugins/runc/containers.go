@@ -40,6 +40,8 @@ var _ task.Runtime = (*containers)(nil)
 type ctrState struct {
 	InitStart uint64            `json:"initStart"`
 	Cgroup    cgroupstats.Paths `json:"cgroup"`
+	// Systemd is set when the container's cgroups are managed by systemd.
+	Systemd bool `json:"systemd,omitempty"`
 }
 
 // procData is the in-memory side of one process.
@@ -83,6 +85,8 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	if err := r.adaptSpec(c.Spec); err != nil {
 		return err
 	}
+	st := ctrState{Systemd: isSystemdCgroupsPath(c.Spec.Linux.CgroupsPath)}
+	rc = rc.forContainer(st)
 	if err := c.WriteSpec(); err != nil {
 		return err
 	}
@@ -118,7 +122,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 		return err
 	}
 	c.Init.SetPid(pid)
-	st := ctrState{InitStart: d.start}
+	st.InitStart = d.start
 	if st.Cgroup, err = cgroupstats.PidPaths(pid); err != nil {
 		log.G(ctx).WithError(err).Warn("locating container cgroup")
 	}
@@ -260,11 +264,11 @@ func (r *containers) adaptSpec(spec *specs.Spec) error {
 
 // Start starts the init process (runc start) or an exec (runc exec).
 func (r *containers) Start(ctx context.Context, p *task.Process) error {
-	rc, err := r.k.runc()
+	c := p.Container
+	rc, err := r.runcFor(c)
 	if err != nil {
 		return err
 	}
-	c := p.Container
 	if p.ExecID == "" {
 		if _, err := rc.run(ctx, nil, "start", c.ID); err != nil {
 			return err
@@ -306,7 +310,7 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 // container through runc.
 func (r *containers) Kill(ctx context.Context, p *task.Process, sig unix.Signal, all bool) error {
 	if all && p.ExecID == "" {
-		rc, err := r.k.runc()
+		rc, err := r.runcFor(p.Container)
 		if err != nil {
 			return err
 		}
@@ -341,7 +345,7 @@ func (r *containers) Delete(ctx context.Context, p *task.Process) error {
 	c := p.Container
 	// runc's own state lives under the daemon's state dir; it may be gone
 	// already (the container never got created, or a reboot).
-	if rc, err := r.k.runc(); err == nil {
+	if rc, err := r.runcFor(c); err == nil {
 		if _, err := rc.run(ctx, nil, "delete", "--force", c.ID); err != nil && !errdefs.IsNotFound(err) {
 			return err
 		}
@@ -358,7 +362,7 @@ func (r *containers) Delete(ctx context.Context, p *task.Process) error {
 
 // Pids lists the container's processes, marking execs.
 func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.ProcessInfo, error) {
-	rc, err := r.k.runc()
+	rc, err := r.runcFor(c)
 	if err != nil {
 		return nil, err
 	}
@@ -396,7 +400,7 @@ func (r *containers) Update(ctx context.Context, c *task.Container, res *specs.L
 	if res == nil {
 		return nil
 	}
-	rc, err := r.k.runc()
+	rc, err := r.runcFor(c)
 	if err != nil {
 		return err
 	}
@@ -418,20 +422,29 @@ func (r *containers) Stats(ctx context.Context, c *task.Container) (typeurl.Any,
 }
 
 func (r *containers) Pause(ctx context.Context, c *task.Container) error {
-	return r.simple(ctx, "pause", c.ID)
+	return r.simple(ctx, "pause", c)
 }
 
 func (r *containers) Resume(ctx context.Context, c *task.Container) error {
-	return r.simple(ctx, "resume", c.ID)
+	return r.simple(ctx, "resume", c)
 }
 
-func (r *containers) simple(ctx context.Context, cmd, id string) error {
-	rc, err := r.k.runc()
+func (r *containers) simple(ctx context.Context, cmd string, c *task.Container) error {
+	rc, err := r.runcFor(c)
 	if err != nil {
 		return err
 	}
-	_, err = rc.run(ctx, nil, cmd, id)
+	_, err = rc.run(ctx, nil, cmd, c.ID)
 	return err
+}
+
+// runcFor returns the runc CLI for an existing container.
+func (r *containers) runcFor(c *task.Container) (*runcCLI, error) {
+	rc, err := r.k.runc()
+	if err != nil {
+		return nil, err
+	}
+	return rc.forContainer(containerState(c)), nil
 }
 
 // Recover re-attaches to a container after a daemon restart.

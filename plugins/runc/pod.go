@@ -244,6 +244,9 @@ func (p *pod) Metrics(ctx context.Context) (*types.Metric, error) {
 	if parent == "" {
 		return nil, fmt.Errorf("pod %s has no cgroup_parent to report: %w", p.sb.ID, errdefs.ErrFailedPrecondition)
 	}
+	if strings.HasSuffix(parent, ".slice") {
+		parent = cgroupstats.ExpandSlice(parent)
+	}
 	data, err := cgroupstats.Metrics(cgroupstats.StaticPaths(parent))
 	if err != nil {
 		return nil, err

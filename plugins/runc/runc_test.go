@@ -154,3 +154,21 @@ func TestOpenOutput(t *testing.T) {
 		t.Fatalf("binary log URI: %v", err)
 	}
 }
+
+func TestSystemdCgroupsPath(t *testing.T) {
+	tests := map[string]bool{
+		"kubepods-besteffort-pod1.slice:cri-containerd:abc": true,
+		"/kubepods/besteffort/pod1/abc":                     false,
+		"abc":                                               false,
+		"a:b:c":                                             false,
+	}
+	for p, want := range tests {
+		if got := isSystemdCgroupsPath(p); got != want {
+			t.Errorf("isSystemdCgroupsPath(%q) = %v", p, got)
+		}
+	}
+	rc := (&runcCLI{path: "runc", root: "/r"}).forContainer(ctrState{Systemd: true})
+	if got := strings.Join(rc.global(""), " "); got != "--root /r --systemd-cgroup" {
+		t.Fatalf("global flags %q", got)
+	}
+}

@@ -17,13 +17,32 @@ import (
 
 // runcCLI runs the OCI runtime binary (runc or a compatible one).
 type runcCLI struct {
-	path string // resolved binary
-	root string // --root state directory
+	path    string // resolved binary
+	root    string // --root state directory
+	systemd bool   // the container's cgroups are managed through systemd
+}
+
+// forContainer returns the CLI to use for a container: with
+// --systemd-cgroup when its cgroups path has systemd's form.
+func (r *runcCLI) forContainer(st ctrState) *runcCLI {
+	c := *r
+	c.systemd = st.Systemd
+	return &c
+}
+
+// isSystemdCgroupsPath reports whether a spec's cgroups path has the
+// "slice:prefix:name" form CRI uses with a systemd cgroup parent.
+func isSystemdCgroupsPath(p string) bool {
+	parts := strings.Split(p, ":")
+	return len(parts) == 3 && strings.HasSuffix(parts[0], ".slice")
 }
 
 // global returns the global flags, with a JSON log file when logPath is set.
 func (r *runcCLI) global(logPath string) []string {
 	args := []string{"--root", r.root}
+	if r.systemd {
+		args = append(args, "--systemd-cgroup")
+	}
 	if logPath != "" {
 		args = append(args, "--log", logPath, "--log-format", "json")
 	}

@@ -41,6 +41,30 @@ func StaticPaths(path string) Paths {
 	return Paths{Controllers: map[string]string{"*": path}}
 }
 
+// ExpandSlice turns a systemd slice name into its cgroup path:
+// "kubepods-burstable-pod1.slice" is
+// "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice".
+// A path (with slashes) is returned as it is.
+func ExpandSlice(slice string) string {
+	if strings.Contains(slice, "/") || !strings.HasSuffix(slice, ".slice") {
+		return slice
+	}
+	name := strings.TrimSuffix(slice, ".slice")
+	if name == "" || name == "-" {
+		return "/"
+	}
+	var b strings.Builder
+	prefix := ""
+	for _, part := range strings.Split(name, "-") {
+		if part == "" {
+			return slice // not a valid slice name; leave it be
+		}
+		b.WriteString("/" + prefix + part + ".slice")
+		prefix += part + "-"
+	}
+	return b.String()
+}
+
 // PidPaths reads where pid's cgroups are.
 func PidPaths(pid int) (Paths, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/cgroup", pid))

@@ -44,3 +44,18 @@ func TestFieldValue(t *testing.T) {
 		t.Fatal("expected an error for a missing field")
 	}
 }
+
+func TestExpandSlice(t *testing.T) {
+	tests := map[string]string{
+		"kubepods-burstable-pod1.slice": "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice",
+		"kubepods.slice":                "/kubepods.slice",
+		"-.slice":                       "/",
+		"/kubepods/pod1":                "/kubepods/pod1",
+		"a--b.slice":                    "a--b.slice",
+	}
+	for in, want := range tests {
+		if got := ExpandSlice(in); got != want {
+			t.Errorf("ExpandSlice(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
