@@ -39,7 +39,7 @@ DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static 
 
 BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper
 
-.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance
+.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance FORCE
 
 all: build tools
 
@@ -123,3 +123,11 @@ clean:
 	rm -rf $(OUT)
 
 FORCE:
+
+## bench: containerd-kuasar vs stock containerd, same version, same machine
+BENCH_PODS ?= 50
+bench: deps build tools
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
+	KUASAR_BENCH_PODS=$(BENCH_PODS) KUASAR_BENCH_OUT=$(ROOT)/bench/results \
+		go test -count=1 -tags bench -timeout 60m -run TestBench -v ./integration/ 2>&1 | tee $(OUT)/bench.log | grep -vE '^\s+(time=|level=)' | tail -40; \
+		exit $${PIPESTATUS[0]}

@@ -1,9 +1,10 @@
-//go:build e2e
+//go:build e2e || bench
 
 package integration
 
 import (
 	"os"
+	"os/exec"
 	"syscall"
 )
 
@@ -12,4 +13,9 @@ func statIno(st os.FileInfo) uint64 {
 		return s.Ino
 	}
 	return 0
+}
+
+func execOut(name string, args ...string) (string, error) {
+	b, err := exec.Command(name, args...).Output()
+	return string(b), err
 }

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 	"unsafe"
 
@@ -53,6 +54,11 @@ func run() error {
 	}
 	if err := log.SetLevel(*level); err != nil {
 		return err
+	}
+	// The keeper's live data is tiny (pids, a few descriptors); keep its
+	// heap close to it, unless GOGC says otherwise.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(20)
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
 	defer cancel()

@@ -45,7 +45,7 @@ func Dial(ctx context.Context, socket string) (*Client, error) {
 		return nil, err
 	}
 	c := &Client{
-		c:       conn{nc.(*net.UnixConn)},
+		c:       newConn(nc.(*net.UnixConn)),
 		pending: map[uint64]chan reply{},
 		done:    make(chan struct{}),
 	}

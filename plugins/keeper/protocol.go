@@ -31,7 +31,7 @@ import (
 const ProtocolVersion = 1
 
 // maxMessage bounds one packet; spawn requests carry argv and env only.
-const maxMessage = 256 << 10
+const maxMessage = 64 << 10
 
 // maxFDs bounds the descriptors attached to one message.
 const maxFDs = 16
@@ -103,9 +103,18 @@ type message struct {
 var errNoFD = errors.New("no descriptor held under that key")
 
 // conn wraps a SOCK_SEQPACKET Unix connection carrying messages with fds.
+// recv must be called from one goroutine at a time (it reuses buffers).
 type conn struct {
-	c *net.UnixConn
+	c   *net.UnixConn
+	buf *recvBuf
 }
+
+type recvBuf struct {
+	data [maxMessage]byte
+	oob  [128]byte // room for maxFDs rights (CmsgSpace(16*4) = 80)
+}
+
+func newConn(c *net.UnixConn) conn { return conn{c: c, buf: new(recvBuf)} }
 
 func (c conn) send(m *message, files ...*os.File) error {
 	b, err := json.Marshal(m)
@@ -130,8 +139,7 @@ func (c conn) send(m *message, files ...*os.File) error {
 // recv reads one message and the descriptors attached to it, which the
 // caller owns.
 func (c conn) recv() (*message, []*os.File, error) {
-	buf := make([]byte, maxMessage)
-	oob := make([]byte, unix.CmsgSpace(maxFDs*4))
+	buf, oob := c.buf.data[:], c.buf.oob[:unix.CmsgSpace(maxFDs*4)]
 	n, oobn, flags, _, err := c.c.ReadMsgUnix(buf, oob)
 	if err != nil {
 		return nil, nil, err

@@ -97,7 +97,7 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 			c.Close()
 			continue
 		}
-		sc := &serverConn{conn: conn{c}, s: s, out: make(chan outgoing, 1024), done: make(chan struct{})}
+		sc := &serverConn{conn: newConn(c), s: s, out: make(chan outgoing, 1024), done: make(chan struct{})}
 		s.mu.Lock()
 		s.clients++
 		s.mu.Unlock()
