@@ -31,6 +31,7 @@ type target struct {
 	Handler string
 	d       *Daemon
 	pods    []string
+	phases  map[string][]time.Duration
 }
 
 // Latencies summarises a set of durations (milliseconds).
@@ -86,6 +87,9 @@ type Result struct {
 	Memory           []Memory  `json:"memory"`
 	RestartReadyMs   float64   `json:"restart_until_ready_ms"`
 	RestartPods      int       `json:"restart_pods"`
+	// Phases of the sequential starts: RunPodSandbox, CreateContainer,
+	// StartContainer.
+	Phases map[string]Latencies `json:"pod_start_phases"`
 	ContainersPerPod int       `json:"containers_per_pod"`
 }
 
@@ -129,7 +133,7 @@ func TestBench(t *testing.T) {
 		// plugin loading) on both sides.
 		tg.startPod(t, "warmup")
 		tg.stopRemove(t, tg.pods[0])
-		tg.pods = nil
+		tg.pods, tg.phases = nil, nil
 		time.Sleep(time.Second)
 		tg.d.recordKeeper()
 		rep.Results[tg.Name].IdleKB = managementMemory(tg.d).TotalKB
@@ -151,6 +155,10 @@ func TestBench(t *testing.T) {
 	for _, tg := range targets {
 		r := rep.Results[tg.Name]
 		r.StartSequential = summarise(seq[tg.Name])
+		r.Phases = map[string]Latencies{}
+		for phase, ds := range tg.phases {
+			r.Phases[phase] = summarise(ds)
+		}
 		r.Memory = append(r.Memory, tg.memory(r.IdleKB))
 	}
 
@@ -201,8 +209,17 @@ func (tg *target) startPod(t *testing.T, name string) time.Duration {
 	podCfg, ctrCfg := tg.podConfig(name)
 	begin := time.Now()
 	pod := tg.d.runPod(t, tg.Handler, podCfg)
-	tg.d.run(t, pod, podCfg, ctrCfg)
+	ran := time.Now()
+	id := tg.d.create(t, pod, podCfg, ctrCfg)
+	created := time.Now()
+	tg.d.start1(t, id)
 	took := time.Since(begin)
+	if tg.phases == nil {
+		tg.phases = map[string][]time.Duration{}
+	}
+	tg.phases["RunPodSandbox"] = append(tg.phases["RunPodSandbox"], ran.Sub(begin))
+	tg.phases["CreateContainer"] = append(tg.phases["CreateContainer"], created.Sub(ran))
+	tg.phases["StartContainer"] = append(tg.phases["StartContainer"], took-created.Sub(begin))
 	tg.pods = append(tg.pods, pod)
 	return took
 }
@@ -387,6 +404,9 @@ func markdown(rep *Report) string {
 	}
 	row(fmt.Sprintf("pod start, sequential, p50 (%d pods)", s.StartSequential.N), s.StartSequential.P50, k.StartSequential.P50, "ms", "pod_start_sequential_p50")
 	row("pod start, sequential, p99", s.StartSequential.P99, k.StartSequential.P99, "ms", "pod_start_sequential_p99")
+	for _, phase := range []string{"RunPodSandbox", "CreateContainer", "StartContainer"} {
+		fmt.Fprintf(&b, "| &nbsp;&nbsp;of which %s, p50 | %.1f ms | %.1f ms | %.3f |\n", phase, s.Phases[phase].P50, k.Phases[phase].P50, round(k.Phases[phase].P50/s.Phases[phase].P50))
+	}
 	row(fmt.Sprintf("pod start, %d concurrent, p50", s.StartConcurrent.N), s.StartConcurrent.P50, k.StartConcurrent.P50, "ms", "pod_start_concurrent_p50")
 	row("pod start, concurrent, p99", s.StartConcurrent.P99, k.StartConcurrent.P99, "ms", "pod_start_concurrent_p99")
 	row("pod start, concurrent, wall time", s.StartConcurrent.WallMs, k.StartConcurrent.WallMs, "ms", "pod_start_concurrent_wall")

@@ -101,10 +101,19 @@ func TestExecStreaming(t *testing.T) {
 
 // TestAttach attaches to a container started with stdin and a terminal.
 func TestAttach(t *testing.T) {
+	for _, handler := range []string{kuasarRunc, stockRunc} {
+		t.Run(handler, func(t *testing.T) { testAttach(t, handler) })
+	}
+}
+
+func testAttach(t *testing.T, handler string) {
 	d := startDaemon(t, daemonOptions{})
 	podCfg := d.podConfig("attach")
-	pod := d.runPod(t, kuasarRunc, podCfg)
-	cfg := ctrConfig("shell", "sh")
+	pod := d.runPod(t, handler, podCfg)
+	// A read loop rather than an interactive shell: busybox's line editor
+	// asks the terminal for the cursor position at start, before anyone
+	// is attached to answer, and then swallows the attached input.
+	cfg := ctrConfig("shell", "sh", "-c", `while read -r line; do eval "$line"; done`)
 	cfg.Stdin, cfg.Tty = true, true
 	c := d.run(t, pod, podCfg, cfg)
 	d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_RUNNING, 10*time.Second)

@@ -115,8 +115,17 @@ func (s *stdio) attachConsole(ctx context.Context, mon *monitor.Monitor, ch <-ch
 	if r.err != nil {
 		return fmt.Errorf("receiving terminal master: %w", r.err)
 	}
-	f := os.NewFile(r.c.Fd(), "pty-master")
-	if err := mon.PutFD(ctx, s.key+"master", f); err != nil {
+	// The keeper gets its own duplicate. (Wrapping the console's fd in a
+	// second os.File would let that File's finalizer close it under us.)
+	dup, err := unix.FcntlInt(r.c.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		r.c.Close()
+		return fmt.Errorf("duplicating the terminal: %w", err)
+	}
+	f := os.NewFile(uintptr(dup), "pty-master")
+	err = mon.PutFD(ctx, s.key+"master", f)
+	f.Close()
+	if err != nil {
 		r.c.Close()
 		return fmt.Errorf("handing the terminal to the keeper: %w", err)
 	}
@@ -159,7 +168,8 @@ func (s *stdio) startCopy(c console.Console) error {
 		}
 		defer out.Close()
 		// Ends with EIO once every process holding the terminal is gone.
-		_, _ = io.Copy(out, c)
+		n, err := io.Copy(out, c)
+		log.L.WithError(err).WithField("bytes", n).WithField("key", s.key).Debug("terminal output copy ended")
 	}()
 	if s.io.Stdin != "" {
 		in, err := fifo.OpenFifo(context.Background(), s.io.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
@@ -170,7 +180,8 @@ func (s *stdio) startCopy(c console.Console) error {
 		s.stdin = in
 		s.mu.Unlock()
 		go func() {
-			_, _ = io.Copy(c, in)
+			n, err := io.Copy(c, in)
+			log.L.WithError(err).WithField("bytes", n).WithField("key", s.key).Debug("terminal stdin copy ended")
 		}()
 	}
 	return nil
