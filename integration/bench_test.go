@@ -79,18 +79,18 @@ type Memory struct {
 
 // Result is one target's figures.
 type Result struct {
-	Handler          string    `json:"handler"`
-	StartSequential  Latencies `json:"pod_start_sequential"`
-	StartConcurrent  Latencies `json:"pod_start_concurrent"`
-	StopRemove       Latencies `json:"pod_stop_remove"`
-	IdleKB           int       `json:"idle_management_kb"`
-	Memory           []Memory  `json:"memory"`
-	RestartReadyMs   float64   `json:"restart_until_ready_ms"`
-	RestartPods      int       `json:"restart_pods"`
+	Handler         string    `json:"handler"`
+	StartSequential Latencies `json:"pod_start_sequential"`
+	StartConcurrent Latencies `json:"pod_start_concurrent"`
+	StopRemove      Latencies `json:"pod_stop_remove"`
+	IdleKB          int       `json:"idle_management_kb"`
+	Memory          []Memory  `json:"memory"`
+	RestartReadyMs  float64   `json:"restart_until_ready_ms"`
+	RestartPods     int       `json:"restart_pods"`
 	// Phases of the sequential starts: RunPodSandbox, CreateContainer,
 	// StartContainer.
-	Phases map[string]Latencies `json:"pod_start_phases"`
-	ContainersPerPod int       `json:"containers_per_pod"`
+	Phases           map[string]Latencies `json:"pod_start_phases"`
+	ContainersPerPod int                  `json:"containers_per_pod"`
 }
 
 // Report is what a run writes.

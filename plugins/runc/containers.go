@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
@@ -114,7 +115,9 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	d := data(c.Init)
 	pidFile := filepath.Join(c.Bundle, "init.pid")
 	args := []string{"create", "--bundle", c.Bundle, "--pid-file", pidFile}
+	begin := time.Now()
 	pid, err := r.spawn(ctx, rc, c, d, args)
+	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("runc create")
 	if err != nil {
 		if _, derr := rc.run(context.WithoutCancel(ctx), nil, "delete", "--force", c.ID); derr != nil && !errdefs.IsNotFound(derr) {
 			log.G(ctx).WithError(derr).Warn("runc delete after failed create")
@@ -270,10 +273,16 @@ func (r *containers) Start(ctx context.Context, p *task.Process) error {
 		return err
 	}
 	if p.ExecID == "" {
-		if _, err := rc.run(ctx, nil, "start", c.ID); err != nil {
-			return err
+		if canStartInProcess(c.Spec) {
+			begin := time.Now()
+			err := startInProcess(rc.execFifo(c.ID), p.Pid(), data(p).start)
+			log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).WithError(err).Debug("started in-process")
+			if !errors.Is(err, errNoExecFifo) {
+				return err
+			}
 		}
-		return nil
+		_, err := rc.run(ctx, nil, "start", c.ID)
+		return err
 	}
 	spec, err := json.Marshal(p.Spec)
 	if err != nil {
