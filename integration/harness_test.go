@@ -428,7 +428,9 @@ func cgroupRoots() []string {
 		return []string{"/sys/fs/cgroup"}
 	}
 	var roots []string
-	for _, c := range []string{"cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb", "systemd", "net_cls", "perf_event"} {
+	// On a hybrid host runc also creates the cgroup in the cgroup2 tree
+	// mounted at "unified".
+	for _, c := range []string{"cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb", "systemd", "net_cls", "perf_event", "unified"} {
 		if st, err := os.Stat("/sys/fs/cgroup/" + c); err == nil && st.IsDir() {
 			roots = append(roots, "/sys/fs/cgroup/"+c)
 		}
