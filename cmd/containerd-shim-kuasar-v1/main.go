@@ -25,6 +25,10 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/kuasar-io/containerd-kuasar/cmd/internal/version"
+
+	// Registers the runtime-spec types (features among them) with typeurl,
+	// under the URLs containerd decodes.
+	_ "github.com/containerd/containerd/v2/core/runtime"
 )
 
 // RuntimeName is the runtime type this binary stands for.
@@ -105,9 +109,12 @@ func info(stdin io.Reader, stdout, stderr io.Writer) int {
 		if out, err := exec.Command(path, "features").Output(); err == nil {
 			var f features.Features
 			if json.Unmarshal(out, &f) == nil {
-				if a, err := typeurl.MarshalAnyToProto(&f); err == nil {
-					ri.Features = a
+				a, err := typeurl.MarshalAnyToProto(&f)
+				if err != nil {
+					fmt.Fprintln(stderr, "encoding runtime features:", err)
+					return 1
 				}
+				ri.Features = a
 			}
 		}
 	}

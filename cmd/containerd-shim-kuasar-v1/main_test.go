@@ -2,8 +2,12 @@ package main
 
 import (
 	"bytes"
+	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/containerd/typeurl/v2"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	apitypes "github.com/containerd/containerd/api/types"
@@ -28,6 +32,17 @@ func TestRun(t *testing.T) {
 			var ri apitypes.RuntimeInfo
 			if err := proto.Unmarshal(out, &ri); err != nil || ri.Name != RuntimeName {
 				t.Fatalf("bad runtime info %v %v", &ri, err)
+			}
+			if _, err := exec.LookPath("runc"); err != nil {
+				t.Log("runc not installed: features not checked")
+				return
+			}
+			v, err := typeurl.UnmarshalAny(ri.Features)
+			if err != nil {
+				t.Fatalf("features do not decode as containerd decodes them: %v", err)
+			}
+			if f, ok := v.(*features.Features); !ok || len(f.MountOptions) == 0 {
+				t.Fatalf("features %T %+v", v, v)
 			}
 		}},
 		{"start refused", []string{"-namespace", "k8s.io", "-id", "x", "start"}, 1, func(t *testing.T, _, errOut []byte) {
