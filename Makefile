@@ -84,7 +84,7 @@ stock:
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
-	go vet -tags e2e ./integration/...
+	go vet -tags "e2e conformance" ./integration/...
 
 ## unit: unit tests
 unit:
@@ -130,4 +130,11 @@ bench: deps build tools
 	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
 	KUASAR_BENCH_PODS=$(BENCH_PODS) KUASAR_BENCH_OUT=$(ROOT)/bench/results \
 		go test -count=1 -tags bench -timeout 60m -run TestBench -v ./integration/ 2>&1 | tee $(OUT)/bench.log | grep -vE '^\s+(time=|level=)' | tail -40; \
+		exit $${PIPESTATUS[0]}
+
+## conformance: critest's validation suite on stock runc and on kuasar-runc
+conformance: deps build tools
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
+	KUASAR_CONFORMANCE_OUT=$(OUT)/conformance \
+		go test -count=1 -tags conformance -timeout 40m -run TestConformance -v ./integration/ 2>&1 | tee $(OUT)/conformance.log | grep -vE '^\s+(time=|level=)' | grep -E '^\s+(\||Stock|###|conformance_test)|^(---|ok|FAIL|PASS)'; \
 		exit $${PIPESTATUS[0]}

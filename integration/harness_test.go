@@ -1,4 +1,4 @@
-//go:build e2e || bench
+//go:build e2e || bench || conformance
 
 package integration
 
@@ -58,6 +58,7 @@ func testMain(m *testing.M) int {
 	if cache == "" {
 		cache = filepath.Join(os.TempDir(), "kuasar-e2e-cache")
 	}
+	images.CacheDir = filepath.Join(cache, "images")
 	ctx := context.Background()
 	reg, err := images.StartRegistry(ctx, registry, filepath.Join(cache, "registry"))
 	if err != nil {
@@ -96,6 +97,7 @@ type daemonOptions struct {
 	stock          bool   // stock containerd instead of containerd-kuasar
 	extraConfig    string // appended to config.toml
 	defaultHandler string
+	portMap        bool // the portmap CNI plugin (host ports)
 }
 
 func randHex(n int) string {
@@ -132,6 +134,7 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 		Subnet:         fmt.Sprintf("10.%d.%d.0/24", 100+int(b[0])%100, b[1]),
 		Mirror:         registry,
 		DefaultHandler: o.defaultHandler,
+		PortMap:        o.portMap,
 	})
 	if err != nil {
 		t.Fatal(err)

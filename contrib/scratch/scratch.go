@@ -36,6 +36,9 @@ type Options struct {
 	DefaultHandler string
 	// CNIBinDirs are where CNI plugins are looked for.
 	CNIBinDirs []string
+	// PortMap adds the portmap CNI plugin (host ports; it edits the
+	// host's iptables for as long as pods use host ports).
+	PortMap bool
 }
 
 // MirroredRegistries are redirected to Options.Mirror.

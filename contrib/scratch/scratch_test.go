@@ -1,6 +1,7 @@
 package scratch
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,6 +33,27 @@ func TestWrite(t *testing.T) {
 	hosts, err := os.ReadFile(filepath.Join(dir, "certs.d", "registry.k8s.io", "hosts.toml"))
 	if err != nil || !strings.Contains(string(hosts), "http://127.0.0.1:5000") {
 		t.Fatalf("mirror not written: %s %v", hosts, err)
+	}
+}
+
+func TestWritePortMap(t *testing.T) {
+	for _, pm := range []bool{false, true} {
+		dir := t.TempDir()
+		if _, err := Write(Options{Dir: dir, PortMap: pm}); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(filepath.Join(dir, "cni/net.d/10-kuasar.conflist"))
+		var conf struct {
+			Plugins []struct {
+				Type string `json:"type"`
+			} `json:"plugins"`
+		}
+		if err := json.Unmarshal(b, &conf); err != nil {
+			t.Fatalf("conflist is not JSON: %v\n%s", err, b)
+		}
+		if got := len(conf.Plugins) == 2 && conf.Plugins[1].Type == "portmap"; got != pm {
+			t.Fatalf("portmap=%v: plugins %+v", pm, conf.Plugins)
+		}
 	}
 }
 

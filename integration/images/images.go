@@ -13,7 +13,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -47,10 +46,24 @@ type File struct {
 
 // Layer makes a reproducible layer from files.
 func Layer(files []File) (v1.Layer, error) {
-	sort.SliceStable(files, func(i, j int) bool { return files[i].Path < files[j].Path })
+	// Hard links come last: their targets must be written before them.
+	sort.SliceStable(files, func(i, j int) bool {
+		if hi, hj := files[i].HardLink != "", files[j].HardLink != ""; hi != hj {
+			return hj
+		}
+		return files[i].Path < files[j].Path
+	})
+	modes := map[string]int64{}
+	for _, f := range files {
+		modes[f.Path] = f.Mode
+	}
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, f := range files {
+		if f.HardLink != "" && f.Mode == 0 {
+			// Unpacking applies a link's mode to the file it links to.
+			f.Mode = modes[f.HardLink]
+		}
 		h := &tar.Header{Name: strings.TrimPrefix(f.Path, "/"), Mode: f.Mode, ModTime: epoch, Format: tar.FormatPAX}
 		switch {
 		case f.Dir:
@@ -150,20 +163,7 @@ var pauseSource []byte
 // BuildPause compiles a pause binary (stand-in for the Kubernetes one) for
 // stock containerd's pod sandbox.
 func BuildPause() (v1.Image, error) {
-	dir, err := os.MkdirTemp("", "pause-build")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	src := filepath.Join(dir, "pause.c")
-	if err := os.WriteFile(src, pauseSource, 0o644); err != nil {
-		return nil, err
-	}
-	bin := filepath.Join(dir, "pause")
-	if out, err := exec.Command("gcc", "-Os", "-static", "-s", "-o", bin, src).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("compiling pause: %v: %s", err, out)
-	}
-	data, err := os.ReadFile(bin)
+	data, err := compileC("pause", pauseSource)
 	if err != nil {
 		return nil, err
 	}
@@ -204,7 +204,12 @@ var Builders = map[string]func() (v1.Image, error){
 
 // PushAll builds every standard image and pushes it to registry.
 func PushAll(ctx context.Context, registry string) error {
-	for ref, build := range Builders {
+	return PushSet(ctx, registry, Builders)
+}
+
+// PushSet builds the images of builders and pushes them to registry.
+func PushSet(ctx context.Context, registry string, builders map[string]func() (v1.Image, error)) error {
+	for ref, build := range builders {
 		img, err := build()
 		if err != nil {
 			return fmt.Errorf("building %s: %w", ref, err)

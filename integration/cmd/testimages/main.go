@@ -18,6 +18,8 @@ func main() {
 	addr := flag.String("registry", "127.0.0.1:5000", "registry address")
 	dir := flag.String("dir", "/var/tmp/kuasar-registry", "registry storage")
 	pushOnly := flag.Bool("push-only", false, "push to an already running registry and exit")
+	critest := flag.Bool("critest", false, "also the images critest pulls (stand-ins under their original names)")
+	flag.StringVar(&images.CacheDir, "cache", "", "where downloads for image builds are kept (default: under the temp dir)")
 	flag.Parse()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -31,6 +33,11 @@ func main() {
 	}
 	if err := images.PushAll(ctx, *addr); err != nil {
 		fail(err)
+	}
+	if *critest {
+		if err := images.PushSet(ctx, *addr, images.CritestBuilders); err != nil {
+			fail(err)
+		}
 	}
 	fmt.Println("images pushed to", *addr)
 	if !*pushOnly {

@@ -1,0 +1,187 @@
+//go:build conformance
+
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kuasar-io/containerd-kuasar/integration/images"
+)
+
+// conformanceSkips are the specs this host cannot run for either handler,
+// with the reason; the README's Conformance section lists the same.
+var conformanceSkips = []struct{ spec, reason string }{
+	{"AppArmor", "AppArmor is not enabled on the host"},
+	{"UserNamespaces", "critest runs them only on a handler that reports user namespace support, which needs idmapped mounts from runc 1.2 or later; Debian 12's runc is 1.1.5"},
+	{"public image with digest should be pulled and removed", "the image is pinned by a digest of the original registry, which no local build can reproduce"},
+}
+
+// TestConformance runs critest's CRI validation suite twice: against stock
+// containerd's runc handler (podsandbox) as the reference, and against
+// containerd-kuasar's kuasar-runc. Every spec that passes on stock must pass
+// on kuasar-runc.
+func TestConformance(t *testing.T) {
+	out := os.Getenv("KUASAR_CONFORMANCE_OUT")
+	if out == "" {
+		out = t.TempDir()
+	}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := images.PushSet(context.Background(), registry, images.CritestBuilders); err != nil {
+		t.Fatalf("critest images: %v", err)
+	}
+	// One daemon at a time: each is stopped, and checked for leaks, at the
+	// end of its subtest.
+	var stockRes, kuasarRes map[string]specResult
+	t.Run("stock-runc", func(t *testing.T) {
+		d := startDaemon(t, daemonOptions{stock: true, portMap: true})
+		stockRes = critest(t, d, "", filepath.Join(out, "critest-stock.json"))
+	})
+	t.Run(kuasarRunc, func(t *testing.T) {
+		d := startDaemon(t, daemonOptions{portMap: true})
+		kuasarRes = critest(t, d, kuasarRunc, filepath.Join(out, "critest-kuasar-runc.json"))
+	})
+	if stockRes == nil || kuasarRes == nil {
+		t.Fatal("a critest run produced no results")
+	}
+
+	table, regressions, counts := compare(stockRes, kuasarRes)
+	md := fmt.Sprintf("### critest v1.34.0: stock containerd `runc` vs containerd-kuasar `kuasar-runc` (%s)\n\n%s\n%s",
+		time.Now().UTC().Format(time.RFC3339), counts, table)
+	if err := os.WriteFile(filepath.Join(out, "conformance.md"), []byte(md), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("\n" + md)
+	for _, r := range regressions {
+		t.Errorf("passes on stock, not on kuasar-runc: %s\n%s", r, kuasarRes[r].Failure)
+	}
+}
+
+// specResult is one spec's outcome in a critest run.
+type specResult struct {
+	State   string
+	Failure string
+}
+
+// critest runs the validation suite against d and returns results by spec.
+func critest(t *testing.T, d *Daemon, handler, report string) map[string]specResult {
+	t.Helper()
+	args := []string{
+		"-runtime-endpoint", "unix://" + d.Addr,
+		"-image-endpoint", "unix://" + d.Addr,
+		"-ginkgo.json-report", report,
+		"-ginkgo.no-color",
+	}
+	for _, s := range conformanceSkips {
+		args = append(args, "-ginkgo.skip", regexp.QuoteMeta(s.spec))
+	}
+	if handler != "" {
+		args = append(args, "-runtime-handler", handler)
+	}
+	cmd := exec.Command(filepath.Join(binDir, "critest"), args...)
+	cmd.Dir = t.TempDir()
+	cmd.Env = append(os.Environ(), "PATH="+binDir+":"+os.Getenv("PATH"))
+	logf, err := os.Create(strings.TrimSuffix(report, ".json") + ".log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	begin := time.Now()
+	runErr := cmd.Run() // non-zero when any spec fails; the report says which
+	t.Logf("critest against %s (handler %q): %v in %v", filepath.Base(d.Binary), handler, runErr, time.Since(begin).Round(time.Second))
+	b, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatalf("no critest report (%v); see %s", err, logf.Name())
+	}
+	var suites []struct {
+		SpecReports []struct {
+			ContainerHierarchyTexts []string
+			LeafNodeText            string
+			LeafNodeType            string
+			State                   string
+			Failure                 struct {
+				Message string
+			}
+		}
+	}
+	if err := json.Unmarshal(b, &suites); err != nil {
+		t.Fatalf("decoding critest report: %v", err)
+	}
+	res := map[string]specResult{}
+	for _, s := range suites {
+		for _, r := range s.SpecReports {
+			if r.LeafNodeType != "It" {
+				continue
+			}
+			name := strings.Join(append(r.ContainerHierarchyTexts, r.LeafNodeText), " ")
+			res[name] = specResult{State: r.State, Failure: firstLines(r.Failure.Message, 4)}
+		}
+	}
+	if len(res) == 0 {
+		t.Fatalf("critest ran no specs; see %s", logf.Name())
+	}
+	return res
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// compare builds the side-by-side table and lists specs that pass on stock
+// but not on kuasar-runc.
+func compare(stock, kuasar map[string]specResult) (table string, regressions []string, counts string) {
+	names := map[string]bool{}
+	for n := range stock {
+		names[n] = true
+	}
+	for n := range kuasar {
+		names[n] = true
+	}
+	var sorted []string
+	for n := range names {
+		sorted = append(sorted, n)
+	}
+	sort.Strings(sorted)
+	count := func(res map[string]specResult) string {
+		c := map[string]int{}
+		for _, r := range res {
+			c[r.State]++
+		}
+		return fmt.Sprintf("%d passed, %d failed, %d skipped", c["passed"], c["failed"], c["skipped"])
+	}
+	var b strings.Builder
+	b.WriteString("| spec | stock `runc` | `kuasar-runc` |\n|---|---|---|\n")
+	for _, n := range sorted {
+		s, k := stock[n].State, kuasar[n].State
+		if s == "" {
+			s = "absent"
+		}
+		if k == "" {
+			k = "absent"
+		}
+		mark := ""
+		if s == "passed" && k != "passed" {
+			regressions = append(regressions, n)
+			mark = " **REGRESSION**"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s%s |\n", strings.ReplaceAll(n, "|", "\\|"), s, k, mark)
+	}
+	counts = fmt.Sprintf("Stock: %s. kuasar-runc: %s. Specs passing on stock and not on kuasar-runc: %d.\n", count(stock), count(kuasar), len(regressions))
+	return b.String(), regressions, counts
+}
