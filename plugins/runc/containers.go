@@ -22,7 +22,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
-	"github.com/kuasar-io/containerd-kuasar/plugins/internal/nsutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
@@ -232,36 +231,29 @@ func (r *containers) initExited(c *task.Container, e keeper.Exit) {
 }
 
 // adaptSpec points the namespaces CRI asked of the sandbox process (pid 0:
-// there is none) at the pod's pinned namespace files.
+// there is none) at the pod's pinned namespace files. Where the pod uses
+// the node's namespace it drops the entry instead: the container then
+// stays in the node's namespace, as it would by joining a pause container
+// that runs there.
 func (r *containers) adaptSpec(spec *specs.Spec) error {
 	if spec.Linux == nil {
 		return fmt.Errorf("OCI spec has no linux section: %w", errdefs.ErrInvalidArgument)
 	}
-	for i, ns := range spec.Linux.Namespaces {
-		if !strings.HasPrefix(ns.Path, "/proc/0/") {
-			continue
+	out := spec.Linux.Namespaces[:0]
+	for _, ns := range spec.Linux.Namespaces {
+		if strings.HasPrefix(ns.Path, "/proc/0/") {
+			path, host, err := r.pod.joinNamespace(ns.Type)
+			if err != nil {
+				return err
+			}
+			if host {
+				continue
+			}
+			ns.Path = path
 		}
-		var (
-			path string
-			ok   bool
-		)
-		switch ns.Type {
-		case specs.NetworkNamespace:
-			path, ok = r.pod.namespace(nsutil.Net)
-		case specs.IPCNamespace:
-			path, ok = r.pod.namespace(nsutil.IPC)
-		case specs.UTSNamespace:
-			path, ok = r.pod.namespace(nsutil.UTS)
-		case specs.PIDNamespace:
-			path, ok = r.pod.pidNamespace()
-		default:
-			return fmt.Errorf("the pod's %s namespace is not supported by kuasar-runc: %w", ns.Type, errdefs.ErrNotImplemented)
-		}
-		if !ok {
-			return fmt.Errorf("container asks for the pod's %s namespace, which the pod does not have: %w", ns.Type, errdefs.ErrInvalidArgument)
-		}
-		spec.Linux.Namespaces[i].Path = path
+		out = append(out, ns)
 	}
+	spec.Linux.Namespaces = out
 	return nil
 }
 

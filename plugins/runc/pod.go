@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -268,21 +269,43 @@ func (p *pod) Info() map[string]any {
 	return info
 }
 
-// pidNamespace returns the path of the pod's shared PID namespace.
-func (p *pod) pidNamespace() (string, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.st.HolderPid == 0 {
-		return "", false
+// joinNamespace says where a container joins the pod's namespace of type
+// t: the path of the pod's own, or host when the pod uses the node's.
+func (p *pod) joinNamespace(t specs.LinuxNamespaceType) (path string, host bool, err error) {
+	opts := nsOptions(p.sb)
+	var kind nsutil.Kind
+	switch t {
+	case specs.NetworkNamespace, specs.UTSNamespace:
+		// A pod on the node's network keeps the node's hostname too.
+		if p.sb.HostNetwork() {
+			return "", true, nil
+		}
+		kind = nsutil.Net
+		if t == specs.UTSNamespace {
+			kind = nsutil.UTS
+		}
+	case specs.IPCNamespace:
+		if opts.GetIpc() == runtime.NamespaceMode_NODE {
+			return "", true, nil
+		}
+		kind = nsutil.IPC
+	case specs.PIDNamespace:
+		if opts.GetPid() == runtime.NamespaceMode_NODE {
+			return "", true, nil
+		}
+	default:
+		return "", false, fmt.Errorf("the pod's %s namespace is not supported by kuasar-runc: %w", t, errdefs.ErrNotImplemented)
 	}
-	return nsutil.ProcPath(p.st.HolderPid, "pid"), true
-}
-
-func (p *pod) namespace(k nsutil.Kind) (string, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	path, ok := p.st.Namespaces[k]
-	return path, ok
+	if t == specs.PIDNamespace {
+		if p.st.HolderPid != 0 {
+			return nsutil.ProcPath(p.st.HolderPid, "pid"), false, nil
+		}
+	} else if path, ok := p.st.Namespaces[kind]; ok {
+		return path, false, nil
+	}
+	return "", false, fmt.Errorf("container asks for the pod's %s namespace, which the pod does not have: %w", t, errdefs.ErrInvalidArgument)
 }
 
 // writePodFiles writes the hostname, hosts and resolv.conf files CRI
