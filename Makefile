@@ -1,7 +1,7 @@
 # containerd-kuasar
 #
 #   make demo    install what is needed, build, run a pod of every handler
-#   make test    install what is needed, unit and end-to-end tests
+#   make test    install what is needed, unit, end-to-end and conformance tests
 #
 # Builds are cached under .cache/ (ignored by git).
 
@@ -98,7 +98,7 @@ e2e: build tools
 		exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
-test: deps lint unit e2e
+test: deps lint unit e2e conformance
 
 ## run: the daemon in the foreground on the scratch config
 SCRATCH ?= /tmp/containerd-kuasar

@@ -5,15 +5,19 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/integration/images"
 )
@@ -66,6 +70,13 @@ func TestConformance(t *testing.T) {
 	for _, r := range regressions {
 		t.Errorf("passes on stock, not on kuasar-runc: %s\n%s", r, kuasarRes[r].Failure)
 	}
+	// A spec that fails on stock is not compared: that is a problem of the
+	// host, the harness or a stand-in image, to be fixed or skipped.
+	for name, r := range stockRes {
+		if r.State != "passed" && r.State != "skipped" {
+			t.Errorf("fails on stock too, so it is not compared (fix the stand-in or skip it with a reason): %s\n%s", name, r.Failure)
+		}
+	}
 }
 
 // specResult is one spec's outcome in a critest run.
@@ -98,6 +109,8 @@ func critest(t *testing.T, d *Daemon, handler, report string) map[string]specRes
 	}
 	defer logf.Close()
 	cmd.Stdout, cmd.Stderr = logf, logf
+	shmBefore := shmSegments()
+	defer removeNewShm(t, shmBefore)
 	begin := time.Now()
 	runErr := cmd.Run() // non-zero when any spec fails; the report says which
 	t.Logf("critest against %s (handler %q): %v in %v", filepath.Base(d.Binary), handler, runErr, time.Since(begin).Round(time.Second))
@@ -184,4 +197,39 @@ func compare(stock, kuasar map[string]specResult) (table string, regressions []s
 	}
 	counts = fmt.Sprintf("Stock: %s. kuasar-runc: %s. Specs passing on stock and not on kuasar-runc: %d.\n", count(stock), count(kuasar), len(regressions))
 	return b.String(), regressions, counts
+}
+
+// shmSegments lists the host's System V shared memory segments: id and
+// number of attached processes.
+func shmSegments() map[int]int {
+	out := map[int]int{}
+	b, err := os.ReadFile("/proc/sysvipc/shm")
+	if err != nil {
+		return out
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 7 {
+			continue
+		}
+		id, err1 := strconv.Atoi(f[1])
+		nattch, err2 := strconv.Atoi(f[6])
+		if err1 == nil && err2 == nil {
+			out[id] = nattch
+		}
+	}
+	return out
+}
+
+// removeNewShm removes the unattached segments that appeared since before:
+// critest's HostIpc specs create one on the host (ipcmk) and leave it.
+func removeNewShm(t *testing.T, before map[int]int) {
+	for id, nattch := range shmSegments() {
+		if _, ok := before[id]; ok || nattch != 0 {
+			continue
+		}
+		if _, err := unix.SysvShmCtl(id, unix.IPC_RMID, nil); err != nil && !errors.Is(err, unix.EINVAL) {
+			t.Logf("removing shared memory segment %d: %v", id, err)
+		}
+	}
 }
