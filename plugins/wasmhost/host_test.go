@@ -1,0 +1,434 @@
+package wasmhost
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// The main goroutine stays on the main thread, so that no container thread
+// is ever the main thread (see process.thread).
+func init() { runtime.LockOSThread() }
+
+// appModule is the test workload (integration/wasmapp), built once.
+var appModule []byte
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() == 0 {
+		dir, err := os.MkdirTemp("", "wasmapp")
+		if err != nil {
+			panic(err)
+		}
+		out := filepath.Join(dir, "app.wasm")
+		cmd := exec.Command("go", "build", "-o", out, ".")
+		cmd.Dir = "../../integration/wasmapp"
+		cmd.Env = append(os.Environ(), "GOOS=wasip1", "GOARCH=wasm")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building the wasm test module: %v\n%s", err, b)
+			os.Exit(1)
+		}
+		if appModule, err = os.ReadFile(out); err != nil {
+			panic(err)
+		}
+		os.RemoveAll(dir)
+	}
+	os.Exit(m.Run())
+}
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipped: the wasm host makes mount namespaces and needs root")
+	}
+}
+
+// fixture is a host with a rootfs holding the test module.
+type fixture struct {
+	t    *testing.T
+	h    *Host
+	root string
+	dir  string
+	n    int
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	needRoot(t)
+	dir := t.TempDir()
+	root := filepath.Join(dir, "rootfs")
+	for _, d := range []string{"app", "etc", "data"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(root, "app/app.wasm"), appModule, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("wasm-pod\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h, err := NewHost(context.Background(), Options{KeepModules: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := h.Close(context.Background()); err != nil {
+			t.Error(err)
+		}
+		if m := hostMounts(t, dir); m != "" {
+			t.Errorf("mounts left on the host:\n%s", m)
+		}
+	})
+	return &fixture{t: t, h: h, root: root, dir: dir}
+}
+
+// hostMounts lists the host's mounts under dir.
+func hostMounts(t *testing.T, dir string) string {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], dir) {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// run creates and starts a container running the app with args, and
+// returns its id and the path of its output file.
+func (f *fixture) create(mutate func(*CreateRequest), args ...string) (*CreateRequest, string, error) {
+	f.n++
+	out := filepath.Join(f.dir, fmt.Sprintf("out-%d", f.n))
+	req := &CreateRequest{
+		ID:        fmt.Sprintf("c%d", f.n),
+		Pod:       "pod",
+		RootfsDir: f.root,
+		Process: Process{
+			Args:  append([]string{"/app/app.wasm"}, args...),
+			Env:   []string{"FOO=bar"},
+			Stdio: Stdio{Stdout: "file://" + out, Stderr: "file://" + out},
+		},
+	}
+	if mutate != nil {
+		mutate(req)
+	}
+	_, err := f.h.Create(context.Background(), req)
+	return req, out, err
+}
+
+func (f *fixture) run(mutate func(*CreateRequest), args ...string) (Exit, string) {
+	f.t.Helper()
+	req, out, err := f.create(mutate, args...)
+	if err != nil {
+		f.t.Fatalf("create %v: %v", args, err)
+	}
+	if _, err := f.h.Start(Ref{ID: req.ID}); err != nil {
+		f.t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e, err := f.h.Wait(ctx, Ref{ID: req.ID})
+	if err != nil {
+		f.t.Fatalf("wait %v: %v", args, err)
+	}
+	if _, err := f.h.Delete(Ref{ID: req.ID}); err != nil {
+		f.t.Fatal(err)
+	}
+	b, _ := os.ReadFile(out)
+	return e, string(b)
+}
+
+func TestRun(t *testing.T) {
+	f := newFixture(t)
+	tests := []struct {
+		name   string
+		args   []string
+		mutate func(*CreateRequest)
+		status int
+		want   string
+	}{
+		{name: "hello", args: []string{"hello", "x"}, want: `hello from wasm: args=["/app/app.wasm" "hello" "x"] cwd=/`},
+		{name: "env", args: []string{"env"}, want: "FOO=bar"},
+		{name: "exit code", args: []string{"exit", "3"}, status: 3, want: "exiting with 3"},
+		{name: "rootfs", args: []string{"cat", "/etc/hostname"}, want: "wasm-pod"},
+		{name: "cwd", args: []string{"hello"}, mutate: func(r *CreateRequest) { r.Process.Cwd = "/app" }, want: "cwd=/app"},
+		{name: "write", args: []string{"write", "/data/x", "y"}, want: "wrote /data/x"},
+		{name: "read-only rootfs", args: []string{"write", "/data/x", "y"}, mutate: func(r *CreateRequest) { r.Readonly = true },
+			status: 1, want: "read-only file system"},
+		{name: "trap", args: []string{"trap"}, status: statusTrap, want: "kuasar-wasm: the module trapped"},
+		{name: "memory limit", args: []string{"hog", "8"}, mutate: func(r *CreateRequest) { r.Limits.MemoryBytes = 48 << 20 },
+			status: statusOOM, want: "allocated MiB: 16"},
+		{name: "pod memory limit", args: []string{"hog", "8"}, mutate: func(r *CreateRequest) { r.PodMemoryBytes = 40 << 20; r.Pod = "small" },
+			status: statusOOM, want: "allocated MiB: 8"},
+		{name: "PATH lookup", args: []string{"echo", "found"}, mutate: func(r *CreateRequest) {
+			r.Process.Args[0] = "app"
+			r.Process.Env = append(r.Process.Env, "PATH=/app")
+		}, want: "found"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e, out := f.run(tt.mutate, tt.args...)
+			if e.Status != tt.status || !strings.Contains(strings.ToLower(out), strings.ToLower(tt.want)) {
+				t.Fatalf("status %d (want %d), reason %q, output:\n%s\nwant it to contain %q", e.Status, tt.status, e.Reason, out, tt.want)
+			}
+			if tt.status == statusOOM && !e.OOM {
+				t.Fatalf("exit %+v not marked OOM", e)
+			}
+		})
+	}
+}
+
+func TestMounts(t *testing.T) {
+	f := newFixture(t)
+	src := filepath.Join(f.dir, "volume")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "file"), []byte("from the volume"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hosts := filepath.Join(f.dir, "hosts")
+	if err := os.WriteFile(hosts, []byte("127.0.0.1 wasm\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A symlink in the image that points out of it must stay inside.
+	if err := os.Symlink("/", filepath.Join(f.root, "escape")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(f.dir, filepath.Join(f.root, "hostdir")); err != nil {
+		t.Fatal(err)
+	}
+	mounts := func(r *CreateRequest) {
+		r.Mounts = []Mount{
+			{Type: "bind", Source: src, Destination: "/mnt/vol", Options: []string{"rbind", "ro"}},
+			{Type: "bind", Source: hosts, Destination: "/etc/hosts", Options: []string{"rbind"}},
+			{Type: "bind", Source: src, Destination: "/escape/vol2", Options: []string{"rbind"}},
+			{Type: "tmpfs", Source: "tmpfs", Destination: "/scratch", Options: []string{"size=1m"}},
+			{Type: "proc", Source: "proc", Destination: "/proc"},
+			{Type: "bind", Source: "/nonexistent-shm", Destination: "/dev/shm", Options: []string{"rbind"}},
+		}
+	}
+	for _, tc := range []struct {
+		args   []string
+		status int
+		want   string
+	}{
+		{[]string{"cat", "/mnt/vol/file"}, 0, "from the volume"},
+		{[]string{"cat", "/etc/hosts"}, 0, "127.0.0.1 wasm"},
+		{[]string{"write", "/mnt/vol/new", "x"}, 1, "read-only file system"},
+		{[]string{"cat", "/vol2/file"}, 0, "from the volume"}, // /escape -> / resolved inside the rootfs
+		{[]string{"ls", "/hostdir"}, 1, "no such file"},
+		{[]string{"write", "/scratch/x", "y"}, 0, "wrote /scratch/x"},
+		{[]string{"ls", "/proc"}, 1, "no such file"},
+	} {
+		e, out := f.run(mounts, tc.args...)
+		if e.Status != tc.status || !strings.Contains(strings.ToLower(out), tc.want) {
+			t.Errorf("%v: status %d (want %d), output:\n%s\nwant %q", tc.args, e.Status, tc.status, out, tc.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(f.root, "vol2")); err != nil {
+		t.Errorf("the /escape/vol2 mount point was not made inside the rootfs: %v", err)
+	}
+}
+
+func TestKill(t *testing.T) {
+	f := newFixture(t)
+	for _, args := range [][]string{{"loop"}, {"sleep"}, {"stdin"}} {
+		req, _, err := f.create(func(r *CreateRequest) {
+			if args[0] == "stdin" {
+				fifo := filepath.Join(f.dir, "stdin")
+				_ = os.Remove(fifo)
+				if err := unix.Mkfifo(fifo, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				r.Process.Stdio.Stdin = fifo
+			}
+		}, args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref := Ref{ID: req.ID}
+		if _, err := f.h.Start(ref); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if st, _ := f.h.State(ref); st.Status != Running {
+			t.Fatalf("%v: %+v, want running", args, st)
+		}
+		begin := time.Now()
+		if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		e, err := f.h.Wait(ctx, ref)
+		cancel()
+		if err != nil {
+			t.Fatalf("%v did not stop on SIGTERM: %v", args, err)
+		}
+		if e.Status != 128+int(unix.SIGTERM) {
+			t.Errorf("%v: status %d, want %d", args, e.Status, 128+int(unix.SIGTERM))
+		}
+		t.Logf("%v stopped in %v", args, time.Since(begin))
+		if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGKILL)}); !errdefs.IsNotFound(err) {
+			t.Errorf("killing a stopped process: %v, want not found", err)
+		}
+		if _, err := f.h.Delete(ref); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestExec(t *testing.T) {
+	f := newFixture(t)
+	req, _, err := f.create(nil, "sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := Ref{ID: req.ID}
+	if _, err := f.h.Start(ref); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(f.dir, "exec-out")
+	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e1", Process: Process{
+		Args: []string{"/app/app.wasm", "cat", "/etc/hostname"}, Stdio: Stdio{Stdout: "file://" + out},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	eref := Ref{ID: req.ID, ExecID: "e1"}
+	if _, err := f.h.Start(eref); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	e, err := f.h.Wait(ctx, eref)
+	if err != nil || e.Status != 0 {
+		t.Fatalf("exec: %+v %v", e, err)
+	}
+	if b, _ := os.ReadFile(out); string(b) != "wasm-pod\n" {
+		t.Fatalf("exec output %q", b)
+	}
+	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e2", Process: Process{Args: []string{"sh"}}}); !errdefs.IsNotFound(err) {
+		t.Errorf("exec of a non-module: %v, want not found", err)
+	}
+	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGKILL), All: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.h.Wait(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.h.Delete(ref); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCreateErrors(t *testing.T) {
+	f := newFixture(t)
+	write := func(name string, b []byte) {
+		if err := os.WriteFile(filepath.Join(f.root, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("garbage.wasm", []byte("\x00asm\x01\x00\x00\x00garbage"))
+	write("text.wasm", []byte("#!/bin/sh\n"))
+	// A module importing env.foo, which the host does not provide.
+	write("imports.wasm", []byte("\x00asm\x01\x00\x00\x00\x01\x04\x01\x60\x00\x00\x02\x0b\x01\x03env\x03foo\x00\x00"))
+	for _, tc := range []struct {
+		module string
+		is     func(error) bool
+		want   string
+	}{
+		{"/missing.wasm", errdefs.IsNotFound, "not found"},
+		{"/garbage.wasm", errdefs.IsInvalidArgument, "invalid WebAssembly module"},
+		{"/text.wasm", errdefs.IsInvalidArgument, "not a WebAssembly module"},
+		{"/imports.wasm", errdefs.IsInvalidArgument, "env.foo"},
+	} {
+		_, _, err := f.create(func(r *CreateRequest) { r.Process.Args = []string{tc.module} })
+		if err == nil || !tc.is(err) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error with %q", tc.module, err, tc.want)
+		}
+	}
+	if n := f.h.HostStats().Containers; n != 0 {
+		t.Errorf("%d containers left after failed creates", n)
+	}
+	// Errors keep their class across the wire.
+	err := decodeError(encodeError(fmt.Errorf("x: %w", errdefs.ErrNotFound)).Error())
+	if !errdefs.IsNotFound(err) || errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("decoded %v", err)
+	}
+}
+
+func TestListen(t *testing.T) {
+	f := newFixture(t)
+	addr := "127.0.0.1:18931"
+	req, out, err := f.create(func(r *CreateRequest) { r.Listen = []string{addr} }, "serve")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := Ref{ID: req.ID}
+	if _, err := f.h.Start(ref); err != nil {
+		t.Fatal(err)
+	}
+	var reply []byte
+	begin := time.Now()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			continue
+		}
+		fmt.Fprintf(c, "GET /x HTTP/1.0\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err == nil {
+			reply, _ = io.ReadAll(resp.Body)
+		}
+		c.Close()
+		break
+	}
+	t.Logf("reply after %v", time.Since(begin))
+	if b, _ := os.ReadFile(out); len(b) > 0 {
+		t.Logf("server output:\n%s", b)
+	}
+	if !strings.Contains(string(reply), "hello from wasm over http: GET /x") || time.Since(begin) > 5*time.Second {
+		b, _ := os.ReadFile(out)
+		t.Fatalf("reply %q; output:\n%s", reply, b)
+	}
+	// Waiting for connections must not spin.
+	s1, _ := f.h.Stats(ref)
+	time.Sleep(time.Second)
+	s2, _ := f.h.Stats(ref)
+	if used := time.Duration(s2.CPUUserNanos + s2.CPUSystemNanos - s1.CPUUserNanos - s1.CPUSystemNanos); used > 300*time.Millisecond {
+		t.Errorf("an idle server used %v of CPU in 1s", used)
+	}
+	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := f.h.Wait(ctx, ref); err != nil {
+		t.Fatalf("server did not stop: %v", err)
+	}
+	t.Logf("stopped after %v", time.Since(begin))
+	if _, err := f.h.Delete(ref); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Error("listener still open after delete")
+	}
+}

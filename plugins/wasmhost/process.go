@@ -1,0 +1,578 @@
+package wasmhost
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/api"
+	"github.com/tetratelabs/wazero/experimental"
+	"github.com/tetratelabs/wazero/experimental/sock"
+	"github.com/tetratelabs/wazero/sys"
+	"golang.org/x/sys/unix"
+)
+
+// Exit statuses the host reports besides a module's own exit code.
+const (
+	// statusOOM is what a process killed by the kernel's OOM killer gets.
+	statusOOM = 128 + int(unix.SIGKILL)
+	// statusTrap is reported for a module that trapped (a crash): the
+	// status of a process that aborted.
+	statusTrap = 128 + int(unix.SIGABRT)
+)
+
+// maxModuleSize bounds a module read from a container's rootfs.
+const maxModuleSize = 1 << 30
+
+// process is one module instance: a container's init or an exec. It runs
+// on an OS thread of its own, isolated as its container is.
+type process struct {
+	h      *Host
+	c      *container
+	execID string
+	spec   Process
+	stdio  *stdio
+
+	start  chan struct{} // closed by Start
+	killed chan struct{} // closed by the first kill
+	done   chan struct{} // closed at exit
+	cancel context.CancelFunc
+	// wake is an eventfd a kill signals, for a module waiting in poll
+	// (-1: none).
+	wake int
+
+	// Used by poll_oneoff, on the process's thread only.
+	pollDelay time.Duration
+	lastPoll  time.Time
+
+	mu        sync.Mutex
+	tid       int
+	status    Status
+	exit      *Exit
+	killCode  int
+	oom       bool
+	cpu       cpuTimes // of the thread, once it has exited
+	startOnce sync.Once
+	killOnce  sync.Once
+}
+
+type cpuTimes struct{ user, system time.Duration }
+
+func newProcess(h *Host, c *container, execID string, spec Process) *process {
+	return &process{
+		h:      h,
+		c:      c,
+		execID: execID,
+		spec:   spec,
+		start:  make(chan struct{}),
+		killed: make(chan struct{}),
+		done:   make(chan struct{}),
+		status: Created,
+		wake:   -1,
+	}
+}
+
+func (p *process) state() State {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := State{ID: p.c.id, ExecID: p.execID, Pod: p.c.pod, Pid: p.tid, Status: p.status}
+	if p.exit != nil {
+		e := *p.exit
+		st.Exit = &e
+	}
+	return st
+}
+
+// instance is what a thread prepares before the process starts.
+type instance struct {
+	mod    api.Module
+	module *compiled
+	alloc  *allocator
+}
+
+// spawn starts the process's thread: isolate runs first on it, then the
+// module is instantiated. It returns once the process is created (or failed
+// to be); the thread then waits for Start.
+func (p *process) spawn(isolate func() error, module func() (*compiled, error)) error {
+	if p.stdio.pollable() {
+		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			return fmt.Errorf("eventfd: %w", err)
+		}
+		p.wake = fd
+	}
+	created := make(chan error, 1)
+	go p.thread(isolate, module, created)
+	return <-created
+}
+
+func (p *process) thread(isolate func() error, module func() (*compiled, error), created chan<- error) {
+	// The thread is changed for this container; it must never run anything
+	// else. Not unlocking makes it end with this goroutine.
+	runtime.LockOSThread()
+	tid := unix.Gettid()
+	if tid == unix.Getpid() {
+		// The main thread cannot end with its goroutine, and what it is
+		// would be what /proc/self shows: it must stay the host's.
+		created <- errors.New("wasm host bug: a container thread landed on the main thread; the program must lock its main goroutine to it (runtime.LockOSThread in init)")
+		return
+	}
+	p.mu.Lock()
+	p.tid = tid
+	p.mu.Unlock()
+
+	inst, err := p.prepare(isolate, module)
+	if err != nil {
+		p.finish(nil, Exit{Status: 255, At: time.Now(), Reason: err.Error()})
+		created <- err
+		return
+	}
+	created <- nil
+
+	select {
+	case <-p.start:
+	case <-p.killed:
+		e, _ := p.killExit()
+		p.finish(inst, e)
+		return
+	}
+	p.h.runningChanged(1)
+	err = p.run(inst)
+	p.h.runningChanged(-1)
+	p.finish(inst, p.exitOf(err))
+}
+
+// prepare isolates the thread and instantiates the module, without running
+// it.
+func (p *process) prepare(isolate func() error, module func() (*compiled, error)) (inst *instance, retErr error) {
+	defer func() {
+		if r := recover(); r != nil {
+			retErr = fmt.Errorf("preparing the module failed: %v", r)
+		}
+	}()
+	if err := isolate(); err != nil {
+		return nil, err
+	}
+	if cg := p.c.cg; cg != nil {
+		if err := cg.attach(unix.Gettid()); err != nil {
+			return nil, err
+		}
+	}
+	m, err := module()
+	if err != nil {
+		return nil, err
+	}
+	inst = &instance{module: m}
+	defer func() {
+		if retErr != nil {
+			p.h.engine.release(m)
+		}
+	}()
+	inst.alloc = &allocator{acc: p.c.acc, overLimit: func() { go p.kill(statusOOM, true) }}
+	ctx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
+	if len(p.c.req.Listen) > 0 && p.execID == "" {
+		cfg := sock.NewConfig()
+		for _, addr := range p.c.req.Listen {
+			host, port, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, fmt.Errorf("listen address %q: %w: %w", addr, err, errdefs.ErrInvalidArgument)
+			}
+			n, err := strconv.Atoi(port)
+			if err != nil {
+				return nil, fmt.Errorf("listen port %q: %w", port, errdefs.ErrInvalidArgument)
+			}
+			cfg = cfg.WithTCPListener(host, n)
+		}
+		ctx = sock.WithConfig(ctx, cfg)
+	}
+	mod, err := p.h.engine.rt.InstantiateModule(ctx, m.cm, p.moduleConfig())
+	if err != nil {
+		inst.alloc.release()
+		return nil, fmt.Errorf("instantiating module: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	inst.mod = mod
+	return inst, nil
+}
+
+func (p *process) moduleConfig() wazero.ModuleConfig {
+	cfg := wazero.NewModuleConfig().
+		WithName("").
+		WithStartFunctions(). // _start runs at Start
+		WithArgs(p.spec.Args...).
+		WithSysWalltime().
+		WithSysNanotime().
+		WithNanosleep(p.nanosleep).
+		WithRandSource(rand.Reader).
+		WithFSConfig(wazero.NewFSConfig().WithDirMount("/", "/"))
+	pwd := false
+	for _, kv := range p.spec.Env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			cfg = cfg.WithEnv(k, v)
+			pwd = pwd || k == "PWD"
+		}
+	}
+	if !pwd {
+		// WASI has no working directory; its toolchains (Go's among them)
+		// take it from PWD, as a shell would set it.
+		cwd := p.spec.Cwd
+		if cwd == "" {
+			cwd = "/"
+		}
+		cfg = cfg.WithEnv("PWD", cwd)
+	}
+	if in := p.stdio.stdinReader(); in != nil {
+		cfg = cfg.WithStdin(in)
+	}
+	if out := p.stdio.out; out != nil {
+		cfg = cfg.WithStdout(out)
+	}
+	if errw := p.stdio.err; errw != nil {
+		cfg = cfg.WithStderr(errw)
+	}
+	return cfg
+}
+
+// nanosleep sleeps for the module, waking early when it is killed.
+func (p *process) nanosleep(ns int64) {
+	t := time.NewTimer(time.Duration(ns))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-p.killed:
+	}
+}
+
+// run calls the module's _start. A kill cancels the call's context, which
+// wazero checks in every loop and call.
+func (p *process) run(inst *instance) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("wasm host error: %v", r)
+		}
+	}()
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), processKey{}, p))
+	defer cancel()
+	p.mu.Lock()
+	p.cancel = cancel
+	killed := p.killCode != 0
+	p.mu.Unlock()
+	if killed {
+		return nil
+	}
+	_, err = inst.mod.ExportedFunction("_start").Call(ctx)
+	return err
+}
+
+// kill ends the process with status code (128+signal), or for memory.
+func (p *process) kill(code int, oom bool) {
+	p.mu.Lock()
+	if p.status == Stopped {
+		p.mu.Unlock()
+		return
+	}
+	if p.killCode == 0 {
+		p.killCode, p.oom = code, oom
+	}
+	cancel := p.cancel
+	p.mu.Unlock()
+	p.killOnce.Do(func() {
+		close(p.killed)
+		if p.wake >= 0 {
+			_, _ = unix.Write(p.wake, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+		}
+	})
+	if cancel != nil {
+		cancel()
+	}
+	// A module blocked reading stdin or writing a full pipe returns.
+	p.stdio.interrupt()
+}
+
+// exitOf turns what _start returned into an exit.
+func (p *process) exitOf(err error) Exit {
+	if e, killed := p.killExit(); killed {
+		return e
+	}
+	now := time.Now()
+	var ee *sys.ExitError
+	switch {
+	case err == nil:
+		return Exit{Status: 0, At: now}
+	case errors.As(err, &ee):
+		return Exit{Status: int(ee.ExitCode() & 0xff), At: now}
+	default:
+		msg := err.Error()
+		p.stdio.report("kuasar-wasm: the module trapped: " + msg)
+		return Exit{Status: statusTrap, At: now, Reason: "trap: " + firstLine(msg)}
+	}
+}
+
+// killExit is the exit of a killed process, if it was killed.
+func (p *process) killExit() (Exit, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.oom:
+		_, _, limit := p.c.acc.usage()
+		reason := "OOMKilled: linear memory would grow past the container's limit"
+		if limit == 0 {
+			reason = "OOMKilled: linear memory would grow past the pod's limit"
+		}
+		if limit != 0 {
+			reason += fmt.Sprintf(" of %d bytes", limit)
+		}
+		return Exit{Status: statusOOM, At: time.Now(), OOM: true, Reason: reason}, true
+	case p.killCode != 0:
+		return Exit{Status: p.killCode, At: time.Now()}, true
+	}
+	return Exit{}, false
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
+}
+
+// finish records the exit and releases the instance; it runs on the
+// process's thread, so nothing else uses the instance any more.
+func (p *process) finish(inst *instance, e Exit) {
+	if inst != nil {
+		if inst.mod != nil {
+			if err := inst.mod.Close(context.Background()); err != nil {
+				log.L.WithError(err).Debug("closing module instance")
+			}
+		}
+		if inst.alloc != nil {
+			inst.alloc.release()
+		}
+		p.h.engine.release(inst.module)
+	}
+	var ru unix.Rusage
+	_ = unix.Getrusage(unix.RUSAGE_THREAD, &ru)
+	p.stdio.closeOutputs()
+	p.killOnce.Do(func() { close(p.killed) })
+	if p.wake >= 0 {
+		unix.Close(p.wake)
+	}
+	p.mu.Lock()
+	p.cpu = cpuTimes{user: time.Duration(ru.Utime.Nano()), system: time.Duration(ru.Stime.Nano())}
+	p.status = Stopped
+	p.exit = &e
+	p.mu.Unlock()
+	close(p.done)
+	p.h.exited(p)
+}
+
+// cpuTime returns the CPU time of the process's thread so far.
+func (p *process) cpuTime() cpuTimes {
+	p.mu.Lock()
+	tid, stopped, cpu := p.tid, p.status == Stopped, p.cpu
+	p.mu.Unlock()
+	if stopped || tid == 0 {
+		return cpu
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/stat", tid))
+	if err != nil {
+		return cpu
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 13 {
+		return cpu
+	}
+	tick := time.Second / 100 // USER_HZ
+	ut, _ := strconv.ParseUint(f[11], 10, 64)
+	st, _ := strconv.ParseUint(f[12], 10, 64)
+	return cpuTimes{user: time.Duration(ut) * tick, system: time.Duration(st) * tick}
+}
+
+// loadFromRootfs reads the module named by arg0 inside the (already
+// entered) container root, looking it up on PATH like a shell would when it
+// has no slash.
+func loadFromRootfs(arg0 string, env []string) ([]byte, error) {
+	if arg0 == "" {
+		return nil, fmt.Errorf("no module to run: the container's command is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	candidates := []string{arg0}
+	if !strings.Contains(arg0, "/") {
+		candidates = nil
+		pathVar := "/usr/local/bin:/usr/bin:/bin"
+		for _, kv := range env {
+			if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+				pathVar = v
+			}
+		}
+		for _, dir := range append(strings.Split(pathVar, ":"), "/") {
+			if dir != "" {
+				candidates = append(candidates, path.Join(dir, arg0), path.Join(dir, arg0+".wasm"))
+			}
+		}
+	}
+	for _, c := range candidates {
+		st, err := os.Stat(c)
+		if err != nil || !st.Mode().IsRegular() {
+			continue
+		}
+		if st.Size() > maxModuleSize {
+			return nil, fmt.Errorf("module %s is %d bytes, over the limit of %d: %w", c, st.Size(), maxModuleSize, errdefs.ErrInvalidArgument)
+		}
+		code, err := os.ReadFile(c)
+		if err != nil {
+			return nil, fmt.Errorf("reading module %s: %w", c, err)
+		}
+		if !bytes.HasPrefix(code, []byte("\x00asm")) {
+			return nil, fmt.Errorf("%s is not a WebAssembly module (kuasar-wasm runs WASI modules only): %w", c, errdefs.ErrInvalidArgument)
+		}
+		return code, nil
+	}
+	return nil, fmt.Errorf("module %q not found in the container's rootfs (nor a Wasm layer in its image): %w", arg0, errdefs.ErrNotFound)
+}
+
+// stdio holds a process's standard streams. Output FIFOs are held open
+// read-write, so writes never meet a closed pipe while the daemon that
+// reads them restarts; a writer of the stdin FIFO is held until CloseStdin,
+// so the module sees end of file only when asked to.
+type stdio struct {
+	in, inKeep, out, err *os.File
+	inFIFO               string // path of a stdin FIFO
+	mu                   sync.Mutex
+}
+
+func openStdio(s Stdio) (_ *stdio, retErr error) {
+	st := &stdio{}
+	defer func() {
+		if retErr != nil {
+			st.close()
+		}
+	}()
+	var err error
+	if s.Stdin != "" {
+		p := strings.TrimPrefix(s.Stdin, "file://")
+		if st.in, err = os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK, 0); err != nil {
+			return nil, fmt.Errorf("opening stdin: %w", err)
+		}
+		if fi, ferr := st.in.Stat(); ferr == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+			st.inFIFO = p
+			if st.inKeep, err = os.OpenFile(p, os.O_WRONLY|unix.O_NONBLOCK, 0); err != nil {
+				return nil, fmt.Errorf("opening stdin: %w", err)
+			}
+		}
+	}
+	if st.out, err = openOutput(s.Stdout); err != nil {
+		return nil, err
+	}
+	switch {
+	case s.Terminal || s.Stderr == s.Stdout:
+		// With a terminal both streams go to its one output.
+		st.err = st.out
+	default:
+		if st.err, err = openOutput(s.Stderr); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+func openOutput(p string) (*os.File, error) {
+	switch {
+	case p == "":
+		return nil, nil
+	case strings.HasPrefix(p, "binary://"):
+		return nil, fmt.Errorf("logging to a binary (%s) is not supported by kuasar-wasm: %w", p, errdefs.ErrNotImplemented)
+	case strings.HasPrefix(p, "file://"):
+		return os.OpenFile(strings.TrimPrefix(p, "file://"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening output %s: %w", p, err)
+	}
+	return f, nil
+}
+
+// pollable reports whether stdin is a FIFO or file the host can poll.
+func (s *stdio) pollable() bool { return s != nil && s.in != nil }
+
+func (s *stdio) stdinReader() io.Reader {
+	if s.in == nil {
+		return nil
+	}
+	return s.in
+}
+
+// report writes a line of the host's own to the process's stderr.
+func (s *stdio) report(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		_ = s.err.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = s.err.Write([]byte(msg + "\n"))
+	}
+}
+
+// interrupt makes blocked reads and writes of the module return.
+func (s *stdio) interrupt() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for _, f := range []*os.File{s.in, s.out, s.err} {
+		if f != nil {
+			_ = f.SetDeadline(now)
+		}
+	}
+	if s.in != nil && s.inFIFO != "" {
+		// A module waiting for stdin waits in poll(2), which deadlines do
+		// not reach: give it something to read (it is ending anyway).
+		if w, err := os.OpenFile(s.inFIFO, os.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+			_, _ = w.Write([]byte{'\n'})
+			w.Close()
+		}
+	}
+}
+
+// closeStdin lets the module see end of file once the daemon's writer is
+// gone too.
+func (s *stdio) closeStdin() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inKeep != nil {
+		s.inKeep.Close()
+		s.inKeep = nil
+	}
+}
+
+func (s *stdio) closeOutputs() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.out != nil {
+		s.out.Close()
+	}
+	if s.err != nil && s.err != s.out {
+		s.err.Close()
+	}
+	s.out, s.err = nil, nil
+}
+
+func (s *stdio) close() {
+	s.closeOutputs()
+	s.closeStdin()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.in != nil {
+		s.in.Close()
+		s.in = nil
+	}
+}

@@ -1,0 +1,164 @@
+package wasmhost
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/rpc"
+	"net/rpc/jsonrpc"
+	"os"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// Serve answers clients on l until ctx is done or the host has been idle
+// (no containers) for its idle time.
+func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
+	srv := rpc.NewServer()
+	if err := srv.RegisterName(serviceName, &service{h: h, ctx: ctx}); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go h.collectSockets(ctx)
+	if h.idle > 0 {
+		go func() {
+			t := time.NewTicker(h.idle/4 + time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+				if h.idleFor() >= h.idle {
+					log.G(ctx).Info("wasm host idle: no containers; exiting")
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			log.G(ctx).WithError(err).Warn("wasm host accept")
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		if err := checkPeer(c); err != nil {
+			log.G(ctx).WithError(err).Warn("wasm host refused a client")
+			c.Close()
+			continue
+		}
+		go srv.ServeCodec(jsonrpc.NewServerCodec(c))
+	}
+}
+
+// checkPeer admits only clients of the host's own user.
+func checkPeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
+	}
+	return nil
+}
+
+// service exposes a Host over net/rpc. Its methods follow net/rpc's shape;
+// errors keep their containerd class across the wire.
+type service struct {
+	h   *Host
+	ctx context.Context
+}
+
+func (s *service) Hello(_ *Empty, r *HelloReply) error {
+	*r = HelloReply{Version: ProtocolVersion, Pid: os.Getpid(), Boot: s.h.boot}
+	return nil
+}
+
+func (s *service) Create(req *CreateRequest, r *State) (err error) {
+	*r, err = s.h.Create(s.ctx, req)
+	if err != nil {
+		log.G(s.ctx).WithError(err).WithField("container", req.ID).Info("wasm container not created")
+	}
+	return encodeError(err)
+}
+
+func (s *service) Exec(req *ExecRequest, r *State) (err error) {
+	*r, err = s.h.Exec(s.ctx, req)
+	return encodeError(err)
+}
+
+func (s *service) Start(req *Ref, r *State) (err error) {
+	*r, err = s.h.Start(*req)
+	return encodeError(err)
+}
+
+func (s *service) Wait(req *Ref, r *Exit) (err error) {
+	*r, err = s.h.Wait(s.ctx, *req)
+	return encodeError(err)
+}
+
+func (s *service) State(req *Ref, r *State) (err error) {
+	*r, err = s.h.State(*req)
+	return encodeError(err)
+}
+
+func (s *service) Kill(req *KillRequest, _ *Empty) error {
+	return encodeError(s.h.Kill(*req))
+}
+
+func (s *service) Delete(req *Ref, r *State) (err error) {
+	*r, err = s.h.Delete(*req)
+	return encodeError(err)
+}
+
+func (s *service) CloseStdin(req *Ref, _ *Empty) error {
+	return encodeError(s.h.CloseStdin(*req))
+}
+
+func (s *service) Update(req *UpdateRequest, _ *Empty) error {
+	return encodeError(s.h.Update(*req))
+}
+
+func (s *service) Stats(req *Ref, r *Stats) (err error) {
+	*r, err = s.h.Stats(*req)
+	return encodeError(err)
+}
+
+func (s *service) List(req *PodRequest, r *[]State) error {
+	*r = s.h.List(req.Pod)
+	return nil
+}
+
+func (s *service) ReleasePod(req *PodRequest, _ *Empty) error {
+	return encodeError(s.h.ReleasePod(req.Pod))
+}
+
+func (s *service) HostStats(_ *Empty, r *HostStats) error {
+	*r = s.h.HostStats()
+	return nil
+}
