@@ -37,7 +37,7 @@ GOBUILD := go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
 DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static \
 	iproute2 procps psmisc gcc libc6-dev util-linux
 
-BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper
+BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host
 
 .PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance FORCE
 
@@ -51,7 +51,7 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-## build: the daemon, the runtime-type binary and the keeper
+## build: the daemon, the runtime-type binary, the keeper and the Wasm host
 build: $(BINARIES)
 
 $(BIN)/containerd-kuasar: FORCE
@@ -65,6 +65,10 @@ $(BIN)/containerd-shim-kuasar-v1: FORCE
 $(BIN)/kuasar-keeper: FORCE
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-keeper
+
+$(BIN)/kuasar-wasm-host: FORCE
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-wasm-host
 
 ## tools: crictl, critest (cri-tools v1.34.0), test image builder, stock baseline
 tools: stock

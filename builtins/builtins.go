@@ -12,4 +12,5 @@ import (
 
 	// Kuasar sandbox controllers.
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/runc"
+	_ "github.com/kuasar-io/containerd-kuasar/plugins/wasm"
 )

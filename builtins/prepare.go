@@ -31,6 +31,11 @@ const DefaultHandlers = `
 runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-runc"
 disable_pause_image_pull = true
+
+[containerd.runtimes.kuasar-wasm]
+runtime_type = "io.containerd.kuasar.v1"
+sandboxer = "kuasar-wasm"
+disable_pause_image_pull = true
 `
 
 // IsKuasar reports whether a registration belongs to containerd-kuasar.

@@ -28,7 +28,8 @@ func TestNodeConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	rt := cfg.Plugins["io.containerd.cri.v1.runtime"].Containerd.Runtimes
-	if cfg.Version != 4 || rt["kuasar-runc"].Sandboxer != "kuasar-runc" || rt["kuasar-runc"].RuntimeType != "io.containerd.kuasar.v1" || rt["runc"].Sandboxer != "podsandbox" {
+	if cfg.Version != 4 || rt["kuasar-runc"].Sandboxer != "kuasar-runc" || rt["kuasar-runc"].RuntimeType != "io.containerd.kuasar.v1" || rt["runc"].Sandboxer != "podsandbox" ||
+		rt["kuasar-wasm"].Sandboxer != "kuasar-wasm" || rt["kuasar-wasm"].RuntimeType != "io.containerd.kuasar.v1" {
 		t.Fatalf("unexpected handlers: %+v (version %d)", rt, cfg.Version)
 	}
 }

@@ -31,16 +31,14 @@ type Env struct {
 type NewKind func(ic *plugin.InitContext, env Env) (Kind, error)
 
 // Register registers a kind as the sandbox controller plugin id, with
-// config as its default configuration.
-func Register(id string, config any, newKind NewKind) {
+// config as its default configuration. requires lists plugins the kind
+// uses besides the framework's own (events, the process monitor).
+func Register(id string, config any, newKind NewKind, requires ...plugin.Type) {
 	registry.Register(&plugin.Registration{
-		Type:   plugins.SandboxControllerPlugin,
-		ID:     id,
-		Config: config,
-		Requires: []plugin.Type{
-			plugins.EventPlugin,
-			monitor.Type,
-		},
+		Type:     plugins.SandboxControllerPlugin,
+		ID:       id,
+		Config:   config,
+		Requires: append([]plugin.Type{plugins.EventPlugin, monitor.Type}, requires...),
 		InitFn: func(ic *plugin.InitContext) (any, error) {
 			ep, err := ic.GetByID(plugins.EventPlugin, "exchange")
 			if err != nil {

@@ -65,6 +65,21 @@ func ExpandSlice(slice string) string {
 	return b.String()
 }
 
+// SpecPath turns an OCI spec's cgroups path into a cgroupfs path: CRI's
+// systemd form "slice:prefix:name" is the scope "prefix-name.scope" below
+// the expanded slice; a path is returned as it is.
+func SpecPath(cgroupsPath string) string {
+	parts := strings.Split(cgroupsPath, ":")
+	if len(parts) != 3 || !strings.HasSuffix(parts[0], ".slice") {
+		return cgroupsPath
+	}
+	scope := parts[2] + ".scope"
+	if parts[1] != "" {
+		scope = parts[1] + "-" + scope
+	}
+	return strings.TrimSuffix(ExpandSlice(parts[0]), "/") + "/" + scope
+}
+
 // PidPaths reads where pid's cgroups are.
 func PidPaths(pid int) (Paths, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/cgroup", pid))

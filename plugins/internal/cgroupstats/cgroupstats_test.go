@@ -59,3 +59,17 @@ func TestExpandSlice(t *testing.T) {
 		}
 	}
 }
+
+func TestSpecPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"/kubepods/pod1/c1": "/kubepods/pod1/c1",
+		"kubepods-burstable-pod1.slice:cri-containerd:abc": "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope",
+		"system.slice::abc":  "/system.slice/abc.scope",
+		"":                   "",
+		"not:a:systemd/path": "not:a:systemd/path",
+	} {
+		if got := SpecPath(in); got != want {
+			t.Errorf("SpecPath(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
