@@ -25,6 +25,7 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/contrib/scratch"
 	"github.com/kuasar-io/containerd-kuasar/integration/images"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost"
 )
 
 // Handlers under test.
@@ -91,6 +92,7 @@ type Daemon struct {
 	conn      *grpc.ClientConn
 	netnsSeen map[string]bool
 	keeperPid int
+	wasmHost  int // pid of the node's Wasm host, once seen
 }
 
 type daemonOptions struct {
@@ -253,6 +255,16 @@ func (d *Daemon) recordKeeper() {
 		d.keeperPid = c.KeeperPid
 		c.Close()
 	}
+	if h, err := d.wasmHostClient().Connect(ctx); err == nil && h.Pid != 0 {
+		d.wasmHost = h.Pid
+	}
+}
+
+// wasmHostClient reaches the daemon's Wasm host, without starting one.
+func (d *Daemon) wasmHostClient() *wasmhost.Client {
+	return wasmhost.NewClient(wasmhost.Launch{
+		Socket: filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-wasm", "host.sock"),
+	})
 }
 
 func (d *Daemon) dumpLog() {
@@ -262,6 +274,9 @@ func (d *Daemon) dumpLog() {
 		lines = lines[len(lines)-80:]
 	}
 	d.t.Logf("daemon log (tail):\n%s", strings.Join(lines, "\n"))
+	if b, err := os.ReadFile(filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-wasm", "host.log")); err == nil {
+		d.t.Logf("wasm host log:\n%s", b)
+	}
 }
 
 // cleanup removes every pod, stops the daemon and checks for leaks.
@@ -274,8 +289,10 @@ func (d *Daemon) cleanup() {
 		d.kill(syscall.SIGTERM)
 	}
 	d.checkLeaks()
-	if d.keeperPid != 0 {
-		_ = syscall.Kill(d.keeperPid, syscall.SIGTERM)
+	for _, pid := range []int{d.keeperPid, d.wasmHost} {
+		if pid != 0 {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+		}
 	}
 	_ = exec.Command("ip", "link", "del", d.Bridge).Run()
 	if t.Failed() {
@@ -315,8 +332,17 @@ func (d *Daemon) checkLeaks() {
 			t.Errorf("leak: keeper %d still has children %v", d.keeperPid, kids)
 		}
 	}
+	if d.wasmHost != 0 {
+		c := d.wasmHostClient()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if st, err := c.HostStats(ctx); err == nil && st.Containers+st.Pods > 0 {
+			t.Errorf("leak: the wasm host still holds %d containers of %d pods", st.Containers, st.Pods)
+		}
+		cancel()
+		c.Close()
+	}
 	for _, p := range processesMentioning(d.Dir) {
-		if p != d.keeperPid {
+		if p != d.keeperPid && p != d.wasmHost {
 			t.Errorf("leak: process %d still runs from %s: %s", p, d.Dir, cmdline(p))
 		}
 	}
@@ -333,6 +359,7 @@ func (d *Daemon) checkLeaks() {
 	}
 	for _, dir := range []string{
 		filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-runc", "sandboxes"),
+		filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-wasm", "sandboxes"),
 		filepath.Join(d.Dir, "state", "k"),
 		filepath.Join(d.Dir, "root", "io.containerd.grpc.v1.cri", "sandboxes"),
 		filepath.Join(d.Dir, "state", "io.containerd.grpc.v1.cri", "sandboxes"),

@@ -121,7 +121,15 @@ func (e *engine) compile(ctx context.Context, digest string, load func() ([]byte
 	if digest != "" && Digest(code) != digest {
 		return nil, fmt.Errorf("module content does not match digest %s: %w", digest, errdefs.ErrInvalidArgument)
 	}
-	cm, err := e.rt.CompileModule(ctx, code)
+	// Compile on a thread of the host's: the caller may be a container's
+	// thread, which no longer sees the compilation cache.
+	var cm wazero.CompiledModule
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		cm, err = e.rt.CompileModule(ctx, code)
+	}()
+	<-done
 	if err != nil {
 		return nil, fmt.Errorf("invalid WebAssembly module: %v: %w", err, errdefs.ErrInvalidArgument)
 	}

@@ -164,13 +164,14 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 			retErr = fmt.Errorf("preparing the module failed: %v", r)
 		}
 	}()
-	if err := isolate(); err != nil {
-		return nil, err
-	}
+	// The cgroup first: isolation leaves the host's file systems behind.
 	if cg := p.c.cg; cg != nil {
 		if err := cg.attach(unix.Gettid()); err != nil {
 			return nil, err
 		}
+	}
+	if err := isolate(); err != nil {
+		return nil, err
 	}
 	m, err := module()
 	if err != nil {
