@@ -344,6 +344,9 @@ func managementMemory(d *Daemon) Memory {
 		add("keeper", d.keeperPid)
 		parents[d.keeperPid] = true
 	}
+	if d.wasmHost != 0 {
+		add("wasm-host", d.wasmHost)
+	}
 	for _, p := range allProcs() {
 		if p.Comm == "pause" && parents[p.PPid] {
 			add("pause", p.Pid)

@@ -100,6 +100,15 @@ type daemonOptions struct {
 	extraConfig    string // appended to config.toml
 	defaultHandler string
 	portMap        bool // the portmap CNI plugin (host ports)
+	bigSubnet      bool // a /16 pod network (for more than 250 pods)
+}
+
+// subnet is a random pod network: a /24, or a /16.
+func subnet(big bool, b []byte) string {
+	if big {
+		return fmt.Sprintf("10.%d.0.0/16", 100+int(b[0])%100)
+	}
+	return fmt.Sprintf("10.%d.%d.0/24", 100+int(b[0])%100, b[1])
 }
 
 func randHex(n int) string {
@@ -133,7 +142,7 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 	layout, err := scratch.Write(scratch.Options{
 		Dir:            dir,
 		Bridge:         d.Bridge,
-		Subnet:         fmt.Sprintf("10.%d.%d.0/24", 100+int(b[0])%100, b[1]),
+		Subnet:         subnet(o.bigSubnet, b),
 		Mirror:         registry,
 		DefaultHandler: o.defaultHandler,
 		PortMap:        o.portMap,

@@ -22,20 +22,6 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/wasm"
 )
 
-const kuasarWasm = "kuasar-wasm"
-
-// wasmConfig is a container of the Wasm test module (integration/wasmapp)
-// from image, running the module's command args.
-func wasmConfig(name, image string, args ...string) *runtimeapi.ContainerConfig {
-	return &runtimeapi.ContainerConfig{
-		Metadata: &runtimeapi.ContainerMetadata{Name: name},
-		Image:    &runtimeapi.ImageSpec{Image: image},
-		Args:     args,
-		LogPath:  name + ".log",
-		Linux:    &runtimeapi.LinuxContainerConfig{},
-	}
-}
-
 // wasmPod starts a daemon with a kuasar-wasm pod and the Wasm images.
 func wasmPod(t *testing.T, name string) (*Daemon, string, *runtimeapi.PodSandboxConfig) {
 	d := startDaemon(t, daemonOptions{})

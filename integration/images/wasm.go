@@ -22,8 +22,10 @@ const (
 	WasmLayer = "docker.io/library/wasm-app:layer"
 	// WasmRootfs is an ordinary image with the module at /app/app.wasm.
 	WasmRootfs = "docker.io/library/wasm-app:rootfs"
-	// WasmHello is a small module for start-up figures.
+	// WasmHello and WasmSleep are minimal modules (a few hundred bytes)
+	// that print a line, and sleep for ever.
 	WasmHello = "docker.io/library/wasm-hello:layer"
+	WasmSleep = "docker.io/library/wasm-sleep:layer"
 	// Broken images, for the bad-input tests.
 	WasmNoModule = "docker.io/library/wasm-bad:nomodule" // command names a shell script
 	WasmInvalid  = "docker.io/library/wasm-bad:invalid"  // Wasm layer of garbage
@@ -56,9 +58,38 @@ func BuildWasmModule(pkg string) ([]byte, error) {
 // helloModule is a minimal WASI command, assembled here: it writes
 // "hello from wasm\n" to stdout and returns. A few hundred bytes, so that
 // start-up figures measure the runtime, not the compiler.
-var helloModule = assembleHello()
+var helloModule = assemble("fd_write",
+	// At 0 the iovec {ptr 16, len 16}, at 8 room for nwritten, at 16 the text.
+	append([]byte{16, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, "hello from wasm\n"...),
+	[]byte{
+		0x41, 0x01, 0x41, 0x00, 0x41, 0x01, 0x41, 0x08, // fd 1, iovs 0, 1 iovec, nwritten at 8
+		0x10, 0x00, 0x1a, // call fd_write; drop
+	})
 
-func assembleHello() []byte {
+// sleepModule is a minimal WASI command that sleeps for ever, an hour at a
+// time: the smallest workload, for the memory a Wasm pod costs.
+var sleepModule = assemble("poll_oneoff",
+	// At 0 a clock subscription: monotonic, 3600 s; events go to 48, the
+	// count to 80.
+	[]byte{
+		0, 0, 0, 0, 0, 0, 0, 0, // userdata
+		0, 0, 0, 0, 0, 0, 0, 0, // clock
+		1, 0, 0, 0, 0, 0, 0, 0, // monotonic
+		0x00, 0xa0, 0xb8, 0x30, 0x46, 0x03, 0x00, 0x00, // 3600e9 ns
+		0, 0, 0, 0, 0, 0, 0, 0, // precision
+		0, 0, 0, 0, 0, 0, 0, 0, // flags
+	},
+	[]byte{
+		0x03, 0x40, // loop
+		0x41, 0x00, 0x41, 0x30, 0x41, 0x01, 0x41, 0xd0, 0x00, // in 0, out 48, 1, nevents at 80
+		0x10, 0x00, 0x1a, // call poll_oneoff; drop
+		0x0c, 0x00, 0x0b, // br 0; end
+	})
+
+// assemble makes a WASI command module that imports one function of type
+// (i32, i32, i32, i32) -> i32 from wasi_snapshot_preview1, has one page of
+// memory initialised with data at 0, and runs code as its _start.
+func assemble(imported string, data, code []byte) []byte {
 	uleb := func(n int) []byte {
 		var b []byte
 		for {
@@ -77,17 +108,11 @@ func assembleHello() []byte {
 		return append(append([]byte{id}, uleb(len(payload))...), payload...)
 	}
 	const i32 = 0x7f
-	text := "hello from wasm\n"
-	// At 0 the iovec {ptr 16, len}, at 8 room for nwritten, at 16 the text.
-	data := append([]byte{16, 0, 0, 0, byte(len(text)), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, text...)
-	body := []byte{0x00, // no locals
-		0x41, 0x01, 0x41, 0x00, 0x41, 0x01, 0x41, 0x08, // fd 1, iovs 0, 1 iovec, nwritten at 8
-		0x10, 0x00, // call fd_write
-		0x1a, 0x0b} // drop; end
+	body := append(append([]byte{0x00}, code...), 0x0b) // no locals; code; end
 	return bytes.Join([][]byte{
 		{0x00, 'a', 's', 'm', 0x01, 0x00, 0x00, 0x00},
 		section(1, vec(2, []byte{0x60, 4, i32, i32, i32, i32, 1, i32}, []byte{0x60, 0, 0})),
-		section(2, vec(1, name("wasi_snapshot_preview1"), name("fd_write"), []byte{0x00, 0x00})),
+		section(2, vec(1, name("wasi_snapshot_preview1"), name(imported), []byte{0x00, 0x00})),
 		section(3, vec(1, []byte{0x01})),
 		section(5, vec(1, []byte{0x00, 0x01})),
 		section(7, vec(2, name("memory"), []byte{0x02, 0x00}, name("_start"), []byte{0x00, 0x01})),
@@ -96,8 +121,34 @@ func assembleHello() []byte {
 	}, nil)
 }
 
-// HelloModule returns the minimal WASI module.
+// WithCustomSection returns module with a custom section appended: the
+// same program, another digest (a module the host has never compiled).
+func WithCustomSection(module []byte, name string, payload []byte) []byte {
+	content := append(append([]byte{byte(len(name))}, name...), payload...)
+	out := append([]byte(nil), module...)
+	out = append(out, 0x00)
+	n := len(content)
+	for {
+		c := byte(n & 0x7f)
+		n >>= 7
+		if n != 0 {
+			out = append(out, c|0x80)
+			continue
+		}
+		out = append(out, c)
+		break
+	}
+	return append(out, content...)
+}
+
+// HelloModule returns the minimal WASI module that prints a line.
 func HelloModule() []byte { return append([]byte(nil), helloModule...) }
+
+// SleepModule returns the minimal WASI module that sleeps for ever.
+func SleepModule() []byte { return append([]byte(nil), sleepModule...) }
+
+// AppModule builds the test workload module.
+func AppModule() ([]byte, error) { return BuildWasmModule(wasmAppPackage) }
 
 // WasmLayerImage is an image whose only layer is the module.
 func WasmLayerImage(module []byte, entrypoint string) (v1.Image, error) {
@@ -118,8 +169,15 @@ func WasmLayerImage(module []byte, entrypoint string) (v1.Image, error) {
 	}
 	cf = cf.DeepCopy()
 	cf.Architecture, cf.OS, cf.Created = "amd64", "linux", v1.Time{Time: epoch}
-	cf.Config = v1.Config{Entrypoint: []string{entrypoint}}
-	// A Wasm layer is not a file system layer: the rootfs is empty.
+	// The config names the module: CRI identifies an image by its
+	// config's digest, and the Wasm layer is not in the config's rootfs.
+	digest, err := l.Digest()
+	if err != nil {
+		return nil, err
+	}
+	cf.Config = v1.Config{Entrypoint: []string{entrypoint}, Labels: map[string]string{"wasm.kuasar.io/module": digest.String()}}
+	// A Wasm layer is not a file system layer: the rootfs is empty
+	// (stock CRI looks for a snapshot of every layer listed there).
 	cf.RootFS = v1.RootFS{Type: "layers"}
 	return mutate.ConfigFile(img, cf)
 }
@@ -183,6 +241,7 @@ var WasmBuilders = map[string]func() (v1.Image, error){
 	WasmLayer:    BuildWasmLayer,
 	WasmRootfs:   BuildWasmRootfs,
 	WasmHello:    BuildWasmHello,
+	WasmSleep:    func() (v1.Image, error) { return WasmLayerImage(sleepModule, "/sleep.wasm") },
 	WasmNoModule: BuildWasmNoModule,
 	WasmInvalid:  BuildWasmInvalid,
 	WasmImports:  BuildWasmImports,

@@ -95,10 +95,12 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 			req.Listen = append(req.Listen, strings.TrimSpace(a))
 		}
 	}
+	begin := time.Now()
 	st, err := r.k.host.Create(ctx, req)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ID, err)
 	}
+	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("wasm host create")
 	c.Init.SetPid(st.Pid)
 	if c.State, err = json.Marshal(&ctrState{Boot: r.k.host.Boot(ctx, false)}); err != nil {
 		return err
@@ -181,7 +183,9 @@ func (r *containers) exited(p *task.Process, e wasmhost.Exit) {
 
 // Start runs the module's _start.
 func (r *containers) Start(ctx context.Context, p *task.Process) error {
+	begin := time.Now()
 	_, err := r.k.host.Start(ctx, ref(p))
+	log.G(ctx).WithField("container", p.Container.ID).WithField("took", time.Since(begin)).Debug("wasm host start")
 	return err
 }
 

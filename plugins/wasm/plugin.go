@@ -87,7 +87,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	if err != nil {
 		log.G(ic.Context).WithError(err).Warn("kuasar-wasm pods will fail until kuasar-wasm-host is installed")
 	}
-	args := []string{"--idle", idle.String(), "--keep-modules", fmt.Sprint(cfg.KeepModules)}
+	args := []string{"--idle", idle.String(), "--keep-modules", fmt.Sprint(cfg.KeepModules), "--log-level", log.GetLevel().String()}
 	if cacheDir != "" {
 		args = append(args, "--cache-dir", cacheDir)
 	}

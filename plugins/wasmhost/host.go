@@ -157,6 +157,10 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		}
 	}()
 
+	begin := time.Now()
+	defer func() {
+		log.G(ctx).WithField("container", req.ID).WithField("took", time.Since(begin)).WithError(retErr).Debug("create")
+	}()
 	if req.Cgroup != "" {
 		cg, err := newCPUCgroup(req.Cgroup, req.ID)
 		if err != nil {
@@ -168,10 +172,12 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 			c.cg = cg
 		}
 	}
+	tCgroup := time.Since(begin)
 	st, err := openStdio(req.Process.Stdio)
 	if err != nil {
 		return State{}, err
 	}
+	log.G(ctx).WithField("container", req.ID).WithField("cgroup", tCgroup).WithField("stdio", time.Since(begin)-tCgroup).Debug("create: cgroup and stdio")
 	p := newProcess(h, c, "", req.Process)
 	p.stdio = st
 	defer func() {

@@ -170,13 +170,20 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 			return nil, err
 		}
 	}
+	t0 := time.Now()
 	if err := isolate(); err != nil {
 		return nil, err
 	}
+	t1 := time.Now()
 	m, err := module()
 	if err != nil {
 		return nil, err
 	}
+	t2 := time.Now()
+	defer func() {
+		log.L.WithField("container", p.c.id).WithField("exec", p.execID).WithField("isolate", t1.Sub(t0)).
+			WithField("module", t2.Sub(t1)).WithField("instantiate", time.Since(t2)).Debug("prepared module instance")
+	}()
 	inst = &instance{module: m}
 	defer func() {
 		if retErr != nil {
