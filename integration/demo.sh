@@ -10,7 +10,8 @@ CACHE=${KUASAR_CACHE_DIR:-/var/tmp/kuasar-cache}
 REGISTRY=127.0.0.1:5000
 DIR=$(mktemp -d /tmp/kuasar-demo-XXXXXX)
 BRIDGE=kdemo0
-export PATH="$BIN:$STOCK_BIN:/usr/sbin:/usr/bin:/sbin:/bin"
+GO_BIN=$(dirname "$(command -v go)") # the Wasm test module is built with Go
+export PATH="$BIN:$STOCK_BIN:/usr/sbin:/usr/bin:/sbin:/bin:$GO_BIN"
 CRICTL=(crictl --runtime-endpoint "unix://$DIR/containerd.sock" --image-endpoint "unix://$DIR/containerd.sock" --timeout 60s)
 export CRI_CONFIG_FILE=/dev/null
 
@@ -26,8 +27,10 @@ cleanup() {
 		done
 	fi
 	keeper=$(cat "$DIR/keeper.pid" 2>/dev/null)
+	wasmhost=$(cat "$DIR/wasmhost.pid" 2>/dev/null)
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
 	[ -n "$keeper" ] && kill "$keeper" 2>/dev/null
+	[ -n "$wasmhost" ] && kill "$wasmhost" 2>/dev/null
 	ip link del "$BRIDGE" 2>/dev/null
 	for d in /sys/fs/cgroup/*/kuasar-demo /sys/fs/cgroup/kuasar-demo; do
 		[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
@@ -54,9 +57,10 @@ for _ in $(seq 100); do "${CRICTL[@]}" version >/dev/null 2>&1 && break; sleep 0
 "${CRICTL[@]}" version
 "${CRICTL[@]}" pull docker.io/library/busybox:kuasar >/dev/null
 "${CRICTL[@]}" pull registry.k8s.io/pause:3.10.2 >/dev/null
+"${CRICTL[@]}" pull docker.io/library/wasm-app:layer >/dev/null
 
 declare -A POD CTR
-for handler in kuasar-runc runc; do
+for handler in kuasar-runc kuasar-wasm runc; do
 	name=demo-${handler/-/}
 	cat > "$DIR/$name-pod.json" <<JSON
 {"metadata": {"name": "$name", "namespace": "demo", "uid": "$name-uid"},
@@ -70,6 +74,12 @@ JSON
  "log_path": "hello.log",
  "linux": {"security_context": {"namespace_options": {"pid": 1}}}}
 JSON
+	if [ "$handler" = kuasar-wasm ]; then
+		cat > "$DIR/$name-ctr.json" <<JSON
+{"metadata": {"name": "hello"}, "image": {"image": "docker.io/library/wasm-app:layer"},
+ "args": ["demo", "a WASI module from an OCI image, handler $handler"], "log_path": "hello.log", "linux": {}}
+JSON
+	fi
 	say "pod with runtime handler $handler"
 	start=$(date +%s%N)
 	POD[$handler]=$("${CRICTL[@]}" runp --runtime "$handler" "$DIR/$name-pod.json")
@@ -77,6 +87,7 @@ JSON
 	"${CRICTL[@]}" start "${CTR[$handler]}" >/dev/null
 	end=$(date +%s%N)
 	echo "runp + create + start (crictl, 3 processes): $(( (end - start) / 1000000 )) ms"
+	[ "$handler" = kuasar-wasm ] && echo "(the node's first Wasm pod: the Wasm host starts and compiles the module; later pods of the image reuse it)"
 	sleep 1
 	"${CRICTL[@]}" logs "${CTR[$handler]}"
 done
@@ -88,7 +99,18 @@ say "pods and containers"
 say "what each pod costs (processes outside the workload, PSS)"
 keeper=$(pgrep -f "kuasar-keeper --socket $DIR/" || true)
 echo "$keeper" > "$DIR/keeper.pid"
-for handler in kuasar-runc runc; do
+wasmhost=$(pgrep -f "kuasar-wasm-host --socket $DIR/" || true)
+echo "$wasmhost" > "$DIR/wasmhost.pid"
+for handler in kuasar-runc kuasar-wasm runc; do
+	if [ "$handler" = kuasar-wasm ]; then
+		tid=$("${CRICTL[@]}" inspect -o go-template --template '{{.info.pid}}' "${CTR[$handler]}")
+		mem=$("${CRICTL[@]}" stats -o json "${CTR[$handler]}" | tr -d ' \n' | grep -o '"workingSetBytes":{"value":"[0-9]*"' | grep -o '[0-9][0-9]*' || echo 0)
+		echo "-- $handler pod ${POD[$handler]:0:12}"
+		printf '   %-8s %-12s %-20s linear memory %6s kB\n' "$tid" "(a thread)" "workload" "$((mem / 1024))"
+		echo "   the module runs on thread $tid of the node's kuasar-wasm-host; no process of its own"
+		echo "   management processes for this pod: 0 kB PSS"
+		continue
+	fi
 	wpid=$("${CRICTL[@]}" inspect -o go-template --template '{{.info.pid}}' "${CTR[$handler]}")
 	netns=$(readlink "/proc/$wpid/ns/net")
 	echo "-- $handler pod ${POD[$handler]:0:12}"
@@ -111,5 +133,6 @@ done
 echo "-- node-wide, shared by every pod:"
 printf '   %-8s %-20s PSS %6s kB\n' "$DAEMON" containerd-kuasar "$(pss $DAEMON)"
 [ -n "$keeper" ] && printf '   %-8s %-20s PSS %6s kB  (parent of kuasar workloads, 1 per node)\n' "$keeper" kuasar-keeper "$(pss $keeper)"
+[ -n "$wasmhost" ] && printf '   %-8s %-20s PSS %6s kB  (runs every Wasm module of the node, linear memory included)\n' "$wasmhost" kuasar-wasm-host "$(pss $wasmhost)"
 
 say "cleaning up"

@@ -30,6 +30,18 @@ func main() {
 	case "hello":
 		wd, _ := os.Getwd()
 		fmt.Printf("hello from wasm: args=%q cwd=%s\n", os.Args, wd)
+	case "demo":
+		host, _ := os.ReadFile("/etc/hostname")
+		fmt.Printf("hello from WebAssembly: %s, pod %s", strings.Join(os.Args[2:], " "), host)
+		entries, _ := os.ReadDir("/")
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		fmt.Println("my root file system:", strings.Join(names, " "))
+		for {
+			time.Sleep(time.Hour)
+		}
 	case "echo":
 		fmt.Println(strings.Join(args, " "))
 	case "stderr":
