@@ -163,12 +163,16 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 	}()
 	if req.Cgroup != "" {
 		cg, err := newCPUCgroup(req.Cgroup, req.ID)
-		if err != nil {
-			log.G(ctx).WithError(err).WithField("container", req.ID).Warn("no CPU cgroup for the wasm container: its CPU time is not bounded")
-		} else if err := cg.set(req.Limits); err != nil {
-			_ = cg.remove()
-			return State{}, fmt.Errorf("applying CPU limits: %w", err)
-		} else {
+		switch {
+		case err != nil && req.Limits.CPUQuota > 0:
+			return State{}, fmt.Errorf("the container's CPU limit cannot be enforced: %w: %w", err, errdefs.ErrFailedPrecondition)
+		case err != nil:
+			log.G(ctx).WithError(err).WithField("container", req.ID).Warn("no CPU cgroup for the wasm container: its CPU time is accounted, not bounded")
+		default:
+			if err := cg.set(req.Limits); err != nil {
+				_ = cg.remove()
+				return State{}, fmt.Errorf("applying CPU limits: %w: %w", err, errdefs.ErrFailedPrecondition)
+			}
 			c.cg = cg
 		}
 	}
