@@ -12,7 +12,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -63,31 +62,16 @@ func run() error {
 	ctx, cancel := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
 	defer cancel()
 
-	if err := os.MkdirAll(filepath.Dir(*socket), 0o700); err != nil {
-		return err
-	}
-	// One keeper per socket: the lock outlives a stale socket file.
-	lock, err := os.OpenFile(*socket+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	// One keeper per socket.
+	l, err := keeper.Listen(*socket)
 	if err != nil {
 		return err
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return fmt.Errorf("another keeper holds %s: %w", lock.Name(), err)
-	}
-	_ = os.Remove(*socket)
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: *socket, Net: "unixpacket"})
-	if err != nil {
-		return err
-	}
-	defer os.Remove(*socket)
-	if err := os.Chmod(*socket, 0o600); err != nil {
-		return err
-	}
+	defer l.Close()
 	log.G(ctx).WithField("pid", os.Getpid()).WithField("socket", *socket).Info("kuasar-keeper serving")
 	s := keeper.NewServer(*idle)
 	defer s.Shutdown()
-	return s.Serve(ctx, l)
+	return s.Serve(ctx, l.UnixListener)
 }
 
 // pause is the init of a shared PID namespace: it reaps every orphan and

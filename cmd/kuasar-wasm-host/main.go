@@ -10,10 +10,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"runtime"
 	"time"
 
@@ -61,32 +59,17 @@ func run() error {
 	// Writes to a pipe whose reader is gone fail; they do not kill the host.
 	signal.Ignore(unix.SIGPIPE)
 
-	if err := os.MkdirAll(filepath.Dir(*socket), 0o700); err != nil {
-		return err
-	}
-	// One host per socket: the lock outlives a stale socket file.
-	lock, err := os.OpenFile(*socket+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	// One host per socket.
+	l, err := wasmhost.Listen(*socket)
 	if err != nil {
 		return err
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return fmt.Errorf("another wasm host holds %s: %w", lock.Name(), err)
-	}
+	defer l.Close()
 	h, err := wasmhost.NewHost(ctx, wasmhost.Options{CacheDir: *cacheDir, KeepModules: *keep, Idle: *idle})
 	if err != nil {
 		return err
 	}
 	defer h.Close(context.Background())
-	_ = os.Remove(*socket)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: *socket, Net: "unix"})
-	if err != nil {
-		return err
-	}
-	defer os.Remove(*socket)
-	if err := os.Chmod(*socket, 0o600); err != nil {
-		return err
-	}
 	log.G(ctx).WithField("pid", os.Getpid()).WithField("socket", *socket).Info("kuasar-wasm-host serving")
-	return h.Serve(ctx, l)
+	return h.Serve(ctx, l.UnixListener)
 }

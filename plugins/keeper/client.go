@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sync"
-	"syscall"
-	"time"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/launch"
 )
 
 // Client is the daemon's connection to the keeper.
@@ -78,43 +76,20 @@ func Connect(ctx context.Context, l Launch) (*Client, error) {
 	if c, err := Dial(ctx, l.Socket); err == nil {
 		return c, nil
 	}
-	if _, err := os.Stat(l.Binary); err != nil {
-		return nil, fmt.Errorf("keeper binary: %w", err)
-	}
-	if err := os.MkdirAll(filepath.Dir(l.Socket), 0o700); err != nil {
-		return nil, err
-	}
-	logf, err := os.OpenFile(l.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	var c *Client
+	err := launch.Detached(ctx, launch.Spec{
+		Binary:  l.Binary,
+		Args:    append([]string{"--socket", l.Socket}, l.Args...),
+		LogPath: l.LogPath,
+	}, func(ctx context.Context) error {
+		var err error
+		c, err = Dial(ctx, l.Socket)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("keeper log: %w", err)
+		return nil, fmt.Errorf("starting the keeper: %w", err)
 	}
-	defer logf.Close()
-	cmd := exec.Command(l.Binary, append([]string{"--socket", l.Socket}, l.Args...)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	cmd.Dir = "/"
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting keeper %s: %w", l.Binary, err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }() // reap it if it ends while we live
-
-	var lastErr error
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
-		select {
-		case err := <-exited:
-			return nil, fmt.Errorf("keeper exited at start (%v); see %s", err, l.LogPath)
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
-		c, err := Dial(ctx, l.Socket)
-		if err == nil {
-			return c, nil
-		}
-		lastErr = err
-	}
-	return nil, fmt.Errorf("keeper did not answer on %s: %w", l.Socket, lastErr)
+	return c, nil
 }
 
 func (c *Client) readLoop() {

@@ -13,7 +13,15 @@ import (
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
 )
+
+// Listen serves the keeper's socket, one keeper per socket (a lock file
+// guards it); closing the listener removes the socket.
+func Listen(socket string) (*unixsock.Listener, error) {
+	return unixsock.Listen("unixpacket", socket)
+}
 
 // Server is the keeper side. One Server runs per keeper process.
 type Server struct {
@@ -92,7 +100,7 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		if err := checkPeer(c); err != nil {
+		if err := unixsock.CheckPeer(c); err != nil {
 			log.G(ctx).WithError(err).Warn("keeper refused a client")
 			c.Close()
 			continue
@@ -103,28 +111,6 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 		s.mu.Unlock()
 		go sc.serve(ctx)
 	}
-}
-
-// checkPeer admits only clients of the keeper's own user.
-func checkPeer(c *net.UnixConn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return err
-	}
-	if cerr != nil {
-		return cerr
-	}
-	if int(cred.Uid) != os.Geteuid() {
-		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
-	}
-	return nil
 }
 
 // reap collects every exited child and routes its status.

@@ -10,13 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/containerd/log"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/launch"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 )
@@ -64,24 +63,7 @@ func New(l keeper.Launch) *Monitor {
 // FindKeeper resolves the keeper binary: an explicit path, else one beside
 // the running executable, else one on PATH.
 func FindKeeper(configured string) (string, error) {
-	if configured != "" {
-		if _, err := os.Stat(configured); err != nil {
-			return "", fmt.Errorf("keeper binary %q: %w", configured, err)
-		}
-		return configured, nil
-	}
-	const name = "kuasar-keeper"
-	if self, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(self), name)
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-	}
-	p, err := exec.LookPath(name)
-	if err != nil {
-		return "", fmt.Errorf("%s not found beside the daemon or on PATH: %w", name, err)
-	}
-	return p, nil
+	return launch.Find(configured, "kuasar-keeper")
 }
 
 // conn returns a live keeper connection, starting the keeper if needed.

@@ -71,7 +71,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 	if ns.GetPid() == runtime.NamespaceMode_TARGET {
 		return fmt.Errorf("a pod cannot target a container's PID namespace: %w", errdefs.ErrInvalidArgument)
 	}
-	if err := writePodFiles(sb); err != nil {
+	if err := sandbox.WritePodFiles(sb); err != nil {
 		return err
 	}
 
@@ -196,13 +196,7 @@ func (p *pod) Stop(ctx context.Context) error {
 // Shutdown releases everything, CRI's pod files included.
 func (p *pod) Shutdown(ctx context.Context) error {
 	p.release(ctx)
-	var errs []error
-	for _, d := range []string{p.sb.CRIRootDir, p.sb.CRIStateDir} {
-		if err := os.RemoveAll(d); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+	return sandbox.RemovePodFiles(p.sb)
 }
 
 // release undoes create; it is idempotent.
@@ -306,50 +300,4 @@ func (p *pod) joinNamespace(t specs.LinuxNamespaceType) (path string, host bool,
 		return path, false, nil
 	}
 	return "", false, fmt.Errorf("container asks for the pod's %s namespace, which the pod does not have: %w", t, errdefs.ErrInvalidArgument)
-}
-
-// writePodFiles writes the hostname, hosts and resolv.conf files CRI
-// mounts into every container of the pod.
-func writePodFiles(sb *sandbox.Sandbox) error {
-	if err := os.MkdirAll(sb.CRIRootDir, 0o755); err != nil {
-		return err
-	}
-	hostname := sb.Config.GetHostname()
-	if hostname == "" {
-		var err error
-		if hostname, err = os.Hostname(); err != nil {
-			return err
-		}
-	}
-	if err := os.WriteFile(filepath.Join(sb.CRIRootDir, "hostname"), []byte(hostname+"\n"), 0o644); err != nil {
-		return err
-	}
-	hosts, err := os.ReadFile("/etc/hosts")
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(sb.CRIRootDir, "hosts"), hosts, 0o644); err != nil {
-		return err
-	}
-	var resolv []byte
-	if dns := sb.Config.GetDnsConfig(); dns != nil {
-		resolv = []byte(resolvConf(dns.Servers, dns.Searches, dns.Options))
-	} else if resolv, err = os.ReadFile("/etc/resolv.conf"); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return os.WriteFile(filepath.Join(sb.CRIRootDir, "resolv.conf"), resolv, 0o644)
-}
-
-func resolvConf(servers, searches, options []string) string {
-	var b strings.Builder
-	if len(searches) > 0 {
-		fmt.Fprintf(&b, "search %s\n", strings.Join(searches, " "))
-	}
-	for _, s := range servers {
-		fmt.Fprintf(&b, "nameserver %s\n", s)
-	}
-	if len(options) > 0 {
-		fmt.Fprintf(&b, "options %s\n", strings.Join(options, " "))
-	}
-	return b.String()
 }

@@ -99,22 +99,6 @@ func TestAdaptSpec(t *testing.T) {
 	}
 }
 
-func TestResolvConf(t *testing.T) {
-	tests := []struct {
-		servers, searches, options []string
-		want                       string
-	}{
-		{nil, nil, nil, ""},
-		{[]string{"10.0.0.10", "8.8.8.8"}, []string{"ns.svc.cluster.local", "svc.cluster.local"}, []string{"ndots:5"},
-			"search ns.svc.cluster.local svc.cluster.local\nnameserver 10.0.0.10\nnameserver 8.8.8.8\noptions ndots:5\n"},
-	}
-	for _, tt := range tests {
-		if got := resolvConf(tt.servers, tt.searches, tt.options); got != tt.want {
-			t.Errorf("resolvConf = %q, want %q", got, tt.want)
-		}
-	}
-}
-
 func TestRuncFailure(t *testing.T) {
 	base := errors.New("exit status 1")
 	tests := []struct {

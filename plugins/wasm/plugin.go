@@ -15,8 +15,6 @@ package wasm
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -27,6 +25,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/launch"
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
 	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost"
 )
@@ -111,22 +110,9 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 // findHost resolves the host binary: an explicit path, else one beside the
 // running executable, else one on PATH.
 func findHost(configured string) (string, error) {
-	if configured != "" {
-		if _, err := os.Stat(configured); err != nil {
-			return "", fmt.Errorf("host_path %q: %w", configured, err)
-		}
-		return configured, nil
-	}
-	const name = "kuasar-wasm-host"
-	if self, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(self), name)
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-	}
-	p, err := exec.LookPath(name)
+	p, err := launch.Find(configured, "kuasar-wasm-host")
 	if err != nil {
-		return "", fmt.Errorf("%s not found beside the daemon or on PATH (set host_path under [plugins.'io.containerd.sandbox.controller.v1.%s']): %w", name, ID, err)
+		return "", fmt.Errorf("%w (set host_path under [plugins.'io.containerd.sandbox.controller.v1.%s'])", err, ID)
 	}
 	return p, nil
 }

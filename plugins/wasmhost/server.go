@@ -3,7 +3,6 @@ package wasmhost
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/rpc"
 	"net/rpc/jsonrpc"
@@ -11,8 +10,15 @@ import (
 	"time"
 
 	"github.com/containerd/log"
-	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
 )
+
+// Listen serves the host's socket, one host per socket (a lock file guards
+// it); closing the listener removes the socket.
+func Listen(socket string) (*unixsock.Listener, error) {
+	return unixsock.Listen("unix", socket)
+}
 
 // Serve answers clients on l until ctx is done or the host has been idle
 // (no containers) for its idle time.
@@ -56,35 +62,13 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		if err := checkPeer(c); err != nil {
+		if err := unixsock.CheckPeer(c); err != nil {
 			log.G(ctx).WithError(err).Warn("wasm host refused a client")
 			c.Close()
 			continue
 		}
 		go srv.ServeCodec(jsonrpc.NewServerCodec(c))
 	}
-}
-
-// checkPeer admits only clients of the host's own user.
-func checkPeer(c *net.UnixConn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return err
-	}
-	if cerr != nil {
-		return cerr
-	}
-	if int(cred.Uid) != os.Geteuid() {
-		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
-	}
-	return nil
 }
 
 // service exposes a Host over net/rpc. Its methods follow net/rpc's shape;

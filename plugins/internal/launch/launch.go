@@ -65,3 +65,25 @@ func Detached(ctx context.Context, s Spec, ready func(context.Context) error) er
 	}
 	return fmt.Errorf("%s did not become ready: %w", filepath.Base(s.Binary), lastErr)
 }
+
+// Find resolves a helper binary: the configured path, else one named name
+// beside the running executable, else one on PATH.
+func Find(configured, name string) (string, error) {
+	if configured != "" {
+		if _, err := os.Stat(configured); err != nil {
+			return "", fmt.Errorf("%s binary %q: %w", name, configured, err)
+		}
+		return configured, nil
+	}
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), name)
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath(name)
+	if err != nil {
+		return "", fmt.Errorf("%s not found beside the daemon or on PATH: %w", name, err)
+	}
+	return p, nil
+}

@@ -1,0 +1,79 @@
+// Package unixsock is how the node-wide helpers of containerd-kuasar (the
+// process keeper, the Wasm host) serve their Unix sockets: one server per
+// socket, guarded by a lock file that outlives a stale socket, and only
+// clients of the server's own user admitted.
+package unixsock
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Listen takes the lock of socket and listens on it (network "unix" or
+// "unixpacket"), replacing a stale socket file. Close releases both.
+func Listen(network, socket string) (*Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(socket), 0o700); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(socket+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("another server holds %s: %w", lock.Name(), err)
+	}
+	_ = os.Remove(socket)
+	l, err := net.ListenUnix(network, &net.UnixAddr{Name: socket, Net: network})
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	if err := os.Chmod(socket, 0o600); err != nil {
+		l.Close()
+		lock.Close()
+		return nil, err
+	}
+	return &Listener{UnixListener: l, socket: socket, lock: lock}, nil
+}
+
+// Listener is a socket served under its lock.
+type Listener struct {
+	*net.UnixListener
+	socket string
+	lock   *os.File
+}
+
+// Close stops listening, removes the socket and releases the lock.
+func (l *Listener) Close() error {
+	err := l.UnixListener.Close()
+	os.Remove(l.socket)
+	l.lock.Close()
+	return err
+}
+
+// CheckPeer admits only clients of the calling process's own user.
+func CheckPeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
+	}
+	return nil
+}
