@@ -404,16 +404,19 @@ func TestListen(t *testing.T) {
 	if b, _ := os.ReadFile(out); len(b) > 0 {
 		t.Logf("server output:\n%s", b)
 	}
-	if !strings.Contains(string(reply), "hello from wasm over http: GET /x") || time.Since(begin) > 5*time.Second {
+	if !strings.Contains(string(reply), "hello from wasm over http: GET /x") {
 		b, _ := os.ReadFile(out)
 		t.Fatalf("reply %q; output:\n%s", reply, b)
 	}
-	// Waiting for connections must not spin.
+	// Waiting for connections must not spin: a spinning module uses a
+	// whole core; a paced one a few percent of it.
 	s1, _ := f.h.Stats(ref)
-	time.Sleep(time.Second)
+	begin = time.Now()
+	time.Sleep(2 * time.Second)
 	s2, _ := f.h.Stats(ref)
-	if used := time.Duration(s2.CPUUserNanos + s2.CPUSystemNanos - s1.CPUUserNanos - s1.CPUSystemNanos); used > 300*time.Millisecond {
-		t.Errorf("an idle server used %v of CPU in 1s", used)
+	used := time.Duration(s2.CPUUserNanos + s2.CPUSystemNanos - s1.CPUUserNanos - s1.CPUSystemNanos)
+	if share := float64(used) / float64(time.Since(begin)); share > 0.5 {
+		t.Errorf("an idle server used %v of CPU in %v", used, time.Since(begin))
 	}
 	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
 		t.Fatal(err)
