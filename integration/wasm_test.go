@@ -81,6 +81,9 @@ func TestWasmRun(t *testing.T) {
 			c.Linux.SecurityContext = &runtimeapi.LinuxContainerSecurityContext{ReadonlyRootfs: true}
 		}, code: 1, want: []string{"read-only file system"}},
 		{name: "trap", image: images.WasmLayer, args: []string{"trap"}, code: 134, want: []string{"kuasar-wasm: the module trapped"}},
+		{name: "run as user", image: images.WasmRootfs, args: []string{"write", "/app/x", "y"}, mutate: func(c *runtimeapi.ContainerConfig) {
+			c.Linux.SecurityContext = &runtimeapi.LinuxContainerSecurityContext{RunAsUser: &runtimeapi.Int64Value{Value: 1000}}
+		}, code: 1, want: []string{"permission denied"}},
 		{name: "other module of the image", image: images.WasmRootfs, mutate: func(c *runtimeapi.ContainerConfig) {
 			c.Command = []string{"hello.wasm"}
 		}, want: []string{"hello from wasm"}},

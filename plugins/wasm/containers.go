@@ -70,6 +70,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 			Args:  spec.Process.Args,
 			Env:   spec.Process.Env,
 			Cwd:   spec.Process.Cwd,
+			User:  user(spec.Process.User),
 			Stdio: stdio(c.Init.IO),
 		},
 		PodMemoryBytes: podMemoryLimit(r.pod.sb),
@@ -108,6 +109,14 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 	r.pod.track(req.ID, true)
 	go r.wait(c.Init)
 	return nil
+}
+
+// user is the OCI process user as the host takes it; root needs nothing.
+func user(u specs.User) *wasmhost.User {
+	if u.UID == 0 && u.GID == 0 && len(u.AdditionalGids) == 0 {
+		return nil
+	}
+	return &wasmhost.User{UID: u.UID, GID: u.GID, AdditionalGids: u.AdditionalGids}
 }
 
 // limits maps OCI resources to the host's limits.
@@ -203,6 +212,7 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 			Args:  p.Spec.Args,
 			Env:   p.Spec.Env,
 			Cwd:   p.Spec.Cwd,
+			User:  user(p.Spec.User),
 			Stdio: stdio(p.IO),
 		},
 	})

@@ -81,6 +81,13 @@ func newFixture(t *testing.T) *fixture {
 	if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("wasm-pod\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Chmod(filepath.Join(root, "data"), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// An image may carry device nodes: /dev/zero's here.
+	if err := unix.Mknod(filepath.Join(root, "devzero"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 5))); err != nil {
+		t.Fatal(err)
+	}
 	h, err := NewHost(context.Background(), Options{KeepModules: 2})
 	if err != nil {
 		t.Fatal(err)
@@ -177,6 +184,11 @@ func TestRun(t *testing.T) {
 			status: statusOOM, want: "allocated MiB: 16"},
 		{name: "pod memory limit", args: []string{"hog", "8"}, mutate: func(r *CreateRequest) { r.PodMemoryBytes = 40 << 20; r.Pod = "small" },
 			status: statusOOM, want: "allocated MiB: 8"},
+		{name: "user", args: []string{"write", "/app/x", "y"}, mutate: func(r *CreateRequest) { r.Process.User = &User{UID: 1000, GID: 1000} },
+			status: 1, want: "permission denied"},
+		{name: "user may write where allowed", args: []string{"write", "/data/by-user", "y"}, mutate: func(r *CreateRequest) { r.Process.User = &User{UID: 1000, GID: 1000} },
+			want: "wrote /data/by-user"},
+		{name: "device nodes do nothing", args: []string{"cat", "/devzero"}, status: 1, want: "permission denied"},
 		{name: "PATH lookup", args: []string{"echo", "found"}, mutate: func(r *CreateRequest) {
 			r.Process.Args[0] = "app"
 			r.Process.Env = append(r.Process.Env, "PATH=/app")

@@ -7,6 +7,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"unsafe"
 
 	"github.com/containerd/errdefs"
 	securejoin "github.com/cyphar/filepath-securejoin"
@@ -73,10 +74,14 @@ func isolateInit(req *CreateRequest) (_ *isolation, retErr error) {
 			return nil, err
 		}
 	}
+	// No device node or set-user-ID bit of the image has any effect: the
+	// module runs on a thread of a root process, outside any device cgroup.
+	rootFlags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NODEV | unix.MS_NOSUID)
 	if req.Readonly {
-		if err := unix.Mount("", root, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
-			return nil, fmt.Errorf("making rootfs read-only: %w", err)
-		}
+		rootFlags |= unix.MS_RDONLY
+	}
+	if err := unix.Mount("", root, "", rootFlags, ""); err != nil {
+		return nil, fmt.Errorf("remounting rootfs (nodev, nosuid, read-only: %v): %w", req.Readonly, err)
 	}
 	mntns, err := os.Open("/proc/thread-self/ns/mnt")
 	if err != nil {
@@ -211,10 +216,9 @@ func mountInRoot(root string, m Mount) error {
 		if err := unix.Mount(m.Source, dest, "", bflags, ""); err != nil {
 			return fmt.Errorf("binding %s at %s: %w", m.Source, m.Destination, err)
 		}
-		if rest := flags &^ (unix.MS_BIND | unix.MS_REC); rest != 0 {
-			if err := unix.Mount("", dest, "", unix.MS_REMOUNT|unix.MS_BIND|rest, ""); err != nil {
-				return fmt.Errorf("remounting %s: %w", m.Destination, err)
-			}
+		rest := flags&^(unix.MS_BIND|unix.MS_REC) | unix.MS_NODEV | unix.MS_NOSUID
+		if err := unix.Mount("", dest, "", unix.MS_REMOUNT|unix.MS_BIND|rest, ""); err != nil {
+			return fmt.Errorf("remounting %s: %w", m.Destination, err)
 		}
 		return nil
 	}
@@ -225,7 +229,7 @@ func mountInRoot(root string, m Mount) error {
 	if err := makeMountPoint(dest, true); err != nil {
 		return fmt.Errorf("mount point %s: %w", m.Destination, err)
 	}
-	if err := unix.Mount("tmpfs", dest, "tmpfs", flags, strings.Join(data, ",")); err != nil {
+	if err := unix.Mount("tmpfs", dest, "tmpfs", flags|unix.MS_NODEV|unix.MS_NOSUID, strings.Join(data, ",")); err != nil {
 		return fmt.Errorf("mounting tmpfs at %s: %w", m.Destination, err)
 	}
 	return nil
@@ -341,4 +345,28 @@ func mountFlags(options []string) (uintptr, []string) {
 		}
 	}
 	return flags, data
+}
+
+// setUser makes the calling thread, and only it, run as u: its file
+// accesses are then checked as that user's, with no capability left when
+// it is not root. (Go's own setuid functions change every thread.)
+func setUser(u *User) error {
+	if u == nil {
+		return nil
+	}
+	groups := u.AdditionalGids
+	var ptr unsafe.Pointer
+	if len(groups) > 0 {
+		ptr = unsafe.Pointer(&groups[0])
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, uintptr(len(groups)), uintptr(ptr), 0); e != 0 {
+		return fmt.Errorf("setting supplementary groups: %w", e)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u.GID), uintptr(u.GID), uintptr(u.GID)); e != 0 {
+		return fmt.Errorf("setting gid %d: %w", u.GID, e)
+	}
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.UID), uintptr(u.UID), uintptr(u.UID)); e != 0 {
+		return fmt.Errorf("setting uid %d: %w", u.UID, e)
+	}
+	return nil
 }

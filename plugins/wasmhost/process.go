@@ -174,6 +174,9 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 	if err := isolate(); err != nil {
 		return nil, err
 	}
+	if err := setUser(p.spec.User); err != nil {
+		return nil, err
+	}
 	t1 := time.Now()
 	m, err := module()
 	if err != nil {

@@ -53,6 +53,13 @@ type Stdio struct {
 	Terminal bool   `json:"terminal,omitempty"`
 }
 
+// User is a numeric user and its groups.
+type User struct {
+	UID            uint32   `json:"uid"`
+	GID            uint32   `json:"gid"`
+	AdditionalGids []uint32 `json:"additionalGids,omitempty"`
+}
+
 // Module says where a container's Wasm module comes from.
 type Module struct {
 	// Path is a module file on the host (an image layer blob). When empty,
@@ -68,6 +75,8 @@ type Process struct {
 	Args []string `json:"args"`
 	Env  []string `json:"env,omitempty"`
 	Cwd  string   `json:"cwd,omitempty"`
+	// User the module's file accesses are checked as (nil: root).
+	User *User `json:"user,omitempty"`
 	// Stdio of the process.
 	Stdio Stdio `json:"stdio"`
 }
