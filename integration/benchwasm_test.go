@@ -107,15 +107,8 @@ func TestBenchWasm(t *testing.T) {
 		}
 		return pods
 	}
-	coldPods := run("cold", n, func(i int) string { return fmt.Sprintf("docker.io/library/wasm-cold:%d", i) }, false)
-	b.removeAll(t, coldPods)
-	appPods := run("warm", n, func(int) string { return images.WasmLayer }, false)
-	rep.AppPods = b.memory(t, len(appPods), rep.IdleKB)
-	b.removeAll(t, appPods)
-	b.removeAll(t, run("warm-minimal", n, func(int) string { return images.WasmSleep }, false))
-	b.removeAll(t, run("warm-minimal-hostnet", n, func(int) string { return images.WasmSleep }, true))
-
-	// Memory with 10, 50, 100 ... maxPods minimal pods running.
+	// Memory first, on a host that has run nothing else: 10, 50, 100 ...
+	// maxPods minimal pods running.
 	var pods []string
 	for _, size := range []int{10, 50, 100, maxPods} {
 		if size > maxPods || (len(rep.Memory) > 0 && size <= rep.Memory[len(rep.Memory)-1].Pods) {
@@ -127,6 +120,16 @@ func TestBenchWasm(t *testing.T) {
 		rep.Memory = append(rep.Memory, b.memory(t, len(pods), rep.IdleKB))
 	}
 	b.removeAll(t, pods)
+
+	b.removeAll(t, run("warm-minimal", n, func(int) string { return images.WasmSleep }, false))
+	b.removeAll(t, run("warm-minimal-hostnet", n, func(int) string { return images.WasmSleep }, true))
+	// The Go module, compiled once beforehand; then n modules never
+	// compiled.
+	b.removeAll(t, []string{b.start(t, "compile", images.WasmLayer, false, "compile")})
+	appPods := run("warm", n, func(int) string { return images.WasmLayer }, false)
+	rep.AppPods = b.memory(t, len(appPods), rep.IdleKB)
+	b.removeAll(t, appPods)
+	b.removeAll(t, run("cold", n, func(i int) string { return fmt.Sprintf("docker.io/library/wasm-cold:%d", i) }, false))
 
 	must(t, writeWasm(outDir, rep), "writing results")
 	t.Log("\n" + wasmMarkdown(rep))

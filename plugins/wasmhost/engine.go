@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"runtime/debug"
 	"strings"
 	"sync"
 
@@ -182,6 +183,7 @@ func (e *engine) release(c *compiled) {
 		return
 	}
 	c.elem = e.unused.PushBack(c)
+	closed := false
 	for e.unused.Len() > e.keepUnused {
 		old := e.unused.Remove(e.unused.Front()).(*compiled)
 		old.elem = nil
@@ -189,6 +191,12 @@ func (e *engine) release(c *compiled) {
 		if err := old.cm.Close(context.Background()); err != nil {
 			log.L.WithError(err).Debug("closing compiled module")
 		}
+		closed = true
+	}
+	if closed {
+		// Compiled code is large (several times the module): give the
+		// memory back to the node now rather than whenever it is asked.
+		go debug.FreeOSMemory()
 	}
 }
 
