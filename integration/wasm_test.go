@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/integration/images"
@@ -435,4 +436,17 @@ func TestWasmNoProcesses(t *testing.T) {
 		d.removePod(t, p)
 	}
 	d.removePod(t, pod)
+}
+
+// TestWasmMissingHost: without kuasar-wasm-host, a Wasm pod is refused with
+// what to install and where to configure it; other handlers are unaffected.
+func TestWasmMissingHost(t *testing.T) {
+	d := startDaemon(t, daemonOptions{extraConfig: `
+[plugins.'io.containerd.sandbox.controller.v1.kuasar-wasm']
+  host_path = "/nonexistent/kuasar-wasm-host"`})
+	_, err := d.RS.RunPodSandbox(ctx(t), &runtimeapi.RunPodSandboxRequest{Config: d.podConfig("wasm-nohost"), RuntimeHandler: kuasarWasm})
+	expectErr(t, err, "host_path")
+	expectCode(t, err, codes.FailedPrecondition)
+	cfg := d.podConfig("runc-still")
+	d.removePod(t, d.runPod(t, kuasarRunc, cfg))
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/metadata"
 	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 
@@ -82,8 +83,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	case "none":
 		cacheDir = ""
 	}
-	bin, err := findHost(cfg.HostPath)
-	if err != nil {
+	if _, err := findHost(cfg.HostPath); err != nil {
 		log.G(ic.Context).WithError(err).Warn("kuasar-wasm pods will fail until kuasar-wasm-host is installed")
 	}
 	args := []string{"--idle", idle.String(), "--keep-modules", fmt.Sprint(cfg.KeepModules), "--log-level", log.GetLevel().String()}
@@ -95,7 +95,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 		cfg: cfg,
 		env: env,
 		host: wasmhost.NewClient(wasmhost.Launch{
-			Binary:  bin,
+			Find:    func() (string, error) { return findHost(cfg.HostPath) },
 			Socket:  filepath.Join(env.State, "host.sock"),
 			LogPath: filepath.Join(env.State, "host.log"),
 			Args:    args,
@@ -119,6 +119,12 @@ func findHost(configured string) (string, error) {
 
 // Create builds a pod.
 func (k *kind) Create(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instance, error) {
+	// Say it now, on the pod, rather than on its first container.
+	if k.host.Boot(ctx, false) == "" {
+		if _, err := findHost(k.cfg.HostPath); err != nil {
+			return nil, fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
+		}
+	}
 	p := &pod{k: k, sb: sb, containers: map[string]bool{}}
 	if err := p.create(ctx); err != nil {
 		return nil, err

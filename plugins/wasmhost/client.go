@@ -23,7 +23,10 @@ var ErrHostGone = fmt.Errorf("the wasm host is gone: %w", errdefs.ErrUnavailable
 // Launch says how to reach the host, and how to start it when none
 // answers.
 type Launch struct {
-	Binary  string   // kuasar-wasm-host executable
+	Binary string // kuasar-wasm-host executable
+	// Find resolves the executable when Binary is empty, at each start, so
+	// that installing it needs no daemon restart.
+	Find    func() (string, error)
 	Socket  string   // socket it serves
 	LogPath string   // its log file
 	Args    []string // extra arguments
@@ -92,11 +95,18 @@ func (c *Client) conn(ctx context.Context, start bool) (*rpc.Client, HelloReply,
 	}
 	rc, h, err := dial(ctx, c.launch.Socket)
 	if err != nil && start {
-		if c.launch.Binary == "" {
+		bin := c.launch.Binary
+		if bin == "" && c.launch.Find != nil {
+			var ferr error
+			if bin, ferr = c.launch.Find(); ferr != nil {
+				return nil, HelloReply{}, fmt.Errorf("%w: %w", ferr, errdefs.ErrFailedPrecondition)
+			}
+		}
+		if bin == "" {
 			return nil, HelloReply{}, fmt.Errorf("no kuasar-wasm-host binary: install it beside containerd-kuasar or set host_path: %w", errdefs.ErrFailedPrecondition)
 		}
 		err = launch.Detached(ctx, launch.Spec{
-			Binary:  c.launch.Binary,
+			Binary:  bin,
 			Args:    append([]string{"--socket", c.launch.Socket}, c.launch.Args...),
 			LogPath: c.launch.LogPath,
 		}, func(ctx context.Context) error {
