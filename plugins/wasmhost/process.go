@@ -526,6 +526,9 @@ func (s *stdio) stdinReader() io.Reader {
 
 // report writes a line of the host's own to the process's stderr.
 func (s *stdio) report(msg string) {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.err != nil {
@@ -536,6 +539,9 @@ func (s *stdio) report(msg string) {
 
 // interrupt makes blocked reads and writes of the module return.
 func (s *stdio) interrupt() {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := time.Now()
@@ -557,6 +563,9 @@ func (s *stdio) interrupt() {
 // closeStdin lets the module see end of file once the daemon's writer is
 // gone too.
 func (s *stdio) closeStdin() {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.inKeep != nil {
@@ -566,6 +575,9 @@ func (s *stdio) closeStdin() {
 }
 
 func (s *stdio) closeOutputs() {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.out != nil {
@@ -578,6 +590,9 @@ func (s *stdio) closeOutputs() {
 }
 
 func (s *stdio) close() {
+	if s == nil {
+		return
+	}
 	s.closeOutputs()
 	s.closeStdin()
 	s.mu.Lock()

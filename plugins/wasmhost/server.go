@@ -3,10 +3,12 @@ package wasmhost
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/rpc"
 	"net/rpc/jsonrpc"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/containerd/log"
@@ -78,12 +80,22 @@ type service struct {
 	ctx context.Context
 }
 
+// guard turns a panic in a call into its error: a bug met by one call
+// must not end the host, and every Wasm container with it.
+func guard(err *error) {
+	if r := recover(); r != nil {
+		log.L.WithField("panic", r).WithField("stack", string(debug.Stack())).Error("wasm host call panicked")
+		*err = fmt.Errorf("wasm host internal error: %v", r)
+	}
+}
+
 func (s *service) Hello(_ *Empty, r *HelloReply) error {
 	*r = HelloReply{Version: ProtocolVersion, Pid: os.Getpid(), Boot: s.h.boot}
 	return nil
 }
 
 func (s *service) Create(req *CreateRequest, r *State) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Create(s.ctx, req)
 	if err != nil {
 		log.G(s.ctx).WithError(err).WithField("container", req.ID).Info("wasm container not created")
@@ -92,57 +104,69 @@ func (s *service) Create(req *CreateRequest, r *State) (err error) {
 }
 
 func (s *service) Exec(req *ExecRequest, r *State) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Exec(s.ctx, req)
 	return encodeError(err)
 }
 
 func (s *service) Start(req *Ref, r *State) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Start(*req)
 	return encodeError(err)
 }
 
 func (s *service) Wait(req *Ref, r *Exit) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Wait(s.ctx, *req)
 	return encodeError(err)
 }
 
 func (s *service) State(req *Ref, r *State) (err error) {
+	defer guard(&err)
 	*r, err = s.h.State(*req)
 	return encodeError(err)
 }
 
-func (s *service) Kill(req *KillRequest, _ *Empty) error {
+func (s *service) Kill(req *KillRequest, _ *Empty) (err error) {
+	defer guard(&err)
 	return encodeError(s.h.Kill(*req))
 }
 
 func (s *service) Delete(req *Ref, r *State) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Delete(*req)
 	return encodeError(err)
 }
 
-func (s *service) CloseStdin(req *Ref, _ *Empty) error {
+func (s *service) CloseStdin(req *Ref, _ *Empty) (err error) {
+	defer guard(&err)
 	return encodeError(s.h.CloseStdin(*req))
 }
 
-func (s *service) Update(req *UpdateRequest, _ *Empty) error {
+func (s *service) Update(req *UpdateRequest, _ *Empty) (err error) {
+	defer guard(&err)
 	return encodeError(s.h.Update(*req))
 }
 
 func (s *service) Stats(req *Ref, r *Stats) (err error) {
+	defer guard(&err)
 	*r, err = s.h.Stats(*req)
 	return encodeError(err)
 }
 
-func (s *service) List(req *PodRequest, r *[]State) error {
+func (s *service) List(req *PodRequest, r *[]State) (err error) {
+	defer guard(&err)
 	*r = s.h.List(req.Pod)
 	return nil
 }
 
-func (s *service) ReleasePod(req *PodRequest, _ *Empty) error {
+func (s *service) ReleasePod(req *PodRequest, _ *Empty) (err error) {
+	defer guard(&err)
 	return encodeError(s.h.ReleasePod(req.Pod))
 }
 
-func (s *service) HostStats(_ *Empty, r *HostStats) error {
+func (s *service) HostStats(_ *Empty, r *HostStats) (err error) {
+	defer guard(&err)
 	*r = s.h.HostStats()
 	return nil
 }
