@@ -58,6 +58,12 @@ func run() error {
 	defer cancel()
 	// Writes to a pipe whose reader is gone fail; they do not kill the host.
 	signal.Ignore(unix.SIGPIPE)
+	// Every module of the node shares this process's descriptor table.
+	var nofile unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &nofile); err == nil && nofile.Cur < nofile.Max {
+		nofile.Cur = nofile.Max
+		_ = unix.Setrlimit(unix.RLIMIT_NOFILE, &nofile)
+	}
 
 	// One host per socket.
 	l, err := wasmhost.Listen(*socket)

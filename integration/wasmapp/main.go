@@ -118,6 +118,13 @@ func main() {
 	case "stdin":
 		n, err := io.Copy(os.Stdout, bufio.NewReader(os.Stdin))
 		fmt.Printf("stdin closed after %d bytes (%v)\n", n, err)
+	case "poll-overflow":
+		// A hostile poll_oneoff: a subscription count whose size wraps
+		// around 32 bits. The host must refuse it, not fall over.
+		var buf [64]byte
+		var n uint32
+		errno := pollOneoff(unsafe.Pointer(&buf[0]), unsafe.Pointer(&buf[0]), 4205488811, unsafe.Pointer(&n))
+		fmt.Println("poll_oneoff errno", errno)
 	case "trap":
 		fmt.Println("trapping")
 		p := (*byte)(unsafe.Pointer(uintptr(0xfffffff0)))
@@ -162,3 +169,6 @@ func check(err error) {
 		os.Exit(1)
 	}
 }
+
+//go:wasmimport wasi_snapshot_preview1 poll_oneoff
+func pollOneoff(in, out unsafe.Pointer, n uint32, nevents unsafe.Pointer) uint32

@@ -67,11 +67,12 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 		RootfsDir: filepath.Join(c.Bundle, "rootfs"),
 		Module:    module,
 		Process: wasmhost.Process{
-			Args:  spec.Process.Args,
-			Env:   spec.Process.Env,
-			Cwd:   spec.Process.Cwd,
-			User:  user(spec.Process.User),
-			Stdio: stdio(c.Init.IO),
+			Args:         spec.Process.Args,
+			Env:          spec.Process.Env,
+			Cwd:          spec.Process.Cwd,
+			User:         user(spec.Process.User),
+			Capabilities: capabilities(spec.Process.Capabilities),
+			Stdio:        stdio(c.Init.IO),
 		},
 		PodMemoryBytes: podMemoryLimit(r.pod.sb),
 	}
@@ -99,6 +100,10 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 	begin := time.Now()
 	st, err := r.k.host.Create(ctx, req)
 	if err != nil {
+		if ctx.Err() != nil {
+			// The host may still finish what we gave up on.
+			go r.abandon(wasmhost.Ref{ID: req.ID})
+		}
 		return fmt.Errorf("%s: %w", ID, err)
 	}
 	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("wasm host create")
@@ -117,6 +122,35 @@ func user(u specs.User) *wasmhost.User {
 		return nil
 	}
 	return &wasmhost.User{UID: u.UID, GID: u.GID, AdditionalGids: u.AdditionalGids}
+}
+
+// abandon removes from the host a process whose creation the daemon gave up
+// waiting for, once the host has finished creating it.
+func (r *containers) abandon(ref wasmhost.Ref) {
+	ctx := context.Background()
+	for deadline := time.Now().Add(abandonTimeout); time.Now().Before(deadline); time.Sleep(time.Second) {
+		_ = r.k.host.Kill(ctx, ref, int(unix.SIGKILL), true)
+		_, err := r.k.host.Delete(ctx, ref)
+		switch {
+		case err == nil:
+			log.G(ctx).WithField("container", ref.ID).WithField("exec", ref.ExecID).Info("removed a wasm process whose creation was abandoned")
+			return
+		case errors.Is(err, wasmhost.ErrHostGone):
+			return
+		}
+		// Not found yet (still being created), or still ending: again.
+	}
+}
+
+// abandonTimeout bounds how long an abandoned creation is waited for.
+const abandonTimeout = time.Minute
+
+// capabilities are the OCI process's, as the host takes them.
+func capabilities(c *specs.LinuxCapabilities) *wasmhost.Capabilities {
+	if c == nil {
+		return nil
+	}
+	return &wasmhost.Capabilities{Bounding: c.Bounding, Effective: c.Effective, Permitted: c.Permitted, Inheritable: c.Inheritable}
 }
 
 // limits maps OCI resources to the host's limits.
@@ -209,14 +243,18 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 		ID:     hostID(p.Container),
 		ExecID: p.ExecID,
 		Process: wasmhost.Process{
-			Args:  p.Spec.Args,
-			Env:   p.Spec.Env,
-			Cwd:   p.Spec.Cwd,
-			User:  user(p.Spec.User),
-			Stdio: stdio(p.IO),
+			Args:         p.Spec.Args,
+			Env:          p.Spec.Env,
+			Cwd:          p.Spec.Cwd,
+			User:         user(p.Spec.User),
+			Capabilities: capabilities(p.Spec.Capabilities),
+			Stdio:        stdio(p.IO),
 		},
 	})
 	if err != nil {
+		if ctx.Err() != nil {
+			go r.abandon(ref(p))
+		}
 		if errdefs.IsNotFound(err) {
 			return fmt.Errorf("%s runs WebAssembly modules only, and exec needs one: %w", ID, err)
 		}

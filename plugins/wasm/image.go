@@ -66,6 +66,10 @@ func (k *kind) moduleFromImage(ctx context.Context, ns, image, arg0 string) (was
 	if err != nil {
 		return wasmhost.Module{}, fmt.Errorf("image %s: %w", image, err)
 	}
+	if layer.Size > wasmhost.MaxModuleSize {
+		return wasmhost.Module{}, fmt.Errorf("image %s: module layer of %d bytes, over the limit of %d: %w",
+			image, layer.Size, wasmhost.MaxModuleSize, errdefs.ErrInvalidArgument)
+	}
 	p, err := k.blobPath(ctx, layer)
 	if err != nil {
 		return wasmhost.Module{}, fmt.Errorf("image %s: module layer %s: %w", image, layer.Digest, err)

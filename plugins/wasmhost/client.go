@@ -9,6 +9,7 @@ import (
 	"net/rpc"
 	"net/rpc/jsonrpc"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -19,6 +20,9 @@ import (
 // ErrHostGone is returned by calls whose connection to the host broke: the
 // host exited or was killed, and the processes it ran with it.
 var ErrHostGone = fmt.Errorf("the wasm host is gone: %w", errdefs.ErrUnavailable)
+
+// errNotSent is a call that never left: the connection had broken before.
+var errNotSent = fmt.Errorf("connection closed before the call: %w", ErrHostGone)
 
 // Launch says how to reach the host, and how to start it when none
 // answers.
@@ -159,7 +163,10 @@ func callOn(ctx context.Context, rc *rpc.Client, method string, args, reply any)
 		return nil
 	case errors.As(err, &se):
 		return decodeError(string(se))
-	case errors.Is(err, rpc.ErrShutdown), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+	case errors.Is(err, rpc.ErrShutdown), errors.Is(err, syscall.EPIPE), errors.Is(err, net.ErrClosed):
+		// The connection was gone before the call could be written.
+		return errNotSent
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
 		return ErrHostGone
 	default:
 		return err
@@ -180,14 +187,40 @@ func (c *Client) call(ctx context.Context, start bool, method string, args, repl
 	if errors.Is(err, ErrHostGone) {
 		c.drop(rc)
 	}
+	if errors.Is(err, errNotSent) {
+		// A connection to a host that has exited since (idle, or killed):
+		// the call never reached it, so it can be made again.
+		if rc, _, err = c.conn(ctx, start); err != nil {
+			if !start {
+				return fmt.Errorf("%w: %w", ErrHostGone, err)
+			}
+			return err
+		}
+		if err = callOn(ctx, rc, method, args, reply); errors.Is(err, ErrHostGone) {
+			c.drop(rc)
+		}
+	}
 	return err
 }
 
-// Create creates a container (starting the host if needed).
+// Create creates a container, starting the host if needed. A host that
+// is on its way out for idleness refuses it: the call is made again once a
+// new host has taken over.
 func (c *Client) Create(ctx context.Context, req *CreateRequest) (State, error) {
 	var st State
-	err := c.call(ctx, true, "Create", req, &st)
-	return st, err
+	var err error
+	for delay := retryDelay; ; delay *= 2 {
+		err = c.call(ctx, true, "Create", req, &st)
+		if !errdefs.IsUnavailable(err) || delay > 3*time.Second {
+			return st, err
+		}
+		c.Close()
+		select {
+		case <-ctx.Done():
+			return st, ctx.Err()
+		case <-time.After(delay):
+		}
+	}
 }
 
 // Exec prepares an exec.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	godigest "github.com/opencontainers/go-digest"
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
 )
@@ -119,7 +120,7 @@ func (e *engine) compile(ctx context.Context, digest string, load func() ([]byte
 	if err != nil {
 		return nil, err
 	}
-	if digest != "" && Digest(code) != digest {
+	if d, err := godigest.Parse(digest); err != nil || d.Algorithm().FromBytes(code) != d {
 		return nil, fmt.Errorf("module content does not match digest %s: %w", digest, errdefs.ErrInvalidArgument)
 	}
 	// Compile on a thread of the host's: the caller may be a container's

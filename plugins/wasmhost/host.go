@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"sort"
 	"sync"
@@ -40,7 +39,8 @@ type Host struct {
 	containers map[string]*container
 	pods       map[string]*pod
 	running    int
-	listening  int // containers with pre-opened sockets
+	listening  int  // containers with pre-opened sockets
+	closing    bool // exiting for idleness: no more containers
 	busyAt     time.Time
 }
 
@@ -54,8 +54,12 @@ type container struct {
 	module  *compiled // the init's module, shared with execs running it
 	init    *process
 
-	mu    sync.Mutex
-	execs map[string]*process
+	mu       sync.Mutex
+	execs    map[string]*process
+	deleting bool // set once, by the delete that releases the container
+
+	deleteOnce sync.Once
+	deleted    chan struct{} // closed once the container is released
 }
 
 // pod groups containers under the pod's memory limit.
@@ -70,6 +74,7 @@ func NewHost(ctx context.Context, o Options) (*Host, error) {
 	if err != nil {
 		return nil, err
 	}
+	_ = lastCap() // while /proc is the host's
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	return &Host{
@@ -134,6 +139,10 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		return State{}, fmt.Errorf("container %s has no command: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
 	h.mu.Lock()
+	if h.closing {
+		h.mu.Unlock()
+		return State{}, fmt.Errorf("the wasm host is exiting: %w", errdefs.ErrUnavailable)
+	}
 	if _, ok := h.containers[req.ID]; ok {
 		h.mu.Unlock()
 		return State{}, fmt.Errorf("wasm container %q: %w", req.ID, errdefs.ErrAlreadyExists)
@@ -147,7 +156,8 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		pd.acc.setLimit(req.PodMemoryBytes)
 	}
 	pd.refs++
-	c := &container{id: req.ID, pod: req.Pod, req: req, acc: newAccount(pd.acc, req.Limits.MemoryBytes), execs: map[string]*process{}}
+	c := &container{id: req.ID, pod: req.Pod, req: req, acc: newAccount(pd.acc, req.Limits.MemoryBytes),
+		execs: map[string]*process{}, deleted: make(chan struct{})}
 	h.containers[req.ID] = c // reserved; init is set once created
 	h.busyAt = time.Now()
 	h.mu.Unlock()
@@ -210,11 +220,11 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		// A layer blob on the host: read it (if not compiled already)
 		// before the thread leaves the host's mounts.
 		m, err := h.engine.acquire(ctx, req.Module.Digest, func() ([]byte, error) {
-			b, err := os.ReadFile(req.Module.Path)
-			if err != nil {
-				return nil, fmt.Errorf("reading module layer: %w: %w", err, errdefs.ErrNotFound)
+			b, err := readModule(req.Module.Path)
+			if errors.Is(err, errNotModuleFile) {
+				return nil, fmt.Errorf("module layer %s is not a readable file: %w", req.Module.Path, errdefs.ErrNotFound)
 			}
-			return b, nil
+			return b, err
 		})
 		if err != nil {
 			return State{}, err
@@ -264,6 +274,9 @@ func (h *Host) forget(c *container) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.containers[c.id] != c {
+		return // already forgotten
+	}
 	if c.init != nil && len(c.req.Listen) > 0 {
 		h.listening--
 	}
@@ -289,12 +302,24 @@ func (h *Host) Exec(ctx context.Context, req *ExecRequest) (_ State, retErr erro
 	if c.init.state().Status != Running {
 		return State{}, fmt.Errorf("wasm container %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
 	}
+	p := newProcess(h, c, req.ExecID, req.Process)
+	if p.stdio, err = openStdio(req.Process.Stdio); err != nil {
+		return State{}, err
+	}
+	defer func() {
+		if retErr != nil {
+			p.stdio.close()
+		}
+	}()
 	c.mu.Lock()
+	if c.deleting {
+		c.mu.Unlock()
+		return State{}, fmt.Errorf("wasm container %q is being deleted: %w", req.ID, errdefs.ErrFailedPrecondition)
+	}
 	if _, ok := c.execs[req.ExecID]; ok {
 		c.mu.Unlock()
 		return State{}, fmt.Errorf("exec %q: %w", req.ExecID, errdefs.ErrAlreadyExists)
 	}
-	p := newProcess(h, c, req.ExecID, req.Process)
 	c.execs[req.ExecID] = p
 	c.mu.Unlock()
 	defer func() {
@@ -302,14 +327,6 @@ func (h *Host) Exec(ctx context.Context, req *ExecRequest) (_ State, retErr erro
 			c.mu.Lock()
 			delete(c.execs, req.ExecID)
 			c.mu.Unlock()
-		}
-	}()
-	if p.stdio, err = openStdio(req.Process.Stdio); err != nil {
-		return State{}, err
-	}
-	defer func() {
-		if retErr != nil {
-			p.stdio.close()
 		}
 	}()
 	cwd := req.Process.Cwd
@@ -347,6 +364,9 @@ func (h *Host) Start(r Ref) (State, error) {
 	case Running:
 		p.mu.Unlock()
 		return State{}, fmt.Errorf("process %s is already running: %w", r.ID, errdefs.ErrFailedPrecondition)
+	case Stopped:
+		p.mu.Unlock()
+		return State{}, fmt.Errorf("process %s has exited: %w", r.ID, errdefs.ErrFailedPrecondition)
 	}
 	p.mu.Unlock()
 	p.startOnce.Do(func() { close(p.start) })
@@ -443,32 +463,48 @@ func (h *Host) Delete(r Ref) (State, error) {
 }
 
 // deleteContainer releases a container; with force it kills what still
-// runs in it first.
+// runs in it first. It releases a container once, however many deletes
+// race for it; the others wait for that one.
 func (h *Host) deleteContainer(c *container, force bool) error {
-	procs := []*process{}
-	if c.init != nil {
-		procs = append(procs, c.init)
+	if !force && c.init != nil && c.init.state().Status == Running {
+		return fmt.Errorf("wasm container %s is running: %w", c.id, errdefs.ErrFailedPrecondition)
 	}
-	c.mu.Lock()
-	for _, e := range c.execs {
-		procs = append(procs, e)
-	}
-	c.mu.Unlock()
-	for _, p := range procs {
-		if p.state().Status != Stopped {
-			if !force && p == c.init {
-				return fmt.Errorf("wasm container %s is running: %w", c.id, errdefs.ErrFailedPrecondition)
-			}
-			p.kill(128+int(unix.SIGKILL), false)
+	c.deleteOnce.Do(func() {
+		c.mu.Lock()
+		c.deleting = true // no exec joins from now on
+		procs := make([]*process, 0, len(c.execs)+1)
+		if c.init != nil {
+			procs = append(procs, c.init)
 		}
-	}
-	for _, p := range procs {
-		<-p.done
-		p.stdio.close()
-	}
-	h.forget(c)
+		for _, e := range c.execs {
+			procs = append(procs, e)
+		}
+		c.mu.Unlock()
+		for _, p := range procs {
+			if p.state().Status != Stopped {
+				p.kill(128+int(unix.SIGKILL), false)
+			}
+		}
+		for _, p := range procs {
+			select {
+			case <-p.done:
+			case <-time.After(stuckTimeout):
+				// Blocked where no kill reaches (a write to a pipe nobody
+				// reads): release the container anyway; the thread cleans
+				// up after itself when it returns.
+				log.L.WithField("container", c.id).WithField("exec", p.execID).Error("a wasm process did not end after SIGKILL; releasing its container anyway")
+			}
+			p.stdio.close()
+		}
+		h.forget(c)
+		close(c.deleted)
+	})
+	<-c.deleted
 	return nil
 }
+
+// stuckTimeout is how long a delete waits for a killed process.
+const stuckTimeout = 10 * time.Second
 
 // CloseStdin closes a process's stdin (once the daemon's writer is gone).
 func (h *Host) CloseStdin(r Ref) error {
@@ -629,12 +665,14 @@ func (h *Host) collectSockets(ctx context.Context) {
 	}
 }
 
-// idleFor reports how long the host has had no container.
-func (h *Host) idleFor() time.Duration {
+// beginIdleExit reports whether the host has had no container for idle,
+// and if so stops taking new ones.
+func (h *Host) beginIdleExit(idle time.Duration) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.containers) > 0 {
-		return 0
+	if len(h.containers) > 0 || time.Since(h.busyAt) < idle {
+		return false
 	}
-	return time.Since(h.busyAt)
+	h.closing = true
+	return true
 }

@@ -84,6 +84,12 @@ func newFixture(t *testing.T) *fixture {
 	if err := os.Chmod(filepath.Join(root, "data"), 0o777); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.Mkdir(filepath.Join(root, "sealed"), 0o555); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mkfifo(filepath.Join(root, "fifo"), 0o666); err != nil {
+		t.Fatal(err)
+	}
 	// An image may carry device nodes: /dev/zero's here.
 	if err := unix.Mknod(filepath.Join(root, "devzero"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 5))); err != nil {
 		t.Fatal(err)
@@ -189,6 +195,13 @@ func TestRun(t *testing.T) {
 		{name: "user may write where allowed", args: []string{"write", "/data/by-user", "y"}, mutate: func(r *CreateRequest) { r.Process.User = &User{UID: 1000, GID: 1000} },
 			want: "wrote /data/by-user"},
 		{name: "device nodes do nothing", args: []string{"cat", "/devzero"}, status: 1, want: "permission denied"},
+		{name: "root with the capabilities it keeps", args: []string{"write", "/sealed/x", "y"}, status: 0, want: "wrote /sealed/x"},
+		{name: "root without CAP_DAC_OVERRIDE", args: []string{"write", "/sealed/y", "y"}, status: 1, want: "permission denied",
+			mutate: func(r *CreateRequest) {
+				r.Process.Capabilities = &Capabilities{Bounding: []string{"CAP_CHOWN"}, Effective: []string{"CAP_CHOWN"}}
+			}},
+		{name: "hostile poll_oneoff", args: []string{"poll-overflow"}, want: "poll_oneoff errno 28"},
+		{name: "a FIFO in the image does not hang the module", args: []string{"cat", "/fifo"}}, // reads as empty: no writer
 		{name: "PATH lookup", args: []string{"echo", "found"}, mutate: func(r *CreateRequest) {
 			r.Process.Args[0] = "app"
 			r.Process.Env = append(r.Process.Env, "PATH=/app")
@@ -445,5 +458,128 @@ func TestListen(t *testing.T) {
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()
 		t.Error("listener still open after delete")
+	}
+}
+
+func TestExecEndsWithInit(t *testing.T) {
+	f := newFixture(t)
+	req, _, err := f.create(nil, "sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := Ref{ID: req.ID}
+	if _, err := f.h.Start(ref); err != nil {
+		t.Fatal(err)
+	}
+	eref := Ref{ID: req.ID, ExecID: "e"}
+	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e", Process: Process{Args: []string{"/app/app.wasm", "sleep"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.h.Start(eref); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := f.h.Wait(ctx, eref); err != nil {
+		t.Fatalf("the exec outlived its container's init: %v", err)
+	}
+	if _, err := f.h.Start(ref); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("starting an exited process: %v", err)
+	}
+	if _, err := f.h.Delete(ref); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConcurrentDeletes(t *testing.T) {
+	f := newFixture(t)
+	var reqs []*CreateRequest
+	for i := 0; i < 2; i++ {
+		req, _, err := f.create(func(r *CreateRequest) { r.PodMemoryBytes = 512 << 20 }, "sleep")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.h.Start(Ref{ID: req.ID}); err != nil {
+			t.Fatal(err)
+		}
+		reqs = append(reqs, req)
+	}
+	gone := Ref{ID: reqs[0].ID}
+	if err := f.h.Kill(KillRequest{Ref: gone, Signal: int(unix.SIGKILL)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.h.Wait(context.Background(), gone); err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 3)
+	for i := 0; i < 3; i++ {
+		go func() {
+			_, err := f.h.Delete(gone)
+			if errdefs.IsNotFound(err) {
+				err = nil // one of the others got there first
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < 3; i++ {
+		if err := <-errs; err != nil {
+			t.Errorf("delete: %v", err)
+		}
+	}
+	if st := f.h.HostStats(); st.Containers != 1 || st.Pods != 1 {
+		t.Fatalf("after deleting one of two containers: %+v", st)
+	}
+	if err := f.h.ReleasePod("pod"); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.h.HostStats(); st.Containers != 0 || st.Pods != 0 {
+		t.Fatalf("after releasing the pod: %+v", st)
+	}
+}
+
+// TestClientReconnects: a host that went away (idle, or killed) and came
+// back is reached again by the next call, which is made once more.
+func TestClientReconnects(t *testing.T) {
+	needRoot(t)
+	sock := filepath.Join(t.TempDir(), "host.sock")
+	serve := func() (context.CancelFunc, chan struct{}) {
+		h, err := NewHost(context.Background(), Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := Listen(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = h.Serve(ctx, l.UnixListener)
+			l.Close()
+			h.Close(context.Background())
+		}()
+		return cancel, done
+	}
+	stop, done := serve()
+	c := NewClient(Launch{Socket: sock})
+	defer c.Close()
+	first, err := c.Connect(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	<-done
+	stop, done = serve()
+	defer func() { stop(); <-done }()
+	st, err := c.HostStats(context.Background())
+	if err != nil {
+		t.Fatalf("call after the host came back: %v", err)
+	}
+	if boot := c.Boot(context.Background(), false); boot == first.Boot || st.Containers != 0 {
+		t.Fatalf("still on the old host (%s), or stats %+v", boot, st)
 	}
 }

@@ -6,9 +6,12 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"unsafe"
 
+	capability "github.com/containerd/containerd/v2/pkg/cap"
 	"github.com/containerd/errdefs"
 	securejoin "github.com/cyphar/filepath-securejoin"
 	"golang.org/x/sys/unix"
@@ -325,7 +328,7 @@ func shortenLowerdirs(data []string) (string, []string, error) {
 // mountFlags splits mount options into flags and file system data.
 func mountFlags(options []string) (uintptr, []string) {
 	set := map[string]uintptr{
-		"ro": unix.MS_RDONLY, "nosuid": unix.MS_NOSUID, "nodev": unix.MS_NODEV,
+		"ro": unix.MS_RDONLY, "rro": unix.MS_RDONLY, "nosuid": unix.MS_NOSUID, "nodev": unix.MS_NODEV,
 		"noexec": unix.MS_NOEXEC, "sync": unix.MS_SYNCHRONOUS, "dirsync": unix.MS_DIRSYNC,
 		"noatime": unix.MS_NOATIME, "nodiratime": unix.MS_NODIRATIME, "relatime": unix.MS_RELATIME,
 		"strictatime": unix.MS_STRICTATIME, "bind": unix.MS_BIND, "rbind": unix.MS_BIND | unix.MS_REC,
@@ -347,26 +350,102 @@ func mountFlags(options []string) (uintptr, []string) {
 	return flags, data
 }
 
-// setUser makes the calling thread, and only it, run as u: its file
-// accesses are then checked as that user's, with no capability left when
-// it is not root. (Go's own setuid functions change every thread.)
-func setUser(u *User) error {
-	if u == nil {
-		return nil
+// setCredentials makes the calling thread, and only it, run as u with
+// caps: its file accesses are then checked as that user's, with only the
+// capabilities the container keeps (none when it is not root). Go's own
+// setuid functions would change every thread of the host.
+func setCredentials(u *User, caps *Capabilities) error {
+	if caps != nil {
+		keep, err := capMask(caps.Bounding)
+		if err != nil {
+			return err
+		}
+		for c := 0; c <= lastCap(); c++ {
+			if keep&(1<<c) == 0 {
+				if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
+					return fmt.Errorf("dropping capability %d from the bounding set: %w", c, err)
+				}
+			}
+		}
 	}
-	groups := u.AdditionalGids
-	var ptr unsafe.Pointer
-	if len(groups) > 0 {
-		ptr = unsafe.Pointer(&groups[0])
+	if u != nil {
+		groups := u.AdditionalGids
+		var ptr unsafe.Pointer
+		if len(groups) > 0 {
+			ptr = unsafe.Pointer(&groups[0])
+		}
+		if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, uintptr(len(groups)), uintptr(ptr), 0); e != 0 {
+			return fmt.Errorf("setting supplementary groups: %w", e)
+		}
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u.GID), uintptr(u.GID), uintptr(u.GID)); e != 0 {
+			return fmt.Errorf("setting gid %d: %w", u.GID, e)
+		}
+		// From root to another user, the kernel clears the thread's
+		// capabilities.
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.UID), uintptr(u.UID), uintptr(u.UID)); e != 0 {
+			return fmt.Errorf("setting uid %d: %w", u.UID, e)
+		}
 	}
-	if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, uintptr(len(groups)), uintptr(ptr), 0); e != 0 {
-		return fmt.Errorf("setting supplementary groups: %w", e)
-	}
-	if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u.GID), uintptr(u.GID), uintptr(u.GID)); e != 0 {
-		return fmt.Errorf("setting gid %d: %w", u.GID, e)
-	}
-	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.UID), uintptr(u.UID), uintptr(u.UID)); e != 0 {
-		return fmt.Errorf("setting uid %d: %w", u.UID, e)
+	if caps != nil && (u == nil || u.UID == 0) {
+		var sets [3]uint64
+		for i, names := range [][]string{caps.Effective, caps.Permitted, caps.Inheritable} {
+			m, err := capMask(names)
+			if err != nil {
+				return err
+			}
+			sets[i] = m
+		}
+		// As the OCI runtimes: what is effective is permitted too, and
+		// nothing outside the bounding set is inheritable.
+		sets[1] |= sets[0]
+		if bounding, err := capMask(caps.Bounding); err == nil {
+			sets[2] &= bounding
+		}
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		data := [2]unix.CapUserData{
+			{Effective: uint32(sets[0]), Permitted: uint32(sets[1]), Inheritable: uint32(sets[2])},
+			{Effective: uint32(sets[0] >> 32), Permitted: uint32(sets[1] >> 32), Inheritable: uint32(sets[2] >> 32)},
+		}
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			return fmt.Errorf("setting capabilities: %w", err)
+		}
 	}
 	return nil
 }
+
+// capMask turns capability names into a bit mask. Names the kernel does
+// not know are left out, as the OCI runtimes do.
+func capMask(names []string) (uint64, error) {
+	var m uint64
+	for _, n := range names {
+		n = strings.ToUpper(n)
+		if !strings.HasPrefix(n, "CAP_") {
+			n = "CAP_" + n
+		}
+		found := false
+		for c := 0; c <= 63; c++ {
+			if capability.FromNumber(c) == n {
+				if c <= lastCap() {
+					m |= 1 << c
+				}
+				found = true
+				break
+			}
+		}
+		if !found {
+			return 0, fmt.Errorf("unknown capability %q: %w", n, errdefs.ErrInvalidArgument)
+		}
+	}
+	return m, nil
+}
+
+// lastCap is the highest capability the kernel knows, read once (from the
+// host's /proc: container threads have none).
+var lastCap = sync.OnceValue(func() int {
+	if b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap"); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			return n
+		}
+	}
+	return 40
+})

@@ -108,14 +108,10 @@ const maxReservation = 4 << 30
 
 // Allocate implements experimental.MemoryAllocator.
 func (al *allocator) Allocate(initial, maxBytes uint64) experimental.LinearMemory {
-	reserve := maxBytes
-	if _, _, limit := al.acc.usage(); limit != 0 && limit < reserve {
-		// Room for the limit and one page more; and for the initial size,
-		// so that a module whose initial memory is over the limit still
-		// instantiates (and is then killed for it).
-		reserve = min(maxBytes, limit+64<<10)
-		reserve = max(reserve, min(initial, maxBytes))
-	}
+	// The whole of what the memory may ever be: the reservation costs
+	// address space only (untouched pages are not backed), and a limit may
+	// be raised while the module runs.
+	reserve := max(maxBytes, initial)
 	if reserve > maxReservation || reserve == 0 {
 		reserve = maxReservation
 	}

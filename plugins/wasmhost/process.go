@@ -22,6 +22,7 @@ import (
 	"github.com/tetratelabs/wazero/api"
 	"github.com/tetratelabs/wazero/experimental"
 	"github.com/tetratelabs/wazero/experimental/sock"
+	"github.com/tetratelabs/wazero/experimental/sysfs"
 	"github.com/tetratelabs/wazero/sys"
 	"golang.org/x/sys/unix"
 )
@@ -35,8 +36,9 @@ const (
 	statusTrap = 128 + int(unix.SIGABRT)
 )
 
-// maxModuleSize bounds a module read from a container's rootfs.
-const maxModuleSize = 1 << 30
+// MaxModuleSize bounds a module (its bytes are read into the host, outside
+// every pod's limit, to be compiled).
+const MaxModuleSize = 256 << 20
 
 // process is one module instance: a container's init or an exec. It runs
 // on an OS thread of its own, isolated as its container is.
@@ -174,9 +176,6 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 	if err := isolate(); err != nil {
 		return nil, err
 	}
-	if err := setUser(p.spec.User); err != nil {
-		return nil, err
-	}
 	t1 := time.Now()
 	m, err := module()
 	if err != nil {
@@ -193,7 +192,12 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 			p.h.engine.release(m)
 		}
 	}()
-	inst.alloc = &allocator{acc: p.c.acc, overLimit: func() { go p.kill(statusOOM, true) }}
+	inst.alloc = &allocator{acc: p.c.acc, overLimit: func() {
+		// Recorded now: the module may exit on its own right after its
+		// failed growth, and must still be reported killed for memory.
+		p.markKilled(statusOOM, true)
+		go p.kill(statusOOM, true)
+	}}
 	ctx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
 	if len(p.c.req.Listen) > 0 && p.execID == "" {
 		cfg := sock.NewConfig()
@@ -216,6 +220,13 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 		return nil, fmt.Errorf("instantiating module: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	inst.mod = mod
+	// Last, once its sockets are bound and its module read: the thread
+	// takes the container's user and capabilities.
+	if err := setCredentials(p.spec.User, p.spec.Capabilities); err != nil {
+		_ = mod.Close(context.Background())
+		inst.alloc.release()
+		return nil, err
+	}
 	return inst, nil
 }
 
@@ -228,7 +239,7 @@ func (p *process) moduleConfig() wazero.ModuleConfig {
 		WithSysNanotime().
 		WithNanosleep(p.nanosleep).
 		WithRandSource(rand.Reader).
-		WithFSConfig(wazero.NewFSConfig().WithDirMount("/", "/"))
+		WithFSConfig(wazero.NewFSConfig().(sysfs.FSConfig).WithSysFSMount(newRootFS(), "/"))
 	pwd := false
 	for _, kv := range p.spec.Env {
 		if k, v, ok := strings.Cut(kv, "="); ok {
@@ -288,15 +299,23 @@ func (p *process) run(inst *instance) (err error) {
 	return err
 }
 
+// markKilled records why the process is being killed; the first reason
+// stands.
+func (p *process) markKilled(code int, oom bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.killCode == 0 && p.status != Stopped {
+		p.killCode, p.oom = code, oom
+	}
+}
+
 // kill ends the process with status code (128+signal), or for memory.
 func (p *process) kill(code int, oom bool) {
+	p.markKilled(code, oom)
 	p.mu.Lock()
 	if p.status == Stopped {
 		p.mu.Unlock()
 		return
-	}
-	if p.killCode == 0 {
-		p.killCode, p.oom = code, oom
 	}
 	cancel := p.cancel
 	p.mu.Unlock()
@@ -385,6 +404,18 @@ func (p *process) finish(inst *instance, e Exit) {
 	p.exit = &e
 	p.mu.Unlock()
 	close(p.done)
+	if p.execID == "" {
+		// As in a PID namespace whose init ends: the rest go too.
+		p.c.mu.Lock()
+		execs := make([]*process, 0, len(p.c.execs))
+		for _, e := range p.c.execs {
+			execs = append(execs, e)
+		}
+		p.c.mu.Unlock()
+		for _, e := range execs {
+			e.kill(128+int(unix.SIGKILL), false)
+		}
+	}
 	p.h.exited(p)
 }
 
@@ -434,16 +465,12 @@ func loadFromRootfs(arg0 string, env []string) ([]byte, error) {
 		}
 	}
 	for _, c := range candidates {
-		st, err := os.Stat(c)
-		if err != nil || !st.Mode().IsRegular() {
+		code, err := readModule(c)
+		if errors.Is(err, errNotModuleFile) {
 			continue
 		}
-		if st.Size() > maxModuleSize {
-			return nil, fmt.Errorf("module %s is %d bytes, over the limit of %d: %w", c, st.Size(), maxModuleSize, errdefs.ErrInvalidArgument)
-		}
-		code, err := os.ReadFile(c)
 		if err != nil {
-			return nil, fmt.Errorf("reading module %s: %w", c, err)
+			return nil, err
 		}
 		if !bytes.HasPrefix(code, []byte("\x00asm")) {
 			return nil, fmt.Errorf("%s is not a WebAssembly module (kuasar-wasm runs WASI modules only): %w", c, errdefs.ErrInvalidArgument)
@@ -451,6 +478,35 @@ func loadFromRootfs(arg0 string, env []string) ([]byte, error) {
 		return code, nil
 	}
 	return nil, fmt.Errorf("module %q not found in the container's rootfs (nor a Wasm layer in its image): %w", arg0, errdefs.ErrNotFound)
+}
+
+var errNotModuleFile = errors.New("not a regular file")
+
+// readModule reads a module file: opened once, without blocking (it may be
+// a FIFO, swapped in by a running container), checked to be a regular file
+// on that descriptor, and read no further than MaxModuleSize.
+func readModule(path string) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, errNotModuleFile
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() {
+		return nil, errNotModuleFile
+	}
+	if st.Size() > MaxModuleSize {
+		return nil, fmt.Errorf("module %s is %d bytes, over the limit of %d: %w", path, st.Size(), MaxModuleSize, errdefs.ErrInvalidArgument)
+	}
+	code, err := io.ReadAll(io.LimitReader(f, MaxModuleSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading module %s: %w", path, err)
+	}
+	if len(code) > MaxModuleSize {
+		return nil, fmt.Errorf("module %s grew over the limit of %d bytes: %w", path, MaxModuleSize, errdefs.ErrInvalidArgument)
+	}
+	return code, nil
 }
 
 // stdio holds a process's standard streams. Output FIFOs are held open

@@ -60,6 +60,14 @@ type User struct {
 	AdditionalGids []uint32 `json:"additionalGids,omitempty"`
 }
 
+// Capabilities are sets of capability names ("CAP_CHOWN"...).
+type Capabilities struct {
+	Bounding    []string `json:"bounding,omitempty"`
+	Effective   []string `json:"effective,omitempty"`
+	Permitted   []string `json:"permitted,omitempty"`
+	Inheritable []string `json:"inheritable,omitempty"`
+}
+
 // Module says where a container's Wasm module comes from.
 type Module struct {
 	// Path is a module file on the host (an image layer blob). When empty,
@@ -77,6 +85,9 @@ type Process struct {
 	Cwd  string   `json:"cwd,omitempty"`
 	// User the module's file accesses are checked as (nil: root).
 	User *User `json:"user,omitempty"`
+	// Capabilities a root module keeps (nil: all); a module of another
+	// user has none.
+	Capabilities *Capabilities `json:"capabilities,omitempty"`
 	// Stdio of the process.
 	Stdio Stdio `json:"stdio"`
 }

@@ -9,6 +9,7 @@ import (
 	"net/rpc/jsonrpc"
 	"os"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/containerd/log"
@@ -42,7 +43,7 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 					return
 				case <-t.C:
 				}
-				if h.idleFor() >= h.idle {
+				if h.beginIdleExit(h.idle) {
 					log.G(ctx).Info("wasm host idle: no containers; exiting")
 					cancel()
 					return
@@ -50,6 +51,16 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			}
 		}()
 	}
+	// Clients see the host go as soon as it stops serving.
+	var connsMu sync.Mutex
+	conns := map[*net.UnixConn]struct{}{}
+	defer func() {
+		connsMu.Lock()
+		defer connsMu.Unlock()
+		for c := range conns {
+			c.Close()
+		}
+	}()
 	go func() {
 		<-ctx.Done()
 		l.Close()
@@ -69,7 +80,15 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			c.Close()
 			continue
 		}
-		go srv.ServeCodec(jsonrpc.NewServerCodec(c))
+		connsMu.Lock()
+		conns[c] = struct{}{}
+		connsMu.Unlock()
+		go func() {
+			srv.ServeCodec(jsonrpc.NewServerCodec(c))
+			connsMu.Lock()
+			delete(conns, c)
+			connsMu.Unlock()
+		}()
 	}
 }
 

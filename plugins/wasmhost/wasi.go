@@ -38,6 +38,9 @@ const (
 
 	clockAbstime = 1
 
+	// maxSubscriptions bounds one poll (Go's runtime uses at most 65536).
+	maxSubscriptions = 1 << 16
+
 	errnoSuccess = 0
 	errnoFault   = 21
 	errnoInval   = 28
@@ -75,8 +78,11 @@ type subscription struct {
 }
 
 func poll(p *process, mem api.Memory, in, out, n, resultNevents uint32) uint32 {
-	if n == 0 {
+	if n == 0 || n > maxSubscriptions {
 		return errnoInval
+	}
+	if uint64(in)+uint64(n)*subscriptionSize > uint64(mem.Size()) || uint64(out)+uint64(n)*eventSize > uint64(mem.Size()) {
+		return errnoFault
 	}
 	buf, ok := mem.Read(in, n*subscriptionSize)
 	if !ok {
@@ -218,7 +224,9 @@ func (p *process) waitStdin(d time.Duration) bool {
 	}
 	timeout := -1
 	if d >= 0 {
-		timeout = int(d.Milliseconds())
+		// Round up: poll(2) counts milliseconds, and a wait rounded down
+		// to 0 would spin.
+		timeout = int(min((d+time.Millisecond-1)/time.Millisecond, 1<<30))
 	}
 	for {
 		n, err := unix.Poll(fds, timeout)
