@@ -285,6 +285,9 @@ func cpuOver(t *testing.T, d *Daemon, over time.Duration, ids ...string) float64
 	a, begin := total(), time.Now()
 	time.Sleep(over)
 	b := total()
+	if b < a {
+		t.Fatalf("CPU usage went back from %d to %d ns", a, b)
+	}
 	used := float64(b-a) / float64(time.Since(begin))
 	t.Logf("%d containers used %.2f CPU", len(ids), used)
 	return used

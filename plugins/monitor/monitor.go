@@ -184,14 +184,33 @@ func (m *Monitor) expireLocked() {
 // An exit that arrived before Watch is delivered at once. A process that is
 // already gone with no recorded exit is reported with LostStatus.
 func (m *Monitor) Watch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit)) error {
+	return m.watch(ctx, pid, start, fn, false)
+}
+
+// Rewatch is Watch for a process recorded before a restart: an exit the
+// keeper kept meanwhile is delivered before Rewatch returns, so that the
+// process is known to have exited before anyone asks about it.
+func (m *Monitor) Rewatch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit)) error {
+	return m.watch(ctx, pid, start, fn, true)
+}
+
+func (m *Monitor) watch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit), now bool) error {
+	deliver := func(w *watcher, e keeper.Exit) {
+		if now {
+			m.deliver(w, e)
+		} else {
+			go m.deliver(w, e)
+		}
+	}
 	c, err := m.conn(ctx)
 	if err != nil {
 		return err
 	}
 	w := &watcher{start: start, fn: fn}
 	m.mu.Lock()
-	if m.claimLocked(pid, w) {
+	if e, ok := m.claimLocked(pid); ok {
 		m.mu.Unlock()
+		deliver(w, e)
 		return nil
 	}
 	if proc.Alive(pid, start) {
@@ -205,23 +224,24 @@ func (m *Monitor) Watch(ctx context.Context, pid int, start uint64, fn func(keep
 		log.G(ctx).WithError(err).Warn("syncing with the keeper")
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if !m.claimLocked(pid, w) {
+	e, ok := m.claimLocked(pid)
+	m.mu.Unlock()
+	if !ok {
 		log.G(ctx).WithField("pid", pid).Warn("process ended with no exit status recorded")
-		go w.fn(keeper.Exit{Pid: pid, Status: LostStatus, At: time.Now()})
+		e = keeper.Exit{Pid: pid, Status: LostStatus, At: time.Now()}
 	}
+	deliver(w, e)
 	return nil
 }
 
-// claimLocked delivers a pending exit of pid to w, if there is one.
-func (m *Monitor) claimLocked(pid int, w *watcher) bool {
+// claimLocked takes the pending exit of pid, if there is one.
+func (m *Monitor) claimLocked(pid int) (keeper.Exit, bool) {
 	p, ok := m.pending[pid]
 	if !ok {
-		return false
+		return keeper.Exit{}, false
 	}
 	delete(m.pending, pid)
-	go m.deliver(w, p.exit)
-	return true
+	return p.exit, true
 }
 
 // Unwatch drops the watcher of pid, if any.

@@ -114,3 +114,20 @@ func TestWatchUnknownIsLost(t *testing.T) {
 		t.Fatalf("exit %+v, want %d", e, LostStatus)
 	}
 }
+
+// Rewatch delivers an exit that happened before it was called before it
+// returns (a container recovered after a restart must be known exited
+// before containerd's task runtime asks about it).
+func TestRewatchDeliversBeforeReturning(t *testing.T) {
+	m := newMonitor(t)
+	pid := spawn(t, m, "exit 7")
+	start := proc.StartTime(pid)
+	time.Sleep(200 * time.Millisecond) // reaped by the keeper, unwatched
+	var got *keeper.Exit
+	if err := m.Rewatch(context.Background(), pid, start, func(e keeper.Exit) { got = &e }); err != nil {
+		t.Fatal(err)
+	}
+	if got == nil || got.Status != 7 {
+		t.Fatalf("after Rewatch returned: %+v, want the exit (7) delivered", got)
+	}
+}

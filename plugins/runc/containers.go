@@ -463,5 +463,5 @@ func (r *containers) Recover(ctx context.Context, c *task.Container) error {
 	if err := d.stdio.reattach(ctx, r.k.env.Monitor); err != nil {
 		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("terminal not recovered")
 	}
-	return r.k.env.Monitor.Watch(ctx, pid, st.InitStart, func(e keeper.Exit) { r.initExited(c, e) })
+	return r.k.env.Monitor.Rewatch(ctx, pid, st.InitStart, func(e keeper.Exit) { r.initExited(c, e) })
 }

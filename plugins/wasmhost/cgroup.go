@@ -172,8 +172,10 @@ func sharesToWeight(shares uint64) uint64 {
 	return 1 + ((shares-2)*9999)/262142
 }
 
-// cpuStats reads what the cgroup accounted.
-func (cg *cpuCgroup) cpuStats(s *Stats) {
+// cpuStats reads what the cgroup accounted; it reports whether the cgroup
+// accounts CPU time at all.
+func (cg *cpuCgroup) cpuStats(s *Stats) bool {
+	accounted := false
 	for _, d := range cg.dirs {
 		if b, err := os.ReadFile(filepath.Join(d, "cpu.stat")); err == nil {
 			f := fields(string(b))
@@ -181,17 +183,31 @@ func (cg *cpuCgroup) cpuStats(s *Stats) {
 				s.CPUUserNanos = f["user_usec"] * 1000
 				s.CPUSystemNanos = f["system_usec"] * 1000
 				s.CPUThrottledNanos = f["throttled_usec"] * 1000
+				accounted = true
 			} else {
 				s.CPUThrottledNanos = f["throttled_time"]
 			}
 			s.CPUPeriods, s.CPUThrottledPeriods = f["nr_periods"], f["nr_throttled"]
 		}
-		if b, err := os.ReadFile(filepath.Join(d, "cpuacct.stat")); err == nil {
-			f := fields(string(b))
-			tick := uint64(time.Second) / 100 // USER_HZ
-			s.CPUUserNanos, s.CPUSystemNanos = f["user"]*tick, f["system"]*tick
+		if b, err := os.ReadFile(filepath.Join(d, "cpuacct.usage")); err == nil {
+			total, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+			if err != nil {
+				continue
+			}
+			// cpuacct.stat splits it, in ticks: scale the split to the
+			// nanosecond total.
+			user := total
+			if b, err := os.ReadFile(filepath.Join(d, "cpuacct.stat")); err == nil {
+				f := fields(string(b))
+				if ticks := f["user"] + f["system"]; ticks > 0 {
+					user = uint64(float64(total) * float64(f["user"]) / float64(ticks))
+				}
+			}
+			s.CPUUserNanos, s.CPUSystemNanos = user, total-user
+			accounted = true
 		}
 	}
+	return accounted
 }
 
 func fields(content string) map[string]uint64 {

@@ -543,10 +543,9 @@ func (h *Host) Stats(r Ref) (Stats, error) {
 	if c.init.state().Exit != nil && c.init.state().Exit.OOM {
 		s.OOMKills = 1
 	}
-	if c.cg != nil {
-		c.cg.cpuStats(&s)
-	}
-	if s.CPUUserNanos+s.CPUSystemNanos == 0 {
+	// One source for the life of the container, so that its counters only
+	// grow: its cgroup when that accounts, else its threads' times.
+	if c.cg == nil || !c.cg.cpuStats(&s) {
 		procs := []*process{c.init}
 		c.mu.Lock()
 		for _, e := range c.execs {
