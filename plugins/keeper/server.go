@@ -82,35 +82,14 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 	if s.idle > 0 {
 		go s.idleWatch(ctx, cancel)
 	}
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
-
-	for {
-		c, err := l.AcceptUnix()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			log.G(ctx).WithError(err).Warn("keeper accept")
-			time.Sleep(50 * time.Millisecond)
-			continue
-		}
-		if err := unixsock.CheckPeer(c); err != nil {
-			log.G(ctx).WithError(err).Warn("keeper refused a client")
-			c.Close()
-			continue
-		}
+	unixsock.Accept(ctx, l, "keeper", func(c *net.UnixConn) {
 		sc := &serverConn{conn: newConn(c), s: s, out: make(chan outgoing, 1024), done: make(chan struct{})}
 		s.mu.Lock()
 		s.clients++
 		s.mu.Unlock()
 		go sc.serve(ctx)
-	}
+	})
+	return nil
 }
 
 // reap collects every exited child and routes its status.

@@ -2,7 +2,6 @@ package wasm
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -33,12 +32,6 @@ type containers struct {
 }
 
 var _ task.Runtime = (*containers)(nil)
-
-// ctrState is what a container records about itself.
-type ctrState struct {
-	// Boot identifies the host process that runs the container.
-	Boot string `json:"boot"`
-}
 
 // hostID names a container in the host: unique on the node.
 func hostID(c *task.Container) string { return c.Namespace + "/" + c.ID }
@@ -108,9 +101,6 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 	}
 	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("wasm host create")
 	c.Init.SetPid(st.Pid)
-	if c.State, err = json.Marshal(&ctrState{Boot: r.k.host.Boot(ctx, false)}); err != nil {
-		return err
-	}
 	r.pod.track(req.ID, true)
 	go r.wait(c.Init)
 	return nil

@@ -120,7 +120,7 @@ func findHost(configured string) (string, error) {
 // Create builds a pod.
 func (k *kind) Create(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instance, error) {
 	// Say it now, on the pod, rather than on its first container.
-	if k.host.Boot(ctx, false) == "" {
+	if k.host.Boot() == "" {
 		if _, err := findHost(k.cfg.HostPath); err != nil {
 			return nil, fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
 		}

@@ -138,7 +138,7 @@ func (p *pod) Metrics(ctx context.Context) (*types.Metric, error) {
 
 func (p *pod) Info() map[string]any {
 	info := map[string]any{"pid": 0, "engine": "wazero"}
-	if boot := p.k.host.Boot(context.Background(), false); boot != "" {
+	if boot := p.k.host.Boot(); boot != "" {
 		info["wasmHost"] = boot
 	}
 	return info

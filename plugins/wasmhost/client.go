@@ -77,15 +77,8 @@ func (c *Client) Connect(ctx context.Context) (HelloReply, error) {
 	return h, err
 }
 
-// Boot returns the identity of the host reached last ("" if none yet);
-// with dial it first connects to a running host, without starting one.
-func (c *Client) Boot(ctx context.Context, dialNow bool) string {
-	if dialNow {
-		if _, h, err := c.conn(ctx, false); err == nil {
-			return h.Boot
-		}
-		return ""
-	}
+// Boot returns the identity of the host reached last ("" if none yet).
+func (c *Client) Boot() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.hello.Boot

@@ -62,6 +62,17 @@ type container struct {
 	deleted    chan struct{} // closed once the container is released
 }
 
+// execList returns the container's execs.
+func (c *container) execList() []*process {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*process, 0, len(c.execs))
+	for _, e := range c.execs {
+		out = append(out, e)
+	}
+	return out
+}
+
 // pod groups containers under the pod's memory limit.
 type pod struct {
 	acc  *account
@@ -186,12 +197,10 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 			c.cg = cg
 		}
 	}
-	tCgroup := time.Since(begin)
 	st, err := openStdio(req.Process.Stdio)
 	if err != nil {
 		return State{}, err
 	}
-	log.G(ctx).WithField("container", req.ID).WithField("cgroup", tCgroup).WithField("stdio", time.Since(begin)-tCgroup).Debug("create: cgroup and stdio")
 	p := newProcess(h, c, "", req.Process)
 	p.stdio = st
 	defer func() {
@@ -200,13 +209,7 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		}
 	}()
 
-	module := func() (*compiled, error) {
-		code, err := loadFromRootfs(req.Process.Args[0], req.Process.Env)
-		if err != nil {
-			return nil, err
-		}
-		return h.engine.acquire(ctx, Digest(code), func() ([]byte, error) { return code, nil })
-	}
+	module := func() (*compiled, error) { return h.rootfsModule(ctx, req.Process) }
 	var pre *compiled // a module acquired here, until the thread takes it
 	defer func() {
 		if pre != nil {
@@ -258,6 +261,29 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 	}
 	h.mu.Unlock()
 	return p.state(), nil
+}
+
+// rootfsModule compiles (or finds compiled) the module proc's command
+// names in the container's root; it runs on a container thread.
+func (h *Host) rootfsModule(ctx context.Context, proc Process) (*compiled, error) {
+	code, err := loadFromRootfs(proc.Args[0], proc.Env)
+	if err != nil {
+		return nil, err
+	}
+	return h.engine.acquire(ctx, Digest(code), func() ([]byte, error) { return code, nil })
+}
+
+// containersOf returns the created containers of a pod ("": of all).
+func (h *Host) containersOf(podName string) []*container {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var cs []*container
+	for _, c := range h.containers {
+		if c.init != nil && (podName == "" || c.pod == podName) {
+			cs = append(cs, c)
+		}
+	}
+	return cs
 }
 
 // forget drops a container that failed to be created, or was deleted.
@@ -339,11 +365,7 @@ func (h *Host) Exec(ctx context.Context, req *ExecRequest) (_ State, retErr erro
 			h.engine.hold(c.module)
 			return c.module, nil
 		}
-		code, err := loadFromRootfs(req.Process.Args[0], req.Process.Env)
-		if err != nil {
-			return nil, err
-		}
-		return h.engine.acquire(ctx, Digest(code), func() ([]byte, error) { return code, nil })
+		return h.rootfsModule(ctx, req.Process)
 	}
 	if err := p.spawn(isolate, module); err != nil {
 		return State{}, err
@@ -418,11 +440,7 @@ func (h *Host) Kill(r KillRequest) error {
 	}
 	targets := []*process{p}
 	if r.All && r.ExecID == "" {
-		c.mu.Lock()
-		for _, e := range c.execs {
-			targets = append(targets, e)
-		}
-		c.mu.Unlock()
+		targets = append(targets, c.execList()...)
 	}
 	if p.state().Status == Stopped && !r.All {
 		return fmt.Errorf("process already finished: %w", errdefs.ErrNotFound)
@@ -472,14 +490,11 @@ func (h *Host) deleteContainer(c *container, force bool) error {
 	c.deleteOnce.Do(func() {
 		c.mu.Lock()
 		c.deleting = true // no exec joins from now on
-		procs := make([]*process, 0, len(c.execs)+1)
+		c.mu.Unlock()
+		procs := c.execList()
 		if c.init != nil {
 			procs = append(procs, c.init)
 		}
-		for _, e := range c.execs {
-			procs = append(procs, e)
-		}
-		c.mu.Unlock()
 		for _, p := range procs {
 			if p.state().Status != Stopped {
 				p.kill(128+int(unix.SIGKILL), false)
@@ -546,13 +561,7 @@ func (h *Host) Stats(r Ref) (Stats, error) {
 	// One source for the life of the container, so that its counters only
 	// grow: its cgroup when that accounts, else its threads' times.
 	if c.cg == nil || !c.cg.cpuStats(&s) {
-		procs := []*process{c.init}
-		c.mu.Lock()
-		for _, e := range c.execs {
-			procs = append(procs, e)
-		}
-		c.mu.Unlock()
-		for _, p := range procs {
+		for _, p := range append([]*process{c.init}, c.execList()...) {
 			t := p.cpuTime()
 			s.CPUUserNanos += uint64(t.user)
 			s.CPUSystemNanos += uint64(t.system)
@@ -563,22 +572,12 @@ func (h *Host) Stats(r Ref) (Stats, error) {
 
 // List reports the processes of a pod, or of every pod.
 func (h *Host) List(podName string) []State {
-	h.mu.Lock()
-	var cs []*container
-	for _, c := range h.containers {
-		if c.init != nil && (podName == "" || c.pod == podName) {
-			cs = append(cs, c)
-		}
-	}
-	h.mu.Unlock()
 	var out []State
-	for _, c := range cs {
+	for _, c := range h.containersOf(podName) {
 		out = append(out, c.init.state())
-		c.mu.Lock()
-		for _, e := range c.execs {
+		for _, e := range c.execList() {
 			out = append(out, e.state())
 		}
-		c.mu.Unlock()
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].ID != out[j].ID {
@@ -591,16 +590,11 @@ func (h *Host) List(podName string) []State {
 
 // ReleasePod kills and deletes whatever is left of a pod.
 func (h *Host) ReleasePod(podName string) error {
-	h.mu.Lock()
-	var cs []*container
-	for _, c := range h.containers {
-		if c.pod == podName && c.init != nil {
-			cs = append(cs, c)
-		}
+	if podName == "" {
+		return nil // no container is of no pod; "" is not "every pod" here
 	}
-	h.mu.Unlock()
 	var errs []error
-	for _, c := range cs {
+	for _, c := range h.containersOf(podName) {
 		errs = append(errs, h.deleteContainer(c, true))
 	}
 	return errors.Join(errs...)

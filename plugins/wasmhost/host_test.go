@@ -579,7 +579,7 @@ func TestClientReconnects(t *testing.T) {
 	if err != nil {
 		t.Fatalf("call after the host came back: %v", err)
 	}
-	if boot := c.Boot(context.Background(), false); boot == first.Boot || st.Containers != 0 {
+	if boot := c.Boot(); boot == first.Boot || st.Containers != 0 {
 		t.Fatalf("still on the old host (%s), or stats %+v", boot, st)
 	}
 }

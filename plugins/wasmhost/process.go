@@ -357,13 +357,9 @@ func (p *process) killExit() (Exit, bool) {
 	defer p.mu.Unlock()
 	switch {
 	case p.oom:
-		_, _, limit := p.c.acc.usage()
-		reason := "OOMKilled: linear memory would grow past the container's limit"
-		if limit == 0 {
-			reason = "OOMKilled: linear memory would grow past the pod's limit"
-		}
-		if limit != 0 {
-			reason += fmt.Sprintf(" of %d bytes", limit)
+		reason := "OOMKilled: linear memory would grow past the pod's limit"
+		if _, _, limit := p.c.acc.usage(); limit != 0 {
+			reason = fmt.Sprintf("OOMKilled: linear memory would grow past the container's limit of %d bytes", limit)
 		}
 		return Exit{Status: statusOOM, At: time.Now(), OOM: true, Reason: reason}, true
 	case p.killCode != 0:
@@ -406,13 +402,7 @@ func (p *process) finish(inst *instance, e Exit) {
 	close(p.done)
 	if p.execID == "" {
 		// As in a PID namespace whose init ends: the rest go too.
-		p.c.mu.Lock()
-		execs := make([]*process, 0, len(p.c.execs))
-		for _, e := range p.c.execs {
-			execs = append(execs, e)
-		}
-		p.c.mu.Unlock()
-		for _, e := range execs {
+		for _, e := range p.c.execList() {
 			e.kill(128+int(unix.SIGKILL), false)
 		}
 	}

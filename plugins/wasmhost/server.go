@@ -2,7 +2,6 @@ package wasmhost
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/rpc"
@@ -61,25 +60,7 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			c.Close()
 		}
 	}()
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
-	for {
-		c, err := l.AcceptUnix()
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			log.G(ctx).WithError(err).Warn("wasm host accept")
-			time.Sleep(50 * time.Millisecond)
-			continue
-		}
-		if err := unixsock.CheckPeer(c); err != nil {
-			log.G(ctx).WithError(err).Warn("wasm host refused a client")
-			c.Close()
-			continue
-		}
+	unixsock.Accept(ctx, l, "wasm host", func(c *net.UnixConn) {
 		connsMu.Lock()
 		conns[c] = struct{}{}
 		connsMu.Unlock()
@@ -89,7 +70,8 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			delete(conns, c)
 			connsMu.Unlock()
 		}()
-	}
+	})
+	return nil
 }
 
 // service exposes a Host over net/rpc. Its methods follow net/rpc's shape;

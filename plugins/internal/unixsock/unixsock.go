@@ -5,11 +5,15 @@
 package unixsock
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -76,4 +80,31 @@ func CheckPeer(c *net.UnixConn) error {
 		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())
 	}
 	return nil
+}
+
+// Accept takes clients on l until ctx is done (then closes l), admits only
+// the server's own user (CheckPeer), and hands each client to serve. name
+// names the server in its logs.
+func Accept(ctx context.Context, l *net.UnixListener, name string, serve func(*net.UnixConn)) {
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			log.G(ctx).WithError(err).Warn(name + " accept")
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		if err := CheckPeer(c); err != nil {
+			log.G(ctx).WithError(err).Warn(name + " refused a client")
+			c.Close()
+			continue
+		}
+		serve(c)
+	}
 }
