@@ -3,7 +3,8 @@
 #   make demo    install what is needed, build, run a pod of every handler
 #   make test    install what is needed, unit, end-to-end and conformance tests
 #
-# Builds are cached under .cache/ (ignored by git).
+# Builds are cached machine-wide under $(CACHE) (default /var/cache/containerd-kuasar,
+# outside the clone), so a new clone on the same machine starts warm.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
@@ -12,7 +13,7 @@ ROOT        := $(CURDIR)
 OUT         := $(ROOT)/_output
 BIN         := $(OUT)/bin
 STOCK_BIN   := $(OUT)/stock/bin
-CACHE       := $(ROOT)/.cache
+CACHE       ?= /var/cache/containerd-kuasar
 export GOCACHE    ?= $(CACHE)/go-build
 export GOMODCACHE ?= $(CACHE)/go-mod
 export GOFLAGS    ?= -mod=mod
@@ -39,7 +40,7 @@ DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static 
 
 BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host
 
-.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance FORCE
+.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos FORCE
 
 all: build tools
 
@@ -83,6 +84,26 @@ stock:
 	$(GOBUILD) -o $(STOCK_BIN)/containerd github.com/containerd/containerd/v2/cmd/containerd
 	$(GOBUILD) -o $(STOCK_BIN)/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
 	$(GOBUILD) -o $(STOCK_BIN)/ctr github.com/containerd/containerd/v2/cmd/ctr
+
+## protos: regenerate the ttrpc APIs between our processes (*.proto -> *.pb.go,
+## committed); needs protoc (Debian protobuf-compiler), the Go plugins are tools
+## of go.mod
+PROTOS := $(shell git ls-files '*.proto' 2>/dev/null)
+protos:
+	@command -v protoc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null; }
+	@for p in $(PROTOS); do \
+		echo "protoc $$p"; \
+		protoc -I$$(dirname $$p) -I/usr/include \
+			--plugin=protoc-gen-go=$$(go tool -n protoc-gen-go) \
+			--plugin=protoc-gen-go-ttrpc=$$(go tool -n protoc-gen-go-ttrpc) \
+			--go_out=paths=source_relative:$$(dirname $$p) \
+			--go-ttrpc_out=paths=source_relative:$$(dirname $$p) $$p || exit 1; \
+	done
+
+## check-protos: the generated code matches the .proto files
+check-protos: protos
+	@git diff --exit-code -- $$(for p in $(PROTOS); do echo $${p%.proto}.pb.go $${p%.proto}_ttrpc.pb.go; done) >/dev/null || \
+		{ echo "generated protobuf code is stale: run make protos and commit"; exit 1; }
 
 ## lint: gofmt and go vet
 lint:
