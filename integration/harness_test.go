@@ -257,7 +257,7 @@ func (d *Daemon) restart(sig syscall.Signal) {
 
 // recordKeeper remembers the keeper's pid, to end it at cleanup.
 func (d *Daemon) recordKeeper() {
-	sock := filepath.Join(d.Dir, "state", "io.containerd.kuasar.monitor.v1.keeper", "keeper.sock")
+	sock := filepath.Join(d.Dir, "state", "io.containerd.kuasar.monitor.v1.keeper", fmt.Sprintf("keeper-v%d.sock", keeper.ProtocolVersion))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if c, err := keeper.Dial(ctx, sock); err == nil {

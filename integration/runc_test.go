@@ -165,7 +165,7 @@ func TestSharedPIDNamespace(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "sleep 3601") || !strings.Contains(out, "sleep 3602") {
 		t.Fatalf("containers do not share a PID namespace:\n%s", out)
 	}
-	if fields := strings.Fields(strings.Split(out, "\n")[1]); len(fields) < 2 || fields[0] != "1" || fields[1] != "pause" {
+	if fields := strings.Fields(strings.Split(out, "\n")[1]); len(fields) < 2 || fields[0] != "1" || fields[1] != "/pause" {
 		t.Fatalf("pid 1 of the pod is not its holder: %q", out)
 	}
 }

@@ -2,62 +2,46 @@ package keeper
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net"
-	"os"
-	"sync"
+
+	"github.com/containerd/ttrpc"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/launch"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 )
 
 // Client is the daemon's connection to the keeper.
 type Client struct {
-	c      conn
-	sendMu sync.Mutex
+	c    *ttrpc.Client
+	api  api.KeeperService
+	done chan struct{}
 
-	mu      sync.Mutex
-	nextID  uint64
-	pending map[uint64]chan reply
-	onExit  func(Exit)
-	err     error // set once the connection is gone
-	done    chan struct{}
-
-	// KeeperPid is the pid of the keeper process answering.
+	// KeeperPid is the pid of the keeper process answering; Boot changes
+	// with every keeper process.
 	KeeperPid int
+	Boot      string
 }
-
-type reply struct {
-	m     *message
-	files []*os.File
-}
-
-// ErrClosed is returned by calls on a client whose keeper connection is gone.
-var ErrClosed = errors.New("keeper connection closed")
 
 // Dial connects to a running keeper.
 func Dial(ctx context.Context, socket string) (*Client, error) {
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, "unixpacket", socket)
+	done := make(chan struct{})
+	tc, err := unixsock.Dial(ctx, socket, func() { close(done) })
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{
-		c:       newConn(nc.(*net.UnixConn)),
-		pending: map[uint64]chan reply{},
-		done:    make(chan struct{}),
-	}
-	go c.readLoop()
-	r, err := c.call(ctx, &message{Op: opHello, Version: ProtocolVersion})
-	if err != nil {
-		c.Close()
+	c := &Client{c: tc, api: api.NewKeeperClient(tc), done: done}
+	h, err := c.api.Hello(ctx, &api.HelloRequest{Version: ProtocolVersion})
+	if err = unixsock.Native(err); err != nil {
+		tc.Close()
 		return nil, fmt.Errorf("keeper hello: %w", err)
 	}
-	if r.m.Version != ProtocolVersion {
-		c.Close()
-		return nil, fmt.Errorf("keeper at %s speaks protocol %d, want %d", socket, r.m.Version, ProtocolVersion)
+	if h.GetVersion() != ProtocolVersion {
+		tc.Close()
+		return nil, fmt.Errorf("keeper at %s speaks protocol %d, want %d", socket, h.GetVersion(), ProtocolVersion)
 	}
-	c.KeeperPid = r.m.Pid
+	c.KeeperPid, c.Boot = int(h.GetPid()), h.GetBoot()
 	return c, nil
 }
 
@@ -92,159 +76,83 @@ func Connect(ctx context.Context, l Launch) (*Client, error) {
 	return c, nil
 }
 
-func (c *Client) readLoop() {
-	var err error
-	for {
-		var m *message
-		var files []*os.File
-		m, files, err = c.c.recv()
-		if err != nil {
-			break
-		}
-		if m.Op == opExit {
-			closeAll(files)
-			c.mu.Lock()
-			h := c.onExit
-			c.mu.Unlock()
-			if h != nil && m.Exit != nil {
-				h(*m.Exit)
-			}
-			continue
-		}
-		c.mu.Lock()
-		ch, ok := c.pending[m.ID]
-		delete(c.pending, m.ID)
-		c.mu.Unlock()
-		if !ok {
-			closeAll(files)
-			continue
-		}
-		ch <- reply{m: m, files: files}
-	}
-	c.mu.Lock()
-	c.err = fmt.Errorf("%w: %v", ErrClosed, err)
-	for id, ch := range c.pending {
-		close(ch)
-		delete(c.pending, id)
-	}
-	c.mu.Unlock()
-	close(c.done)
-}
-
 // Done is closed when the keeper connection is gone.
 func (c *Client) Done() <-chan struct{} { return c.done }
 
-func (c *Client) call(ctx context.Context, m *message, files ...*os.File) (reply, error) {
-	ch := make(chan reply, 1)
-	c.mu.Lock()
-	if c.err != nil {
-		err := c.err
-		c.mu.Unlock()
-		return reply{}, err
-	}
-	c.nextID++
-	m.ID = c.nextID
-	c.pending[m.ID] = ch
-	c.mu.Unlock()
-
-	c.sendMu.Lock()
-	err := c.c.send(m, files...)
-	c.sendMu.Unlock()
-	if err != nil {
-		c.mu.Lock()
-		delete(c.pending, m.ID)
-		c.mu.Unlock()
-		return reply{}, fmt.Errorf("keeper send: %w", err)
-	}
-	select {
-	case r, ok := <-ch:
-		if !ok {
-			c.mu.Lock()
-			err := c.err
-			c.mu.Unlock()
-			return reply{}, err
-		}
-		if r.m.Error != "" {
-			closeAll(r.files)
-			return reply{}, errors.New(r.m.Error)
-		}
-		return r, nil
-	case <-ctx.Done():
-		c.mu.Lock()
-		delete(c.pending, m.ID)
-		c.mu.Unlock()
-		return reply{}, ctx.Err()
-	}
-}
-
-// Spawn starts a process as a child of the keeper. files are the
-// descriptors SpawnRequest.Stdio and Extra index into; the caller keeps
-// ownership of them. With req.Wait the returned Exit is the child's.
-func (c *Client) Spawn(ctx context.Context, req SpawnRequest, files ...*os.File) (int, *Exit, error) {
-	r, err := c.call(ctx, &message{Op: opSpawn, Spawn: &req}, files...)
-	if err != nil {
-		return 0, nil, err
-	}
-	return r.m.Pid, r.m.Exit, nil
-}
-
-// Subscribe returns the exits the keeper holds unacknowledged (the backlog)
-// and delivers every later exit to h, from one goroutine. Exits are
-// redelivered (to a new connection) until acknowledged.
-func (c *Client) Subscribe(ctx context.Context, h func(Exit)) ([]Exit, error) {
-	c.mu.Lock()
-	c.onExit = h
-	c.mu.Unlock()
-	r, err := c.call(ctx, &message{Op: opSubscribe})
-	if err != nil {
-		return nil, err
-	}
-	return r.m.Exits, nil
-}
-
-// Sync returns once every exit the keeper has reaped so far has been
-// delivered to this client's exit handler.
-func (c *Client) Sync(ctx context.Context) error {
-	_, err := c.call(ctx, &message{Op: opSync})
-	return err
-}
-
-// Ack tells the keeper it may forget the exits of pids.
-func (c *Client) Ack(ctx context.Context, pids ...int) error {
-	if len(pids) == 0 {
-		return nil
-	}
-	_, err := c.call(ctx, &message{Op: opAck, Pids: pids})
-	return err
-}
-
-// PutFD hands the keeper a duplicate of f to hold under key.
-func (c *Client) PutFD(ctx context.Context, key string, f *os.File) error {
-	_, err := c.call(ctx, &message{Op: opPutFD, Key: key}, f)
-	return err
-}
-
-// GetFD returns a duplicate of the descriptor held under key.
-func (c *Client) GetFD(ctx context.Context, key string) (*os.File, error) {
-	r, err := c.call(ctx, &message{Op: opGetFD, Key: key})
-	if err != nil {
-		return nil, err
-	}
-	if len(r.files) != 1 {
-		closeAll(r.files)
-		return nil, fmt.Errorf("keeper returned %d descriptors for %q", len(r.files), key)
-	}
-	return r.files[0], nil
-}
-
-// DropFD closes the descriptor held under key, or under every key starting
-// with key when prefix is set.
-func (c *Client) DropFD(ctx context.Context, key string, prefix bool) error {
-	_, err := c.call(ctx, &message{Op: opDropFD, Key: key, Prefix: prefix})
-	return err
-}
-
 // Close ends the connection; the keeper and its children keep running.
-func (c *Client) Close() error {
-	return c.c.c.Close()
+func (c *Client) Close() error { return c.c.Close() }
+
+// SpawnResult is what a spawn started.
+type SpawnResult struct {
+	// Process is the command started.
+	Process ProcessRef
+	// Exit is the command's, when it was spawned with Wait.
+	Exit *Exit
+	// Child is the process named by the pid file, when one was given.
+	Child ProcessRef
+}
+
+// Spawn starts a process as a child of the keeper (see api.SpawnRequest).
+// With req.Wait the command is killed if ctx's deadline passes first.
+func (c *Client) Spawn(ctx context.Context, req *api.SpawnRequest) (SpawnResult, error) {
+	r, err := c.api.Spawn(ctx, req)
+	if err = unixsock.Native(err); err != nil {
+		return SpawnResult{}, err
+	}
+	res := SpawnResult{Process: refFromAPI(r.GetProcess()), Child: refFromAPI(r.GetChild())}
+	if r.GetExit() != nil {
+		e := exitFromAPI(r.GetExit())
+		res.Exit = &e
+	}
+	return res, nil
+}
+
+// Wait returns the exit of ref, blocking until it exits; with noBlock it
+// returns nil at once for a process still running. A process the keeper
+// does not know (not running, no exit kept) is errdefs.ErrNotFound.
+func (c *Client) Wait(ctx context.Context, ref ProcessRef, noBlock bool) (*Exit, error) {
+	r, err := c.api.Wait(ctx, &api.WaitRequest{Process: ref.toAPI(), NoBlock: noBlock})
+	if err = unixsock.Native(err); err != nil {
+		return nil, err
+	}
+	if r.GetExit() == nil {
+		return nil, nil
+	}
+	e := exitFromAPI(r.GetExit())
+	return &e, nil
+}
+
+// Ack releases the exit of ref (or, for a live process, says nobody will
+// wait for it).
+func (c *Client) Ack(ctx context.Context, ref ProcessRef) error {
+	_, err := c.api.Ack(ctx, ref.toAPI())
+	return unixsock.Native(err)
+}
+
+// ResizePty resizes the terminal held under key.
+func (c *Client) ResizePty(ctx context.Context, key string, w, h uint32) error {
+	_, err := c.api.ResizePty(ctx, &api.ResizePtyRequest{Key: key, Width: w, Height: h})
+	return unixsock.Native(err)
+}
+
+// CloseStdin closes the keeper's end of the stdin held under key.
+func (c *Client) CloseStdin(ctx context.Context, key string) error {
+	_, err := c.api.CloseStdin(ctx, &api.IORef{Key: key})
+	return unixsock.Native(err)
+}
+
+// ReleaseIO drops the streams held under key (or every key starting with
+// it, with prefix).
+func (c *Client) ReleaseIO(ctx context.Context, key string, prefix bool) error {
+	_, err := c.api.ReleaseIO(ctx, &api.IORef{Key: key, Prefix: prefix})
+	return unixsock.Native(err)
+}
+
+// ListIO lists the keys of the streams the keeper holds.
+func (c *Client) ListIO(ctx context.Context) ([]string, error) {
+	r, err := c.api.ListIO(ctx, &emptypb.Empty{})
+	if err = unixsock.Native(err); err != nil {
+		return nil, err
+	}
+	return r.GetKeys(), nil
 }

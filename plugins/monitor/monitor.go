@@ -1,62 +1,61 @@
 // Package monitor is containerd-kuasar's side of the process keeper (see
-// pkg/keeper): an internal plugin, shared by the sandbox controllers, that
-// starts processes through the keeper and routes each exit to whoever
-// watches that pid. It connects lazily, restarts the keeper when it is gone,
-// and after a daemon restart replays the exits the keeper kept meanwhile.
+// package keeper): an internal plugin, shared by the sandbox controllers,
+// that starts processes through the keeper and reports each exit to whoever
+// watches that process. It connects lazily, starts the keeper when it is
+// gone, and after a daemon restart collects the exits the keeper kept
+// meanwhile.
+//
+// Every process is named by pid and start time (keeper.ProcessRef), so an
+// exit is never reported for a later process that got the same pid.
 package monitor
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/launch"
-	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 )
-
-// pendingTTL is how long an exit nobody watches is kept before it is
-// acknowledged: long enough to cover the window between a process starting
-// and its starter registering the pid.
-const pendingTTL = time.Minute
 
 // LostStatus is reported for a process whose exit status is unknown because
 // the keeper that reaped it is gone.
-const LostStatus = 255
+const LostStatus = keeper.LostStatus
 
-// Monitor spawns processes through the keeper and dispatches their exits.
+// callTimeout bounds the keeper calls that should answer at once.
+const callTimeout = 30 * time.Second
+
+// retryBackoff is how long a watcher waits before reconnecting to a keeper
+// that went away.
+const retryBackoff = 200 * time.Millisecond
+
+// Monitor spawns processes through the keeper and reports their exits.
 type Monitor struct {
 	launch keeper.Launch
 
-	mu        sync.Mutex
-	client    *keeper.Client
-	keeperPid int
-	watchers  map[int]*watcher
-	pending   map[int]pendingExit
-	closed    bool
+	mu       sync.Mutex
+	client   *keeper.Client
+	boot     string
+	watchers map[keeper.ProcessRef]*watcher
+	closed   bool
 }
 
 type watcher struct {
-	start uint64
-	fn    func(keeper.Exit)
-}
-
-type pendingExit struct {
-	exit keeper.Exit
-	at   time.Time
+	cancel context.CancelFunc
 }
 
 // New returns a Monitor for the keeper described by l.
 func New(l keeper.Launch) *Monitor {
 	return &Monitor{
 		launch:   l,
-		watchers: map[int]*watcher{},
-		pending:  map[int]pendingExit{},
+		watchers: map[keeper.ProcessRef]*watcher{},
 	}
 }
 
@@ -71,7 +70,7 @@ func (m *Monitor) conn(ctx context.Context) (*keeper.Client, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return nil, errors.New("monitor closed")
+		return nil, fmt.Errorf("monitor closed: %w", errdefs.ErrUnavailable)
 	}
 	if m.client != nil {
 		select {
@@ -82,226 +81,213 @@ func (m *Monitor) conn(ctx context.Context) (*keeper.Client, error) {
 		}
 	}
 	if m.launch.Binary == "" {
-		return nil, errors.New("no kuasar-keeper binary: install it beside containerd-kuasar or set keeper_path")
+		return nil, fmt.Errorf("no kuasar-keeper binary: install it beside containerd-kuasar or set keeper_path: %w", errdefs.ErrFailedPrecondition)
 	}
 	c, err := keeper.Connect(ctx, m.launch)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to the process keeper: %w", err)
 	}
-	backlog, err := c.Subscribe(ctx, m.onExit)
-	if err != nil {
-		c.Close()
-		return nil, fmt.Errorf("subscribing to keeper exits: %w", err)
-	}
-	lost := m.keeperPid != 0 && m.keeperPid != c.KeeperPid
-	m.client, m.keeperPid = c, c.KeeperPid
-	log.G(ctx).WithField("keeper", c.KeeperPid).Debug("connected to process keeper")
-	for _, e := range backlog {
-		m.dispatchLocked(e)
-	}
-	if lost {
-		// The previous keeper died: the processes it parented are now
-		// orphans of init and their statuses will not reach us.
+	if m.boot != "" && m.boot != c.Boot {
+		// The processes the previous keeper parented are orphans of init
+		// now: their statuses will not reach us.
 		log.G(ctx).WithField("keeper", c.KeeperPid).Error("process keeper was replaced; exit statuses of running workloads will be reported as 255")
-		for pid := range m.watchers {
-			go m.watchOrphan(pid)
-		}
 	}
-	go m.watchConn(c)
+	m.client, m.boot = c, c.Boot
+	log.G(ctx).WithField("keeper", c.KeeperPid).Debug("connected to process keeper")
 	return c, nil
 }
 
-// watchConn reconnects as soon as the keeper connection drops, so exits are
-// not held back until the next spawn.
-func (m *Monitor) watchConn(c *keeper.Client) {
-	<-c.Done()
-	m.mu.Lock()
-	closed := m.closed
-	m.mu.Unlock()
-	if closed {
-		return
-	}
-	for i := 0; i < 50; i++ {
-		if _, err := m.conn(context.Background()); err == nil {
-			return
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	log.L.Error("could not reconnect to the process keeper")
-}
-
-// Connect makes sure the keeper runs and its backlog of exits is loaded.
+// Connect makes sure the keeper runs.
 func (m *Monitor) Connect(ctx context.Context) error {
 	_, err := m.conn(ctx)
 	return err
 }
 
-func (m *Monitor) onExit(e keeper.Exit) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.dispatchLocked(e)
-}
-
-// dispatchLocked is called with m.mu held.
-func (m *Monitor) dispatchLocked(e keeper.Exit) {
-	if w, ok := m.watchers[e.Pid]; ok {
-		delete(m.watchers, e.Pid)
-		go m.deliver(w, e)
-		return
-	}
-	m.pending[e.Pid] = pendingExit{exit: e, at: time.Now()}
-	m.expireLocked()
-}
-
-func (m *Monitor) deliver(w *watcher, e keeper.Exit) {
-	w.fn(e)
-	m.mu.Lock()
-	c := m.client
-	m.mu.Unlock()
-	if c != nil {
-		if err := c.Ack(context.Background(), e.Pid); err != nil {
-			log.L.WithError(err).Debug("acknowledging exit")
-		}
-	}
-}
-
-func (m *Monitor) expireLocked() {
-	var old []int
-	for pid, p := range m.pending {
-		if time.Since(p.at) > pendingTTL {
-			old = append(old, pid)
-			delete(m.pending, pid)
-		}
-	}
-	if len(old) > 0 && m.client != nil {
-		c := m.client
-		go func() { _ = c.Ack(context.Background(), old...) }()
-	}
-}
-
-// Watch calls fn once, when the process pid (started at start, in clock
-// ticks since boot, as /proc/PID/stat reports; 0 skips the check) exits.
-// An exit that arrived before Watch is delivered at once. A process that is
-// already gone with no recorded exit is reported with LostStatus.
-func (m *Monitor) Watch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit)) error {
-	return m.watch(ctx, pid, start, fn, false)
+// Watch calls fn once, from a goroutine of its own, when the process ref
+// exits, then acknowledges the exit to the keeper (fn must have recorded
+// what it needs by then). A process the keeper does not know (gone with no
+// exit kept) is reported with LostStatus.
+func (m *Monitor) Watch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) {
+	wctx := m.register(ref)
+	go m.watch(wctx, ref, fn)
 }
 
 // Rewatch is Watch for a process recorded before a restart: an exit the
 // keeper kept meanwhile is delivered before Rewatch returns, so that the
 // process is known to have exited before anyone asks about it.
-func (m *Monitor) Rewatch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit)) error {
-	return m.watch(ctx, pid, start, fn, true)
-}
-
-func (m *Monitor) watch(ctx context.Context, pid int, start uint64, fn func(keeper.Exit), now bool) error {
-	deliver := func(w *watcher, e keeper.Exit) {
-		if now {
-			m.deliver(w, e)
-		} else {
-			go m.deliver(w, e)
-		}
-	}
+func (m *Monitor) Rewatch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) error {
 	c, err := m.conn(ctx)
 	if err != nil {
 		return err
 	}
-	w := &watcher{start: start, fn: fn}
-	m.mu.Lock()
-	if e, ok := m.claimLocked(pid); ok {
-		m.mu.Unlock()
-		deliver(w, e)
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	e, err := c.Wait(cctx, ref, true)
+	switch {
+	case errdefs.IsNotFound(err):
+		m.deliver(ref, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
+		return nil
+	case err != nil:
+		return fmt.Errorf("asking the keeper for %s: %w", ref, err)
+	case e != nil:
+		m.deliver(ref, *e, fn)
 		return nil
 	}
-	if proc.Alive(pid, start) {
-		m.watchers[pid] = w
-		m.mu.Unlock()
-		return nil
-	}
-	m.mu.Unlock()
-	// Gone already: its exit may still be on its way from the keeper.
-	if err := c.Sync(ctx); err != nil {
-		log.G(ctx).WithError(err).Warn("syncing with the keeper")
-	}
-	m.mu.Lock()
-	e, ok := m.claimLocked(pid)
-	m.mu.Unlock()
-	if !ok {
-		log.G(ctx).WithField("pid", pid).Warn("process ended with no exit status recorded")
-		e = keeper.Exit{Pid: pid, Status: LostStatus, At: time.Now()}
-	}
-	deliver(w, e)
+	m.Watch(ctx, ref, fn)
 	return nil
 }
 
-// claimLocked takes the pending exit of pid, if there is one.
-func (m *Monitor) claimLocked(pid int) (keeper.Exit, bool) {
-	p, ok := m.pending[pid]
-	if !ok {
-		return keeper.Exit{}, false
-	}
-	delete(m.pending, pid)
-	return p.exit, true
-}
-
-// Unwatch drops the watcher of pid, if any.
-func (m *Monitor) Unwatch(pid int) {
+func (m *Monitor) register(ref keeper.ProcessRef) context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
 	m.mu.Lock()
-	delete(m.watchers, pid)
+	if old, ok := m.watchers[ref]; ok {
+		old.cancel()
+	}
+	m.watchers[ref] = &watcher{cancel: cancel}
 	m.mu.Unlock()
+	return ctx
 }
 
-// watchOrphan reports the end of a process whose keeper died, with an
-// unknown status, using a pidfd since it is no longer a child of ours.
-func (m *Monitor) watchOrphan(pid int) {
-	if err := proc.WaitPidfd(pid); err != nil {
-		log.L.WithError(err).WithField("pid", pid).Debug("waiting for orphan")
+func (m *Monitor) watch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) {
+	for {
+		c, err := m.conn(ctx)
+		if err == nil {
+			var e *keeper.Exit
+			e, err = c.Wait(ctx, ref, false)
+			switch {
+			case err == nil && e != nil:
+				m.deliver(ref, *e, fn)
+				return
+			case errdefs.IsNotFound(err):
+				log.G(ctx).WithField("process", ref).Warn("process ended with no exit status kept")
+				m.deliver(ref, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
+				return
+			}
+		}
+		if ctx.Err() != nil {
+			return // unwatched, or the monitor closed
+		}
+		if err != nil && !unixsock.IsClosed(err) && !errors.Is(err, context.DeadlineExceeded) {
+			log.G(ctx).WithError(err).WithField("process", ref).Warn("waiting for a process through the keeper")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(retryBackoff):
+		}
 	}
-	m.onExit(keeper.Exit{Pid: pid, Status: LostStatus, At: time.Now()})
 }
 
-// Spawn starts a process as a child of the keeper (see keeper.SpawnRequest).
-func (m *Monitor) Spawn(ctx context.Context, req keeper.SpawnRequest, files ...*os.File) (int, *keeper.Exit, error) {
+// deliver reports an exit once and acknowledges it.
+func (m *Monitor) deliver(ref keeper.ProcessRef, e keeper.Exit, fn func(keeper.Exit)) {
+	m.mu.Lock()
+	if w, ok := m.watchers[ref]; ok {
+		w.cancel()
+		delete(m.watchers, ref)
+	}
+	m.mu.Unlock()
+	fn(e)
+	m.ack(ref)
+}
+
+func (m *Monitor) ack(ref keeper.ProcessRef) {
+	m.mu.Lock()
+	c := m.client
+	m.mu.Unlock()
+	if c == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	if err := c.Ack(ctx, ref); err != nil && !unixsock.IsClosed(err) {
+		log.G(ctx).WithError(err).WithField("process", ref).Debug("acknowledging exit")
+	}
+}
+
+// Unwatch stops watching ref; nobody will ask for its exit, so the keeper
+// drops it when it comes.
+func (m *Monitor) Unwatch(ref keeper.ProcessRef) {
+	if ref.Pid == 0 {
+		return
+	}
+	m.mu.Lock()
+	w, ok := m.watchers[ref]
+	delete(m.watchers, ref)
+	m.mu.Unlock()
+	if ok {
+		w.cancel()
+	}
+	m.ack(ref)
+}
+
+// Spawn starts a process as a child of the keeper (see api.SpawnRequest).
+// A command spawned with Wait is bounded by ctx's deadline, or by
+// callTimeout when ctx has none; the keeper kills it when that passes.
+func (m *Monitor) Spawn(ctx context.Context, req *api.SpawnRequest) (keeper.SpawnResult, error) {
 	c, err := m.conn(ctx)
 	if err != nil {
-		return 0, nil, err
+		return keeper.SpawnResult{}, err
 	}
-	return c.Spawn(ctx, req, files...)
+	if _, ok := ctx.Deadline(); !ok && req.GetWait() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
+	}
+	return c.Spawn(ctx, req)
 }
 
-// PutFD lets the keeper hold a duplicate of f under key.
-func (m *Monitor) PutFD(ctx context.Context, key string, f *os.File) error {
+// withClient runs a short call on the keeper connection.
+func (m *Monitor) withClient(ctx context.Context, call func(context.Context, *keeper.Client) error) error {
 	c, err := m.conn(ctx)
 	if err != nil {
 		return err
 	}
-	return c.PutFD(ctx, key, f)
-}
-
-// GetFD takes back a duplicate of the descriptor held under key.
-func (m *Monitor) GetFD(ctx context.Context, key string) (*os.File, error) {
-	c, err := m.conn(ctx)
-	if err != nil {
-		return nil, err
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, callTimeout)
+		defer cancel()
 	}
-	return c.GetFD(ctx, key)
+	return call(ctx, c)
 }
 
-// DropFD releases what the keeper holds under key (or under every key
-// starting with it).
-func (m *Monitor) DropFD(ctx context.Context, key string, prefix bool) error {
-	c, err := m.conn(ctx)
-	if err != nil {
+// ResizePty resizes the terminal the keeper holds under key.
+func (m *Monitor) ResizePty(ctx context.Context, key string, w, h uint32) error {
+	return m.withClient(ctx, func(ctx context.Context, c *keeper.Client) error { return c.ResizePty(ctx, key, w, h) })
+}
+
+// CloseStdin closes the stdin the keeper holds under key.
+func (m *Monitor) CloseStdin(ctx context.Context, key string) error {
+	return m.withClient(ctx, func(ctx context.Context, c *keeper.Client) error { return c.CloseStdin(ctx, key) })
+}
+
+// ReleaseIO drops the streams held under key (every key with that prefix,
+// with prefix).
+func (m *Monitor) ReleaseIO(ctx context.Context, key string, prefix bool) error {
+	return m.withClient(ctx, func(ctx context.Context, c *keeper.Client) error { return c.ReleaseIO(ctx, key, prefix) })
+}
+
+// ListIO lists the keys of the streams the keeper holds.
+func (m *Monitor) ListIO(ctx context.Context) (keys []string, err error) {
+	err = m.withClient(ctx, func(ctx context.Context, c *keeper.Client) error {
+		keys, err = c.ListIO(ctx)
 		return err
-	}
-	return c.DropFD(ctx, key, prefix)
+	})
+	return keys, err
 }
 
-// Close drops the keeper connection; the keeper and its children live on.
+// Close stops every watcher and drops the keeper connection; the keeper
+// and its children live on.
 func (m *Monitor) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
 	m.closed = true
+	for ref, w := range m.watchers {
+		w.cancel()
+		delete(m.watchers, ref)
+	}
 	if m.client != nil {
 		return m.client.Close()
 	}

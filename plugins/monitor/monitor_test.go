@@ -2,22 +2,23 @@ package monitor
 
 import (
 	"context"
-	"net"
+	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 )
 
 const serveEnv = "MONITOR_TEST_KEEPER"
 
 func TestMain(m *testing.M) {
 	if sock := os.Getenv(serveEnv); sock != "" {
-		l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+		l, err := keeper.Listen(sock)
 		if err != nil {
 			os.Exit(2)
 		}
@@ -27,46 +28,61 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-func newMonitor(t *testing.T) *Monitor {
+type testMonitor struct {
+	*Monitor
+	sock string
+}
+
+func newMonitor(t *testing.T) *testMonitor {
 	t.Helper()
 	dir := t.TempDir()
 	self, _ := os.Executable()
-	t.Setenv(serveEnv, filepath.Join(dir, "k.sock"))
-	m := New(keeper.Launch{Binary: self, Socket: filepath.Join(dir, "k.sock"), LogPath: filepath.Join(dir, "log"), Args: []string{"-test.run=^$"}})
+	sock := filepath.Join(dir, "k.sock")
+	t.Setenv(serveEnv, sock)
+	m := New(keeper.Launch{Binary: self, Socket: sock, LogPath: filepath.Join(dir, "log"), Args: []string{"-test.run=^$"}})
 	if err := m.Connect(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	os.Unsetenv(serveEnv)
 	t.Cleanup(func() {
-		pid := m.keeperPid
+		pid := m.keeperPid()
 		m.Close()
 		syscall.Kill(pid, syscall.SIGKILL)
 	})
-	return m
+	return &testMonitor{Monitor: m, sock: sock}
 }
 
-func spawn(t *testing.T, m *Monitor, script string) int {
+func (m *Monitor) keeperPid() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.client == nil {
+		return 0
+	}
+	return m.client.KeeperPid
+}
+
+func spawn(t *testing.T, m *testMonitor, script string) keeper.ProcessRef {
 	t.Helper()
-	pid, _, err := m.Spawn(context.Background(), keeper.SpawnRequest{
-		Path: "/bin/sh", Args: []string{"sh", "-c", script}, Stdio: [3]int{keeper.NoFD, keeper.NoFD, keeper.NoFD},
-	})
+	r, err := m.Spawn(context.Background(), &api.SpawnRequest{Path: "/bin/sh", Args: []string{"sh", "-c", script}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return pid
+	return r.Process
 }
 
-func watch(t *testing.T, m *Monitor, pid int, start uint64) keeper.Exit {
+func watch(t *testing.T, m *testMonitor, ref keeper.ProcessRef) <-chan keeper.Exit {
 	t.Helper()
-	ch := make(chan keeper.Exit, 1)
-	if err := m.Watch(context.Background(), pid, start, func(e keeper.Exit) { ch <- e }); err != nil {
-		t.Fatal(err)
-	}
+	ch := make(chan keeper.Exit, 2)
+	m.Watch(context.Background(), ref, func(e keeper.Exit) { ch <- e })
+	return ch
+}
+
+func wait(t *testing.T, ch <-chan keeper.Exit, what string) keeper.Exit {
+	t.Helper()
 	select {
 	case e := <-ch:
 		return e
-	case <-time.After(5 * time.Second):
-		t.Fatalf("no exit for %d", pid)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no exit for %s", what)
 	}
 	return keeper.Exit{}
 }
@@ -74,60 +90,110 @@ func watch(t *testing.T, m *Monitor, pid int, start uint64) keeper.Exit {
 func TestWatch(t *testing.T) {
 	m := newMonitor(t)
 	tests := []struct {
-		name   string
 		script string
-		before func(pid int) // between spawn and Watch
-		after  func(pid int) // after Watch registered
 		want   int
 	}{
-		// The exit is reaped before anyone watches: it must not be lost.
-		{"exited before watch", "exit 3", func(int) { time.Sleep(100 * time.Millisecond) }, nil, 3},
-		{"exits while watched", "sleep 0.2; exit 4", nil, nil, 4},
-		{"killed", "sleep 30", nil, func(pid int) { syscall.Kill(pid, syscall.SIGKILL) }, 137},
+		{"exit 0", 0},
+		{"sleep 0.2; exit 4", 4},
+		{"kill -TERM $$", 143},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			pid := spawn(t, m, tt.script)
-			start := proc.StartTime(pid)
-			if tt.before != nil {
-				tt.before(pid)
-			}
-			if tt.after != nil {
-				go func() { time.Sleep(50 * time.Millisecond); tt.after(pid) }()
-			}
-			if e := watch(t, m, pid, start); e.Status != tt.want {
-				t.Fatalf("exit %+v, want status %d", e, tt.want)
+	for _, tc := range tests {
+		t.Run(tc.script, func(t *testing.T) {
+			ref := spawn(t, m, tc.script)
+			e := wait(t, watch(t, m, ref), tc.script)
+			if e.Status != tc.want || e.Process != ref || e.Lost {
+				t.Fatalf("exit %+v, want %d of %v", e, tc.want, ref)
 			}
 		})
 	}
 }
 
-// A process that is not the keeper's and is gone has no status to report.
-func TestWatchUnknownIsLost(t *testing.T) {
+// A stale reference (a pid now used by another process) is reported lost
+// at once, never attached to the process that has the pid now.
+func TestWatchStaleRefIsLost(t *testing.T) {
 	m := newMonitor(t)
-	p, err := os.StartProcess("/bin/true", []string{"true"}, &os.ProcAttr{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.Wait()
-	if e := watch(t, m, p.Pid, 0); e.Status != LostStatus {
-		t.Fatalf("exit %+v, want %d", e, LostStatus)
+	stale := keeper.ProcessRef{Pid: os.Getpid(), StartTime: 1}
+	e := wait(t, watch(t, m, stale), "a stale ref")
+	if !e.Lost || e.Status != LostStatus {
+		t.Fatalf("exit %+v, want lost", e)
 	}
 }
 
-// Rewatch delivers an exit that happened before it was called before it
-// returns (a container recovered after a restart must be known exited
-// before containerd's task runtime asks about it).
 func TestRewatchDeliversBeforeReturning(t *testing.T) {
 	m := newMonitor(t)
-	pid := spawn(t, m, "exit 7")
-	start := proc.StartTime(pid)
-	time.Sleep(200 * time.Millisecond) // reaped by the keeper, unwatched
-	var got *keeper.Exit
-	if err := m.Rewatch(context.Background(), pid, start, func(e keeper.Exit) { got = &e }); err != nil {
+	ref := spawn(t, m, "exit 5")
+	// Register interest, as the first daemon did, and let it exit.
+	c, err := m.conn(context.Background())
+	if err != nil {
 		t.Fatal(err)
 	}
-	if got == nil || got.Status != 7 {
-		t.Fatalf("after Rewatch returned: %+v, want the exit (7) delivered", got)
+	if _, err := c.Wait(context.Background(), ref, true); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	var got *keeper.Exit
+	if err := m.Rewatch(context.Background(), ref, func(e keeper.Exit) { got = &e }); err != nil {
+		t.Fatal(err)
+	}
+	if got == nil || got.Status != 5 {
+		t.Fatalf("Rewatch returned before delivering: %+v", got)
+	}
+}
+
+// When the keeper is killed, watched processes are still reported when
+// they end (status lost) through a keeper started anew.
+func TestKeeperReplaced(t *testing.T) {
+	m := newMonitor(t)
+	ref := spawn(t, m, "sleep 1")
+	ch := watch(t, m, ref)
+	old := m.keeperPid()
+	t.Setenv(serveEnv, m.sock)
+	syscall.Kill(old, syscall.SIGKILL)
+	e := wait(t, ch, "a process of a killed keeper")
+	if !e.Lost || e.Status != LostStatus {
+		t.Fatalf("exit %+v, want lost", e)
+	}
+	if pid := m.keeperPid(); pid == 0 || pid == old {
+		t.Fatalf("keeper not replaced: %d", pid)
+	}
+	// The new keeper works as the old one did.
+	if e := wait(t, watch(t, m, spawn(t, m, "exit 3")), "exit 3"); e.Status != 3 {
+		t.Fatalf("exit %+v", e)
+	}
+}
+
+// Many processes exiting at once while others are spawned and watched:
+// every exit reaches its watcher (the old keeper protocol could deadlock
+// here, an exit event racing a subscribe reply).
+func TestConcurrentSpawnAndExits(t *testing.T) {
+	m := newMonitor(t)
+	const n = 60
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := m.Spawn(context.Background(), &api.SpawnRequest{Path: "/bin/sh", Args: []string{"sh", "-c", fmt.Sprintf("exit %d", i%7)}})
+			if err != nil {
+				errs <- err
+				return
+			}
+			ch := make(chan keeper.Exit, 1)
+			m.Watch(context.Background(), r.Process, func(e keeper.Exit) { ch <- e })
+			select {
+			case e := <-ch:
+				if e.Status != i%7 {
+					errs <- fmt.Errorf("process %d: exit %+v", i, e)
+				}
+			case <-time.After(20 * time.Second):
+				errs <- fmt.Errorf("process %d: no exit", i)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }

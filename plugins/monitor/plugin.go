@@ -1,6 +1,7 @@
 package monitor
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 
@@ -23,8 +24,9 @@ type Config struct {
 	// KeeperPath is the kuasar-keeper binary; empty looks beside the daemon
 	// and on PATH.
 	KeeperPath string `toml:"keeper_path"`
-	// Socket the keeper serves on; empty is keeper.sock in the plugin's
-	// state directory.
+	// Socket the keeper serves on; empty is keeper-v<protocol>.sock in
+	// the plugin's state directory (a keeper of another protocol version
+	// keeps its own socket and children).
 	Socket string `toml:"socket"`
 }
 
@@ -46,7 +48,7 @@ func init() {
 			}
 			sock := cfg.Socket
 			if sock == "" {
-				sock = filepath.Join(state, "keeper.sock")
+				sock = filepath.Join(state, fmt.Sprintf("keeper-v%d.sock", keeper.ProtocolVersion))
 			}
 			return New(keeper.Launch{
 				Binary:  bin,

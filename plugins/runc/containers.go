@@ -24,6 +24,7 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
 
@@ -44,28 +45,24 @@ type ctrState struct {
 	Systemd bool `json:"systemd,omitempty"`
 }
 
-// procData is the in-memory side of one process.
+// procData is the in-memory side of one process: its start time, which
+// with its pid names it.
 type procData struct {
-	stdio *stdio
 	start uint64
 }
 
 func data(p *task.Process) *procData {
 	d, _ := p.Private.(*procData)
 	if d == nil {
-		d = &procData{stdio: newStdio(keeperKey(p), p.IO)}
+		d = &procData{}
 		p.Private = d
 	}
 	return d
 }
 
-// keeperKey prefixes what the keeper holds for a process.
-func keeperKey(p *task.Process) string {
-	c := p.Container
-	if p.ExecID == "" {
-		return c.Namespace + "/" + c.ID + "/init/"
-	}
-	return c.Namespace + "/" + c.ID + "/exec/" + p.ExecID + "/"
+// ref names a started process for the keeper.
+func ref(p *task.Process) keeper.ProcessRef {
+	return keeper.ProcessRef{Pid: p.Pid(), StartTime: data(p).start}
 }
 
 func containerState(c *task.Container) ctrState {
@@ -111,11 +108,10 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 		}()
 	}
 
-	d := data(c.Init)
 	pidFile := filepath.Join(c.Bundle, "init.pid")
-	args := []string{"create", "--bundle", c.Bundle, "--pid-file", pidFile}
 	begin := time.Now()
-	pid, err := r.spawn(ctx, rc, c, d, args)
+	init, err := r.spawn(ctx, rc, c.Bundle, c.ID, ioKey(c.Init), c.Init.IO,
+		[]string{"create", "--bundle", c.Bundle, "--pid-file", pidFile}, pidFile)
 	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("runc create")
 	if err != nil {
 		if _, derr := rc.run(context.WithoutCancel(ctx), nil, "delete", "--force", c.ID); derr != nil && !errdefs.IsNotFound(derr) {
@@ -123,101 +119,53 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 		}
 		return err
 	}
-	c.Init.SetPid(pid)
-	st.InitStart = d.start
-	if st.Cgroup, err = cgroupstats.PidPaths(pid); err != nil {
+	c.Init.SetPid(init.Pid)
+	data(c.Init).start = init.StartTime
+	st.InitStart = init.StartTime
+	if st.Cgroup, err = cgroupstats.PidPaths(init.Pid); err != nil {
 		log.G(ctx).WithError(err).Warn("locating container cgroup")
 	}
 	if c.State, err = json.Marshal(&st); err != nil {
 		return err
 	}
-	return r.k.env.Monitor.Watch(ctx, pid, d.start, func(e keeper.Exit) { r.initExited(c, e) })
+	r.k.env.Monitor.Watch(ctx, init, func(e keeper.Exit) { r.initExited(c, e) })
+	return nil
 }
 
-// spawn runs a runc command that starts a process (create, exec) as a
-// child of the keeper, wires its stdio and returns the process's pid.
-func (r *containers) spawn(ctx context.Context, rc *runcCLI, c *task.Container, d *procData, args []string) (_ int, retErr error) {
-	mon := r.k.env.Monitor
-	files, sock, err := d.stdio.open(ctx, mon)
+// spawn runs a runc command that leaves a process behind (create, exec)
+// as a child of the keeper, which holds the process's streams under key,
+// and returns the process the pid file names.
+func (r *containers) spawn(ctx context.Context, rc *runcCLI, bundle, id, key string, io task.IO, args []string, pidFile string) (keeper.ProcessRef, error) {
+	req := &api.SpawnRequest{
+		Env:     os.Environ(),
+		Dir:     bundle,
+		Stdio:   apiStdio(io),
+		IoKey:   key,
+		PidFile: pidFile,
+		Wait:    true,
+	}
+	if io.Terminal {
+		args = append(args, "--console-socket", consoleSocketArg)
+		req.ConsoleSocket = consoleSocketArg
+	}
+	logPath := filepath.Join(bundle, "log.json")
+	req.Args = rc.argv(logPath, append(args, id)...)
+	req.Path = rc.path
+	res, err := r.k.env.Monitor.Spawn(ctx, req)
 	if err != nil {
-		return 0, err
+		return keeper.ProcessRef{}, fmt.Errorf("running runc %s: %w", args[0], err)
 	}
-	defer closeFiles(files[:])
-	defer func() {
-		if retErr != nil {
-			d.stdio.close(context.WithoutCancel(ctx), mon)
-		}
-	}()
-	var consoleCh <-chan consoleResult
-	if sock != nil {
-		defer sock.Close()
-		args = append(args, "--console-socket", sock.Path())
-		consoleCh = receiveConsole(sock)
-	}
-	pidFile := args[indexOf(args, "--pid-file")+1]
-	args = append(args, c.ID)
-
-	var attached []*os.File
-	req := keeper.SpawnRequest{
-		Path:  rc.path,
-		Args:  rc.argv(filepath.Join(c.Bundle, "log.json"), args...),
-		Env:   os.Environ(),
-		Dir:   c.Bundle,
-		Stdio: [3]int{keeper.NoFD, keeper.NoFD, keeper.NoFD},
-		Wait:  true,
-	}
-	for i, f := range files {
-		if f == nil {
-			continue
-		}
-		idx := -1
-		for j, a := range attached {
-			if a == f {
-				idx = j
-			}
-		}
-		if idx < 0 {
-			attached = append(attached, f)
-			idx = len(attached) - 1
-		}
-		req.Stdio[i] = idx
-	}
-	_, exit, err := mon.Spawn(ctx, req, attached...)
-	if err != nil {
-		return 0, fmt.Errorf("running runc %s: %w", args[0], err)
-	}
-	if exit.Status != 0 {
-		msg := logError(filepath.Join(c.Bundle, "log.json"))
+	if res.Exit.Status != 0 {
+		msg := logError(logPath)
 		if msg == "" {
-			msg = fmt.Sprintf("runc %s exited with status %d", args[0], exit.Status)
+			msg = fmt.Sprintf("runc %s exited with status %d", args[0], res.Exit.Status)
 		}
-		return 0, fmt.Errorf("runc %s: %s: %w", args[0], msg, errdefs.ErrFailedPrecondition)
+		return keeper.ProcessRef{}, fmt.Errorf("runc %s: %s: %w", args[0], msg, errdefs.ErrFailedPrecondition)
 	}
-	b, err := os.ReadFile(pidFile)
-	if err != nil {
-		return 0, fmt.Errorf("reading pid file: %w", err)
+	if res.Child.Pid == 0 {
+		return keeper.ProcessRef{}, fmt.Errorf("runc %s named no process in %s", args[0], pidFile)
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0, fmt.Errorf("bad pid file %s: %w", pidFile, err)
-	}
-	d.start = proc.StartTime(pid)
-	if consoleCh != nil {
-		if err := d.stdio.attachConsole(ctx, mon, consoleCh); err != nil {
-			_ = proc.Signal(pid, d.start, unix.SIGKILL)
-			return 0, err
-		}
-	}
-	return pid, nil
-}
-
-func indexOf(s []string, v string) int {
-	for i, x := range s {
-		if x == v {
-			return i
-		}
-	}
-	return -1
+	return res.Child, nil
 }
 
 // initExited is called once when a container's init process ends.
@@ -226,7 +174,6 @@ func (r *containers) initExited(c *task.Container, e keeper.Exit) {
 	if n, err := cgroupstats.OOMKills(st.Cgroup); err == nil && n > 0 {
 		c.OOM()
 	}
-	data(c.Init).stdio.waitOutput()
 	c.Init.Exited(e.Status, e.At)
 }
 
@@ -287,16 +234,15 @@ func (r *containers) Start(ctx context.Context, p *task.Process) error {
 	}
 	defer os.Remove(specFile)
 	defer os.Remove(pidFile)
-	d := data(p)
-	pid, err := r.spawn(ctx, rc, c, d, []string{"exec", "--detach", "--pid-file", pidFile, "--process", specFile})
+	exec, err := r.spawn(ctx, rc, c.Bundle, c.ID, ioKey(p), p.IO,
+		[]string{"exec", "--detach", "--pid-file", pidFile, "--process", specFile}, pidFile)
 	if err != nil {
 		return err
 	}
-	p.SetPid(pid)
-	return r.k.env.Monitor.Watch(ctx, pid, d.start, func(e keeper.Exit) {
-		d.stdio.waitOutput()
-		p.Exited(e.Status, e.At)
-	})
+	p.SetPid(exec.Pid)
+	data(p).start = exec.StartTime
+	r.k.env.Monitor.Watch(ctx, exec, func(e keeper.Exit) { p.Exited(e.Status, e.At) })
+	return nil
 }
 
 // Exec checks an exec's process spec; runc runs it at Start.
@@ -332,16 +278,12 @@ func (r *containers) Kill(ctx context.Context, p *task.Process, sig unix.Signal,
 }
 
 // Delete releases an exec's streams, or the whole container: runc's state,
-// its cgroup, the rootfs mount and the held descriptors.
+// its cgroup, the rootfs mount and the held streams.
 func (r *containers) Delete(ctx context.Context, p *task.Process) error {
 	mon := r.k.env.Monitor
-	if pid := p.Pid(); pid != 0 {
-		mon.Unwatch(pid)
-	}
-	d := data(p)
+	mon.Unwatch(ref(p))
 	if p.ExecID != "" {
-		d.stdio.close(ctx, mon)
-		return nil
+		return r.releaseIO(ctx, ioKey(p), false)
 	}
 	c := p.Container
 	// runc's own state lives under the daemon's state dir; it may be gone
@@ -351,12 +293,20 @@ func (r *containers) Delete(ctx context.Context, p *task.Process) error {
 			return err
 		}
 	}
-	for _, e := range c.Execs() {
-		data(e).stdio.close(ctx, mon)
+	if err := r.releaseIO(ctx, containerKey(c), true); err != nil {
+		return err
 	}
-	d.stdio.close(ctx, mon)
 	if err := mount.UnmountAll(filepath.Join(c.Bundle, "rootfs"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("unmounting rootfs: %w", err)
+	}
+	return nil
+}
+
+// releaseIO drops streams the keeper holds; a keeper that is gone holds
+// nothing.
+func (r *containers) releaseIO(ctx context.Context, key string, prefix bool) error {
+	if err := r.k.env.Monitor.ReleaseIO(ctx, key, prefix); err != nil && !errdefs.IsFailedPrecondition(err) {
+		return fmt.Errorf("releasing streams: %w", err)
 	}
 	return nil
 }
@@ -389,11 +339,15 @@ func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.
 }
 
 func (r *containers) ResizePty(ctx context.Context, p *task.Process, w, h uint32) error {
-	return data(p).stdio.resize(w, h)
+	return r.k.env.Monitor.ResizePty(ctx, ioKey(p), w, h)
 }
 
 func (r *containers) CloseIO(ctx context.Context, p *task.Process) error {
-	return data(p).stdio.closeStdin(ctx, r.k.env.Monitor)
+	err := r.k.env.Monitor.CloseStdin(ctx, ioKey(p))
+	if errdefs.IsNotFound(err) {
+		return nil // no stdin held: nothing to close
+	}
+	return err
 }
 
 // Update changes the container's cgroup limits (runc update).
@@ -448,20 +402,16 @@ func (r *containers) runcFor(c *task.Container) (*runcCLI, error) {
 	return rc.forContainer(containerState(c)), nil
 }
 
-// Recover re-attaches to a container after a daemon restart.
+// Recover re-attaches to a container after a daemon restart. Its streams
+// stayed with the keeper.
 func (r *containers) Recover(ctx context.Context, c *task.Container) error {
 	st := containerState(c)
-	d := data(c.Init)
-	d.start = st.InitStart
+	data(c.Init).start = st.InitStart
 	if c.Init.Status() == tasktypes.Status_STOPPED {
 		return nil
 	}
-	pid := c.Init.Pid()
-	if pid == 0 {
+	if c.Init.Pid() == 0 {
 		return task.ErrNotRecoverable
 	}
-	if err := d.stdio.reattach(ctx, r.k.env.Monitor); err != nil {
-		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("terminal not recovered")
-	}
-	return r.k.env.Monitor.Rewatch(ctx, pid, st.InitStart, func(e keeper.Exit) { r.initExited(c, e) })
+	return r.k.env.Monitor.Rewatch(ctx, ref(c.Init), func(e keeper.Exit) { r.initExited(c, e) })
 }

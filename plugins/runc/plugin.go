@@ -87,7 +87,7 @@ func (k *kind) Recover(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instan
 		}
 	}
 	if p.st.HolderPid != 0 {
-		if err := p.watchHolder(ctx); err != nil {
+		if err := p.k.env.Monitor.Rewatch(ctx, p.holderRef(), p.holderExited(p.holderRef())); err != nil {
 			return nil, err
 		}
 	}

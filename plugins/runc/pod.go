@@ -21,7 +21,6 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/nsutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
-	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
@@ -32,9 +31,12 @@ type podState struct {
 	Namespaces map[nsutil.Kind]string `json:"namespaces,omitempty"`
 	// Pinned lists the namespace files this pod created (and releases).
 	Pinned []string `json:"pinned,omitempty"`
-	// HolderPid is the init of the pod's shared PID namespace, if any.
-	HolderPid   int    `json:"holderPid,omitempty"`
-	HolderStart uint64 `json:"holderStart,omitempty"`
+	// HolderPid and HolderStart name the init of the pod's shared PID
+	// namespace, if any; HolderID is its runc container.
+	HolderPid     int    `json:"holderPid,omitempty"`
+	HolderStart   uint64 `json:"holderStart,omitempty"`
+	HolderID      string `json:"holderID,omitempty"`
+	HolderSystemd bool   `json:"holderSystemd,omitempty"`
 	// Shm is the pod's /dev/shm mount, if it has its own.
 	Shm string `json:"shm,omitempty"`
 }
@@ -140,39 +142,6 @@ func (p *pod) sysctls() map[string]string {
 	return out
 }
 
-// startHolder starts the init of the pod's shared PID namespace.
-func (p *pod) startHolder(ctx context.Context) error {
-	mon := p.k.env.Monitor
-	bin := mon.KeeperBinary()
-	if bin == "" {
-		return fmt.Errorf("a shared PID namespace needs kuasar-keeper: %w", errdefs.ErrFailedPrecondition)
-	}
-	pid, _, err := mon.Spawn(ctx, keeper.SpawnRequest{
-		Path:       bin,
-		Args:       []string{"pause"},
-		Stdio:      [3]int{keeper.NoFD, keeper.NoFD, keeper.NoFD},
-		Setsid:     true,
-		Cloneflags: unix.CLONE_NEWPID,
-	})
-	if err != nil {
-		return fmt.Errorf("starting the pod's PID namespace holder: %w", err)
-	}
-	p.st.HolderPid, p.st.HolderStart = pid, proc.StartTime(pid)
-	return p.watchHolder(ctx)
-}
-
-func (p *pod) watchHolder(ctx context.Context) error {
-	return p.k.env.Monitor.Watch(ctx, p.st.HolderPid, p.st.HolderStart, func(e keeper.Exit) {
-		p.mu.Lock()
-		mine := p.st.HolderPid == e.Pid
-		p.st.HolderPid = 0
-		p.mu.Unlock()
-		if mine {
-			p.sb.Exited(uint32(e.Status))
-		}
-	})
-}
-
 func (p *pod) saveState() error {
 	b, err := json.Marshal(&p.st)
 	if err != nil {
@@ -203,14 +172,7 @@ func (p *pod) Shutdown(ctx context.Context) error {
 func (p *pod) release(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.st.HolderPid != 0 {
-		pid, start := p.st.HolderPid, p.st.HolderStart
-		p.st.HolderPid = 0
-		p.k.env.Monitor.Unwatch(pid)
-		if err := proc.Signal(pid, start, unix.SIGKILL); err == nil {
-			waitGone(pid, start, 5*time.Second)
-		}
-	}
+	p.stopHolderLocked(ctx)
 	for _, path := range p.st.Pinned {
 		if err := nsutil.Release(path); err != nil {
 			log.G(ctx).WithError(err).Warn("releasing pod namespace")

@@ -19,7 +19,7 @@ import (
 // panic in a call is that call's error, not the end of the server.
 func NewServer(name string) (*ttrpc.Server, error) {
 	return ttrpc.NewServer(
-		ttrpc.WithServerHandshaker(ttrpc.UnixSocketRequireSameUser()),
+		ttrpc.WithServerHandshaker(sameUser{}),
 		ttrpc.WithUnaryServerInterceptor(func(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (resp any, err error) {
 			defer func() {
 				if r := recover(); r != nil {
@@ -32,6 +32,34 @@ func NewServer(name string) (*ttrpc.Server, error) {
 			return resp, errgrpc.ToGRPC(err)
 		}),
 	)
+}
+
+// sameUser admits clients of the server's own user only (CheckPeer), on
+// Unix connections, wrapped (see Unwrapper) or not.
+type sameUser struct{}
+
+// Unwrapper is a connection wrapping a *net.UnixConn, e.g. to count it.
+type Unwrapper interface {
+	Unwrap() net.Conn
+}
+
+func (sameUser) Handshake(_ context.Context, c net.Conn) (net.Conn, any, error) {
+	inner := c
+	for {
+		w, ok := inner.(Unwrapper)
+		if !ok {
+			break
+		}
+		inner = w.Unwrap()
+	}
+	uc, ok := inner.(*net.UnixConn)
+	if !ok {
+		return nil, nil, fmt.Errorf("a unix socket connection is required, not %T", inner)
+	}
+	if err := CheckPeer(uc); err != nil {
+		return nil, nil, err
+	}
+	return c, nil, nil
 }
 
 // Serve serves srv on l until ctx is done, then closes srv and l.
@@ -47,24 +75,28 @@ func Serve(ctx context.Context, srv *ttrpc.Server, l net.Listener) error {
 	return err
 }
 
-// Dial connects a ttrpc client to a helper's socket. Errors of its calls
-// come back with their errdefs class; onClose runs once the connection is
-// gone.
+// Dial connects a ttrpc client to a helper's socket; onClose runs once the
+// connection is gone. Errors of calls carry grpc codes: Native turns them
+// back into errdefs classes.
 func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
 		return nil, err
 	}
-	opts := []ttrpc.ClientOpts{
-		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, _ *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
-			return errgrpc.ToNative(invoke(ctx, req, resp))
-		}),
-	}
+	var opts []ttrpc.ClientOpts
 	if onClose != nil {
 		opts = append(opts, ttrpc.WithOnClose(onClose))
 	}
 	return ttrpc.NewClient(c, opts...), nil
+}
+
+// Native returns the error of a ttrpc call with its errdefs class restored.
+func Native(err error) error {
+	if err == nil {
+		return nil
+	}
+	return errgrpc.ToNative(err)
 }
 
 // IsClosed reports whether err says the connection to the server is gone

@@ -636,58 +636,6 @@ func (x *Exit) GetLost() bool {
 	return false
 }
 
-type SignalRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Process       *ProcessRef            `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
-	Signal        int32                  `protobuf:"varint,2,opt,name=signal,proto3" json:"signal,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *SignalRequest) Reset() {
-	*x = SignalRequest{}
-	mi := &file_keeper_proto_msgTypes[9]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *SignalRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*SignalRequest) ProtoMessage() {}
-
-func (x *SignalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keeper_proto_msgTypes[9]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use SignalRequest.ProtoReflect.Descriptor instead.
-func (*SignalRequest) Descriptor() ([]byte, []int) {
-	return file_keeper_proto_rawDescGZIP(), []int{9}
-}
-
-func (x *SignalRequest) GetProcess() *ProcessRef {
-	if x != nil {
-		return x.Process
-	}
-	return nil
-}
-
-func (x *SignalRequest) GetSignal() int32 {
-	if x != nil {
-		return x.Signal
-	}
-	return 0
-}
-
 type IORef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
@@ -698,7 +646,7 @@ type IORef struct {
 
 func (x *IORef) Reset() {
 	*x = IORef{}
-	mi := &file_keeper_proto_msgTypes[10]
+	mi := &file_keeper_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -710,7 +658,7 @@ func (x *IORef) String() string {
 func (*IORef) ProtoMessage() {}
 
 func (x *IORef) ProtoReflect() protoreflect.Message {
-	mi := &file_keeper_proto_msgTypes[10]
+	mi := &file_keeper_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -723,7 +671,7 @@ func (x *IORef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IORef.ProtoReflect.Descriptor instead.
 func (*IORef) Descriptor() ([]byte, []int) {
-	return file_keeper_proto_rawDescGZIP(), []int{10}
+	return file_keeper_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *IORef) GetKey() string {
@@ -751,7 +699,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_keeper_proto_msgTypes[11]
+	mi := &file_keeper_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +711,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keeper_proto_msgTypes[11]
+	mi := &file_keeper_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +724,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_keeper_proto_rawDescGZIP(), []int{11}
+	return file_keeper_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ResizePtyRequest) GetKey() string {
@@ -809,7 +757,7 @@ type ListIOResponse struct {
 
 func (x *ListIOResponse) Reset() {
 	*x = ListIOResponse{}
-	mi := &file_keeper_proto_msgTypes[12]
+	mi := &file_keeper_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -821,7 +769,7 @@ func (x *ListIOResponse) String() string {
 func (*ListIOResponse) ProtoMessage() {}
 
 func (x *ListIOResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keeper_proto_msgTypes[12]
+	mi := &file_keeper_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -834,7 +782,7 @@ func (x *ListIOResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListIOResponse.ProtoReflect.Descriptor instead.
 func (*ListIOResponse) Descriptor() ([]byte, []int) {
-	return file_keeper_proto_rawDescGZIP(), []int{12}
+	return file_keeper_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListIOResponse) GetKeys() []string {
@@ -894,10 +842,7 @@ const file_keeper_proto_rawDesc = "" +
 	"\x06status\x18\x02 \x01(\x05R\x06status\x12\x1a\n" +
 	"\bsignaled\x18\x03 \x01(\bR\bsignaled\x127\n" +
 	"\texited_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bexitedAt\x12\x12\n" +
-	"\x04lost\x18\x05 \x01(\bR\x04lost\"_\n" +
-	"\rSignalRequest\x126\n" +
-	"\aprocess\x18\x01 \x01(\v2\x1c.kuasar.keeper.v1.ProcessRefR\aprocess\x12\x16\n" +
-	"\x06signal\x18\x02 \x01(\x05R\x06signal\"1\n" +
+	"\x04lost\x18\x05 \x01(\bR\x04lost\"1\n" +
 	"\x05IORef\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06prefix\x18\x02 \x01(\bR\x06prefix\"R\n" +
@@ -906,13 +851,12 @@ const file_keeper_proto_rawDesc = "" +
 	"\x05width\x18\x02 \x01(\rR\x05width\x12\x16\n" +
 	"\x06height\x18\x03 \x01(\rR\x06height\"$\n" +
 	"\x0eListIOResponse\x12\x12\n" +
-	"\x04keys\x18\x01 \x03(\tR\x04keys2\xed\x04\n" +
+	"\x04keys\x18\x01 \x03(\tR\x04keys2\xaa\x04\n" +
 	"\x06Keeper\x12H\n" +
 	"\x05Hello\x12\x1e.kuasar.keeper.v1.HelloRequest\x1a\x1f.kuasar.keeper.v1.HelloResponse\x12H\n" +
 	"\x05Spawn\x12\x1e.kuasar.keeper.v1.SpawnRequest\x1a\x1f.kuasar.keeper.v1.SpawnResponse\x12E\n" +
 	"\x04Wait\x12\x1d.kuasar.keeper.v1.WaitRequest\x1a\x1e.kuasar.keeper.v1.WaitResponse\x12;\n" +
-	"\x03Ack\x12\x1c.kuasar.keeper.v1.ProcessRef\x1a\x16.google.protobuf.Empty\x12A\n" +
-	"\x06Signal\x12\x1f.kuasar.keeper.v1.SignalRequest\x1a\x16.google.protobuf.Empty\x12G\n" +
+	"\x03Ack\x12\x1c.kuasar.keeper.v1.ProcessRef\x1a\x16.google.protobuf.Empty\x12G\n" +
 	"\tResizePty\x12\".kuasar.keeper.v1.ResizePtyRequest\x1a\x16.google.protobuf.Empty\x12=\n" +
 	"\n" +
 	"CloseStdin\x12\x17.kuasar.keeper.v1.IORef\x1a\x16.google.protobuf.Empty\x12<\n" +
@@ -931,7 +875,7 @@ func file_keeper_proto_rawDescGZIP() []byte {
 	return file_keeper_proto_rawDescData
 }
 
-var file_keeper_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_keeper_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_keeper_proto_goTypes = []any{
 	(*HelloRequest)(nil),          // 0: kuasar.keeper.v1.HelloRequest
 	(*HelloResponse)(nil),         // 1: kuasar.keeper.v1.HelloResponse
@@ -942,12 +886,11 @@ var file_keeper_proto_goTypes = []any{
 	(*WaitRequest)(nil),           // 6: kuasar.keeper.v1.WaitRequest
 	(*WaitResponse)(nil),          // 7: kuasar.keeper.v1.WaitResponse
 	(*Exit)(nil),                  // 8: kuasar.keeper.v1.Exit
-	(*SignalRequest)(nil),         // 9: kuasar.keeper.v1.SignalRequest
-	(*IORef)(nil),                 // 10: kuasar.keeper.v1.IORef
-	(*ResizePtyRequest)(nil),      // 11: kuasar.keeper.v1.ResizePtyRequest
-	(*ListIOResponse)(nil),        // 12: kuasar.keeper.v1.ListIOResponse
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 14: google.protobuf.Empty
+	(*IORef)(nil),                 // 9: kuasar.keeper.v1.IORef
+	(*ResizePtyRequest)(nil),      // 10: kuasar.keeper.v1.ResizePtyRequest
+	(*ListIOResponse)(nil),        // 11: kuasar.keeper.v1.ListIOResponse
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 13: google.protobuf.Empty
 }
 var file_keeper_proto_depIdxs = []int32{
 	3,  // 0: kuasar.keeper.v1.SpawnRequest.stdio:type_name -> kuasar.keeper.v1.Stdio
@@ -957,31 +900,28 @@ var file_keeper_proto_depIdxs = []int32{
 	2,  // 4: kuasar.keeper.v1.WaitRequest.process:type_name -> kuasar.keeper.v1.ProcessRef
 	8,  // 5: kuasar.keeper.v1.WaitResponse.exit:type_name -> kuasar.keeper.v1.Exit
 	2,  // 6: kuasar.keeper.v1.Exit.process:type_name -> kuasar.keeper.v1.ProcessRef
-	13, // 7: kuasar.keeper.v1.Exit.exited_at:type_name -> google.protobuf.Timestamp
-	2,  // 8: kuasar.keeper.v1.SignalRequest.process:type_name -> kuasar.keeper.v1.ProcessRef
-	0,  // 9: kuasar.keeper.v1.Keeper.Hello:input_type -> kuasar.keeper.v1.HelloRequest
-	4,  // 10: kuasar.keeper.v1.Keeper.Spawn:input_type -> kuasar.keeper.v1.SpawnRequest
-	6,  // 11: kuasar.keeper.v1.Keeper.Wait:input_type -> kuasar.keeper.v1.WaitRequest
-	2,  // 12: kuasar.keeper.v1.Keeper.Ack:input_type -> kuasar.keeper.v1.ProcessRef
-	9,  // 13: kuasar.keeper.v1.Keeper.Signal:input_type -> kuasar.keeper.v1.SignalRequest
-	11, // 14: kuasar.keeper.v1.Keeper.ResizePty:input_type -> kuasar.keeper.v1.ResizePtyRequest
-	10, // 15: kuasar.keeper.v1.Keeper.CloseStdin:input_type -> kuasar.keeper.v1.IORef
-	10, // 16: kuasar.keeper.v1.Keeper.ReleaseIO:input_type -> kuasar.keeper.v1.IORef
-	14, // 17: kuasar.keeper.v1.Keeper.ListIO:input_type -> google.protobuf.Empty
-	1,  // 18: kuasar.keeper.v1.Keeper.Hello:output_type -> kuasar.keeper.v1.HelloResponse
-	5,  // 19: kuasar.keeper.v1.Keeper.Spawn:output_type -> kuasar.keeper.v1.SpawnResponse
-	7,  // 20: kuasar.keeper.v1.Keeper.Wait:output_type -> kuasar.keeper.v1.WaitResponse
-	14, // 21: kuasar.keeper.v1.Keeper.Ack:output_type -> google.protobuf.Empty
-	14, // 22: kuasar.keeper.v1.Keeper.Signal:output_type -> google.protobuf.Empty
-	14, // 23: kuasar.keeper.v1.Keeper.ResizePty:output_type -> google.protobuf.Empty
-	14, // 24: kuasar.keeper.v1.Keeper.CloseStdin:output_type -> google.protobuf.Empty
-	14, // 25: kuasar.keeper.v1.Keeper.ReleaseIO:output_type -> google.protobuf.Empty
-	12, // 26: kuasar.keeper.v1.Keeper.ListIO:output_type -> kuasar.keeper.v1.ListIOResponse
-	18, // [18:27] is the sub-list for method output_type
-	9,  // [9:18] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	12, // 7: kuasar.keeper.v1.Exit.exited_at:type_name -> google.protobuf.Timestamp
+	0,  // 8: kuasar.keeper.v1.Keeper.Hello:input_type -> kuasar.keeper.v1.HelloRequest
+	4,  // 9: kuasar.keeper.v1.Keeper.Spawn:input_type -> kuasar.keeper.v1.SpawnRequest
+	6,  // 10: kuasar.keeper.v1.Keeper.Wait:input_type -> kuasar.keeper.v1.WaitRequest
+	2,  // 11: kuasar.keeper.v1.Keeper.Ack:input_type -> kuasar.keeper.v1.ProcessRef
+	10, // 12: kuasar.keeper.v1.Keeper.ResizePty:input_type -> kuasar.keeper.v1.ResizePtyRequest
+	9,  // 13: kuasar.keeper.v1.Keeper.CloseStdin:input_type -> kuasar.keeper.v1.IORef
+	9,  // 14: kuasar.keeper.v1.Keeper.ReleaseIO:input_type -> kuasar.keeper.v1.IORef
+	13, // 15: kuasar.keeper.v1.Keeper.ListIO:input_type -> google.protobuf.Empty
+	1,  // 16: kuasar.keeper.v1.Keeper.Hello:output_type -> kuasar.keeper.v1.HelloResponse
+	5,  // 17: kuasar.keeper.v1.Keeper.Spawn:output_type -> kuasar.keeper.v1.SpawnResponse
+	7,  // 18: kuasar.keeper.v1.Keeper.Wait:output_type -> kuasar.keeper.v1.WaitResponse
+	13, // 19: kuasar.keeper.v1.Keeper.Ack:output_type -> google.protobuf.Empty
+	13, // 20: kuasar.keeper.v1.Keeper.ResizePty:output_type -> google.protobuf.Empty
+	13, // 21: kuasar.keeper.v1.Keeper.CloseStdin:output_type -> google.protobuf.Empty
+	13, // 22: kuasar.keeper.v1.Keeper.ReleaseIO:output_type -> google.protobuf.Empty
+	11, // 23: kuasar.keeper.v1.Keeper.ListIO:output_type -> kuasar.keeper.v1.ListIOResponse
+	16, // [16:24] is the sub-list for method output_type
+	8,  // [8:16] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_keeper_proto_init() }
@@ -995,7 +935,7 @@ func file_keeper_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keeper_proto_rawDesc), len(file_keeper_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

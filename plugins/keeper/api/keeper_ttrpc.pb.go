@@ -13,7 +13,6 @@ type KeeperService interface {
 	Spawn(context.Context, *SpawnRequest) (*SpawnResponse, error)
 	Wait(context.Context, *WaitRequest) (*WaitResponse, error)
 	Ack(context.Context, *ProcessRef) (*emptypb.Empty, error)
-	Signal(context.Context, *SignalRequest) (*emptypb.Empty, error)
 	ResizePty(context.Context, *ResizePtyRequest) (*emptypb.Empty, error)
 	CloseStdin(context.Context, *IORef) (*emptypb.Empty, error)
 	ReleaseIO(context.Context, *IORef) (*emptypb.Empty, error)
@@ -50,13 +49,6 @@ func RegisterKeeperService(srv *ttrpc.Server, svc KeeperService) {
 					return nil, err
 				}
 				return svc.Ack(ctx, &req)
-			},
-			"Signal": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
-				var req SignalRequest
-				if err := unmarshal(&req); err != nil {
-					return nil, err
-				}
-				return svc.Signal(ctx, &req)
 			},
 			"ResizePty": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ResizePtyRequest
@@ -127,14 +119,6 @@ func (c *keeperClient) Wait(ctx context.Context, req *WaitRequest) (*WaitRespons
 func (c *keeperClient) Ack(ctx context.Context, req *ProcessRef) (*emptypb.Empty, error) {
 	var resp emptypb.Empty
 	if err := c.client.Call(ctx, "kuasar.keeper.v1.Keeper", "Ack", req, &resp); err != nil {
-		return nil, err
-	}
-	return &resp, nil
-}
-
-func (c *keeperClient) Signal(ctx context.Context, req *SignalRequest) (*emptypb.Empty, error) {
-	var resp emptypb.Empty
-	if err := c.client.Call(ctx, "kuasar.keeper.v1.Keeper", "Signal", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
