@@ -49,8 +49,10 @@ func IsKuasar(r *plugin.Registration) bool {
 
 // Prepare rewrites the global plugin registry so that (1) Kuasar plugins come
 // first in initialisation order, in particular before containerd's task
-// runtime, and (2) the CRI runtime plugin's defaults carry the Kuasar runtime
-// handlers. It must run before the daemon reads the registry.
+// runtime, (2) the CRI runtime plugin's defaults carry the Kuasar runtime
+// handlers, and (3) CRI lists recovered Kuasar pods with their creation
+// time (see withRecoveredCreatedAt). It must run before the daemon reads the
+// registry.
 func Prepare() error {
 	all := registry.Graph(func(*plugin.Registration) bool { return false })
 
@@ -66,10 +68,13 @@ func Prepare() error {
 	ordered = append(ordered, rest...)
 
 	for i := range ordered {
-		if ordered[i].URI() == criRuntimePluginURI {
+		switch ordered[i].URI() {
+		case criRuntimePluginURI:
 			if err := mergeDefaults(ordered[i].Config, DefaultHandlers); err != nil {
 				return fmt.Errorf("adding kuasar runtime handlers to CRI defaults: %w", err)
 			}
+		case criGRPCPluginURI:
+			withRecoveredCreatedAt(&ordered[i])
 		}
 	}
 

@@ -29,6 +29,7 @@ func TestRestart(t *testing.T) {
 			var pods []*pod
 			for _, h := range []string{kuasarRunc, stockRunc} {
 				p := &pod{handler: h, cfg: d.podConfig("restart-" + strings.ReplaceAll(h, "-", ""))}
+				p.cfg.DnsConfig = &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10"}, Searches: []string{"e2e.svc.cluster.local"}}
 				p.id = d.runPod(t, h, p.cfg)
 				p.ticker = d.run(t, p.id, p.cfg, ctrConfig("ticker", "sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done"))
 				p.late = d.run(t, p.id, p.cfg, ctrConfig("late", "sh", "-c", "echo started; sleep 3; echo leaving; exit 7"))
@@ -38,17 +39,32 @@ func TestRestart(t *testing.T) {
 				d.waitLog(t, p.ticker, "tick-2", 10*time.Second)
 				d.waitLog(t, p.late, "started", 10*time.Second)
 				d.waitLog(t, p.tty, "tty-/dev/pts", 10*time.Second)
+				if _, _, code := d.execSync(t, p.ticker, "sh", "-c", "echo shared > /dev/shm/before-restart"); code != 0 {
+					t.Fatalf("%s: writing to /dev/shm", h)
+				}
 				pods = append(pods, p)
 			}
+			started := time.Now()
 
 			d.kill(sig)
 			time.Sleep(4 * time.Second) // "late" exits while the daemon is down
 			d.start()
 
+			// Every pod keeps its metadata: its creation time among them.
+			list, err := d.RS.ListPodSandbox(ctx(t), &runtimeapi.ListPodSandboxRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, item := range list.Items {
+				if created := time.Unix(0, item.CreatedAt); created.Before(started.Add(-5*time.Minute)) || created.After(time.Now()) {
+					t.Errorf("pod %s (%s) listed as created at %v after the restart", short(item.Id), item.RuntimeHandler, created)
+				}
+			}
 			for _, p := range pods {
 				if st := d.podState(t, p.id); st != runtimeapi.PodSandboxState_SANDBOX_READY {
 					t.Fatalf("%s pod %v after restart", p.handler, st)
 				}
+				checkNewContainerAfterRestart(t, d, p.handler, p.id, p.cfg)
 				for _, c := range []string{p.ticker, p.tty} {
 					if st := d.status(t, c); st.State != runtimeapi.ContainerState_CONTAINER_RUNNING {
 						t.Fatalf("%s container %s %v after restart", p.handler, short(c), st.State)
@@ -94,6 +110,30 @@ func TestRestart(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkNewContainerAfterRestart starts a container in a pod that outlived a
+// restart: it must get the pod's hostname, hosts, DNS and shared /dev/shm
+// as one started before did.
+func checkNewContainerAfterRestart(t *testing.T, d *Daemon, handler, pod string, cfg *runtimeapi.PodSandboxConfig) {
+	t.Helper()
+	c := d.run(t, pod, cfg, ctrConfig("after-restart", "sleep", "3600"))
+	for _, tc := range []struct {
+		cmd  []string
+		want string
+	}{
+		{[]string{"cat", "/etc/hostname"}, cfg.Hostname + "\n"},
+		{[]string{"grep", "-c", "nameserver 10.96.0.10", "/etc/resolv.conf"}, "1\n"},
+		{[]string{"grep", "-c", "search e2e.svc.cluster.local", "/etc/resolv.conf"}, "1\n"},
+		{[]string{"sh", "-c", "grep -q localhost /etc/hosts && echo ok"}, "ok\n"},
+		{[]string{"cat", "/dev/shm/before-restart"}, "shared\n"},
+	} {
+		out, stderr, code := d.execSync(t, c, tc.cmd...)
+		if code != 0 || out != tc.want {
+			t.Errorf("%s: new container after restart: %v = %q %q (exit %d), want %q", handler, tc.cmd, out, stderr, code, tc.want)
+		}
+	}
+	d.stopRemove(t, c, 2)
 }
 
 func countLines(t *testing.T, d *Daemon, id string) int {

@@ -38,4 +38,3 @@ func TestOpenOutput(t *testing.T) {
 		t.Fatalf("binary log URI: %v", err)
 	}
 }
-

@@ -363,9 +363,9 @@ func TestTerminal(t *testing.T) {
 	pidFile := filepath.Join(dir, "pid")
 	r, err := c.Spawn(ctx, &api.SpawnRequest{
 		Path: self, Args: []string{self, "-test.run=^$", "@console@", pidFile},
-		Env:           []string{consoleEnv + "=1"},
-		Stdio:         &api.Stdio{Stdin: in, Stdout: out, Terminal: true},
-		IoKey:         "k/tty", ConsoleSocket: "@console@", PidFile: pidFile, Wait: true,
+		Env:   []string{consoleEnv + "=1"},
+		Stdio: &api.Stdio{Stdin: in, Stdout: out, Terminal: true},
+		IoKey: "k/tty", ConsoleSocket: "@console@", PidFile: pidFile, Wait: true,
 	})
 	if err != nil {
 		t.Fatal(err)

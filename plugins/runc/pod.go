@@ -73,10 +73,6 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 	if ns.GetPid() == runtime.NamespaceMode_TARGET {
 		return fmt.Errorf("a pod cannot target a container's PID namespace: %w", errdefs.ErrInvalidArgument)
 	}
-	if err := sandbox.WritePodFiles(sb); err != nil {
-		return err
-	}
-
 	p.st.Namespaces = map[nsutil.Kind]string{}
 	var kinds []nsutil.Kind
 	hostname := ""
@@ -101,7 +97,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 	}
 
 	if ns.GetIpc() != runtime.NamespaceMode_NODE {
-		shm := filepath.Join(sb.CRIStateDir, "shm")
+		shm := filepath.Join(sb.Dir, "shm")
 		if err := os.MkdirAll(shm, 0o700); err != nil {
 			return err
 		}
@@ -110,6 +106,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 			return fmt.Errorf("mounting pod /dev/shm: %w", err)
 		}
 		p.st.Shm = shm
+		sb.ShmDir = shm
 	}
 
 	if err := nsutil.ApplySysctls(p.st.Namespaces, p.sysctls()); err != nil {
@@ -162,10 +159,10 @@ func (p *pod) Stop(ctx context.Context) error {
 	return p.saveState()
 }
 
-// Shutdown releases everything, CRI's pod files included.
+// Shutdown releases everything.
 func (p *pod) Shutdown(ctx context.Context) error {
 	p.release(ctx)
-	return sandbox.RemovePodFiles(p.sb)
+	return nil
 }
 
 // release undoes create; it is idempotent.

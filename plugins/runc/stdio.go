@@ -16,9 +16,13 @@ import (
 // its console socket.
 const consoleSocketArg = "@console-socket@"
 
+// ioKeyPrefix starts the key of every stream kuasar-runc has the keeper
+// hold.
+const ioKeyPrefix = "runc/"
+
 // containerKey prefixes every stream the keeper holds for a container.
 func containerKey(c *task.Container) string {
-	return c.Namespace + "/" + c.ID + "/"
+	return ioKeyPrefix + c.Namespace + "/" + c.ID + "/"
 }
 
 // ioKey is what the keeper holds a process's streams under.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -22,6 +23,7 @@ import (
 	"github.com/containerd/platforms"
 	"github.com/containerd/typeurl/v2"
 	imagespec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
@@ -39,9 +41,6 @@ type Paths struct {
 	State string
 	// Sockets is where task endpoints are created; it must be short.
 	Sockets string
-	// CRIRoot and CRIState are CRI's per-sandbox directories parents.
-	CRIRoot  string
-	CRIState string
 }
 
 // Controller implements containerd's sandbox.Controller for one Kind.
@@ -144,8 +143,6 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		Annotations: o.Annotations,
 		CreatedAt:   time.Now().UTC(),
 		Dir:         filepath.Join(c.paths.State, info.ID),
-		CRIRootDir:  filepath.Join(c.paths.CRIRoot, info.ID),
-		CRIStateDir: filepath.Join(c.paths.CRIState, info.ID),
 	}
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
 	if err := os.MkdirAll(sb.Dir, 0o700); err != nil {
@@ -153,9 +150,14 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 	}
 	defer func() {
 		if retErr != nil {
-			os.RemoveAll(sb.Dir)
+			if err := removeDir(sb.Dir); err != nil {
+				log.G(ctx).WithError(err).Warn("removing the directory of a sandbox that failed to create")
+			}
 		}
 	}()
+	if err := WritePodFiles(sb); err != nil {
+		return fmt.Errorf("writing the pod's files: %w", err)
+	}
 
 	inst, err := c.kind.Create(ctx, sb)
 	if err != nil {
@@ -168,7 +170,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 			}
 		}
 	}()
-	tasks, err := task.NewService(sb.ID, ns, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher)
+	tasks, err := c.newTasks(sb, inst)
 	if err != nil {
 		return err
 	}
@@ -364,7 +366,7 @@ func (c *Controller) Shutdown(ctx context.Context, id string) error {
 	if err := e.inst.Shutdown(ctx); err != nil {
 		return fmt.Errorf("shutting down %s sandbox: %w", c.id, err)
 	}
-	if err := os.RemoveAll(e.sb.Dir); err != nil {
+	if err := removeDir(e.sb.Dir); err != nil {
 		return fmt.Errorf("removing sandbox dir: %w", err)
 	}
 	c.mu.Lock()
@@ -396,3 +398,31 @@ func (c *Controller) Update(ctx context.Context, id string, _ sandbox.Sandbox, f
 
 // errNotRecorded marks a directory without a sandbox record.
 var errNotRecorded = errors.New("no sandbox record")
+
+// newTasks returns the task service of a sandbox, which gives every CRI
+// container the pod's files and /dev/shm.
+func (c *Controller) newTasks(sb *Sandbox, inst Instance) (*task.Service, error) {
+	return task.NewService(sb.ID, sb.Namespace, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher,
+		func(ctr *task.Container) error {
+			AddPodMounts(sb, ctr.Spec)
+			return nil
+		})
+}
+
+// removeDir removes a sandbox's directory, unmounting first whatever is
+// still mounted under it (namespace files, a /dev/shm), so that nothing is
+// left pinned.
+func removeDir(dir string) error {
+	if err := removeMounts(dir); err != nil {
+		return err
+	}
+	return os.RemoveAll(dir)
+}
+
+// removeMounts unmounts everything mounted under dir.
+func removeMounts(dir string) error {
+	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unmounting under %s: %w", dir, err)
+	}
+	return nil
+}

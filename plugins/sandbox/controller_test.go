@@ -66,7 +66,7 @@ func (nopPublisher) Publish(context.Context, string, events.Event) error { retur
 
 func testPaths(t *testing.T) Paths {
 	d := t.TempDir()
-	return Paths{State: filepath.Join(d, "sb"), Sockets: filepath.Join(d, "s"), CRIRoot: filepath.Join(d, "cri"), CRIState: filepath.Join(d, "cris")}
+	return Paths{State: filepath.Join(d, "sb"), Sockets: filepath.Join(d, "s")}
 }
 
 func nsCtx() context.Context { return namespaces.WithNamespace(context.Background(), "k8s.io") }

@@ -24,11 +24,30 @@ import (
 type Kind interface {
 	// Create builds the isolation of a new sandbox without starting it. It
 	// may record what it needs in sb.State. On error it must leave nothing
-	// behind.
+	// behind. The pod's files (hostname, hosts, resolv.conf) are written
+	// before Create.
 	Create(ctx context.Context, sb *Sandbox) (Instance, error)
 	// Recover rebuilds the Instance of a sandbox recorded by a previous
-	// daemon, from sb.State.
+	// daemon, from sb.State. On error it releases what it can of the
+	// sandbox; the framework then removes its directory (and every mount
+	// under it) and reports the sandbox, and its containers, ended.
 	Recover(ctx context.Context, sb *Sandbox) (Instance, error)
+}
+
+// Reconciler is implemented by a kind that can find what a daemon killed
+// in the middle of an operation left behind, which no record owns (a
+// container created but not yet recorded, say). After recovery the
+// framework calls Reconcile with every sandbox and container the records
+// hold; the kind removes everything else of its own.
+type Reconciler interface {
+	Reconcile(ctx context.Context, owned Owned) error
+}
+
+// Owned is what the records of a controller hold.
+type Owned struct {
+	Sandboxes []*Sandbox
+	// Containers of those sandboxes, by sandbox ID.
+	Containers map[string][]*task.Container
 }
 
 // Instance is one sandbox of a kind.
@@ -58,12 +77,13 @@ type Sandbox struct {
 	Annotations map[string]string         `json:"annotations,omitempty"`
 	CreatedAt   time.Time                 `json:"createdAt"`
 
-	// Dir is the sandbox's private state directory.
+	// Dir is the sandbox's private state directory. The pod's files
+	// (hostname, hosts, resolv.conf) are under it (PodFile).
 	Dir string `json:"dir"`
-	// CRIRootDir and CRIStateDir are where CRI looks for the pod's
-	// hostname, hosts and resolv.conf files, and its /dev/shm.
-	CRIRootDir  string `json:"criRootDir"`
-	CRIStateDir string `json:"criStateDir"`
+	// ShmDir is the pod's shared /dev/shm, if its kind gives it one: the
+	// framework mounts it into every container of a pod that does not use
+	// the node's IPC namespace.
+	ShmDir string `json:"shmDir,omitempty"`
 
 	// State is the kind's own record of the sandbox.
 	State json.RawMessage `json:"state,omitempty"`

@@ -9,7 +9,13 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/containerd/containerd/api/types"
+	tasktypes "github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -52,7 +58,9 @@ func (c *Controller) save(e *entry) error {
 
 // Recover loads every sandbox recorded by a previous daemon, re-attaches
 // its kind and containers, and serves its task endpoint again. It must run
-// before containerd's task runtime reconnects to the endpoints.
+// before containerd's task runtime reconnects to the endpoints. Last, a
+// kind that can (Reconciler) removes what a daemon killed in the middle of
+// an operation left without a record.
 func (c *Controller) Recover(ctx context.Context) error {
 	if err := os.MkdirAll(c.paths.State, 0o700); err != nil {
 		return err
@@ -70,10 +78,24 @@ func (c *Controller) Recover(ctx context.Context) error {
 			if errors.Is(err, errNotRecorded) {
 				// Left by a Create interrupted by a crash: nothing started.
 				log.G(ctx).WithField("dir", dir).Warn("removing a sandbox directory without record")
-				os.RemoveAll(dir)
+				if err := removeDir(dir); err != nil {
+					log.G(ctx).WithError(err).WithField("dir", dir).Error("removing a sandbox directory without record")
+				}
 				continue
 			}
 			log.G(ctx).WithError(err).WithField("dir", dir).Error("could not recover sandbox")
+		}
+	}
+	if r, ok := c.kind.(Reconciler); ok {
+		owned := Owned{Containers: map[string][]*task.Container{}}
+		c.mu.Lock()
+		for _, e := range c.sandboxes {
+			owned.Sandboxes = append(owned.Sandboxes, e.sb)
+			owned.Containers[e.sb.ID] = e.tasks.Containers()
+		}
+		c.mu.Unlock()
+		if err := r.Reconcile(ctx, owned); err != nil {
+			log.G(ctx).WithError(err).WithField("sandboxer", c.id).Error("removing what no record owns")
 		}
 	}
 	return nil
@@ -98,14 +120,30 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	}
 	e := &entry{sb: sb, state: r.State, exitStatus: r.ExitStatus, exitedAt: r.ExitedAt, exited: make(chan struct{})}
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
-	if e.state == stateNotReady {
-		close(e.exited)
+	if !sb.hasPodFiles() {
+		// Written by an older daemon where CRI removes them.
+		if err := WritePodFiles(sb); err != nil {
+			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("rewriting the pod's files")
+		}
 	}
 	inst, err := c.kind.Recover(ctx, sb)
 	if err != nil {
-		return fmt.Errorf("recovering %s sandbox %s: %w", c.id, sb.ID, err)
+		// What the kind could not take back is gone: the sandbox and its
+		// containers are reported ended, and can be removed.
+		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Errorf("%s sandbox could not be recovered; reporting it ended", c.id)
+		if err := removeMounts(sb.Dir); err != nil {
+			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("unmounting what the sandbox held")
+		}
+		inst = &lostInstance{reason: err.Error()}
+		if e.state != stateNotReady {
+			e.state, e.exitStatus, e.exitedAt = stateNotReady, lostStatus, time.Now().UTC()
+		}
+		r.Started = r.Started || e.state != ""
 	}
-	tasks, err := task.NewService(sb.ID, sb.Namespace, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher)
+	if e.state == stateNotReady {
+		close(e.exited)
+	}
+	tasks, err := c.newTasks(sb, inst)
 	if err != nil {
 		return err
 	}
@@ -123,6 +161,63 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	if err := tasks.Recover(ctx); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Error("recovering containers")
 	}
+	e.mu.Lock()
+	if err := c.save(e); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("saving sandbox record")
+	}
+	e.mu.Unlock()
 	log.G(ctx).WithField("sandbox", sb.ID).WithField("state", e.state).Info("recovered sandbox")
 	return nil
 }
+
+// lostStatus is the exit status of a sandbox that could not be recovered.
+const lostStatus = 255
+
+// lostInstance stands for a sandbox whose kind could not recover it:
+// nothing of it runs any more; it can only be stopped and removed.
+type lostInstance struct {
+	reason string
+}
+
+func (l *lostInstance) Start(context.Context) error {
+	return fmt.Errorf("sandbox was lost at a restart (%s): %w", l.reason, errdefs.ErrFailedPrecondition)
+}
+func (l *lostInstance) Runtime() task.Runtime          { return lostRuntime{reason: l.reason} }
+func (l *lostInstance) Stop(context.Context) error     { return nil }
+func (l *lostInstance) Shutdown(context.Context) error { return nil }
+func (l *lostInstance) Info() map[string]any           { return map[string]any{"lost": l.reason} }
+func (l *lostInstance) Metrics(context.Context) (*types.Metric, error) {
+	return nil, fmt.Errorf("sandbox was lost at a restart: %w", errdefs.ErrNotFound)
+}
+
+// lostRuntime is the Runtime of a lost sandbox: its containers are
+// reported exited at recovery and can only be deleted.
+type lostRuntime struct {
+	reason string
+}
+
+func (l lostRuntime) err() error {
+	return fmt.Errorf("sandbox was lost at a restart (%s): %w", l.reason, errdefs.ErrNotFound)
+}
+
+func (l lostRuntime) Create(context.Context, *task.Container) error { return l.err() }
+func (l lostRuntime) Start(context.Context, *task.Process) error    { return l.err() }
+func (l lostRuntime) Exec(context.Context, *task.Process) error     { return l.err() }
+func (l lostRuntime) Kill(context.Context, *task.Process, unix.Signal, bool) error {
+	return l.err()
+}
+func (l lostRuntime) Delete(context.Context, *task.Process) error { return nil }
+func (l lostRuntime) Pids(context.Context, *task.Container) ([]*tasktypes.ProcessInfo, error) {
+	return nil, l.err()
+}
+func (l lostRuntime) ResizePty(context.Context, *task.Process, uint32, uint32) error { return l.err() }
+func (l lostRuntime) CloseIO(context.Context, *task.Process) error                   { return l.err() }
+func (l lostRuntime) Update(context.Context, *task.Container, *specs.LinuxResources, map[string]string) error {
+	return l.err()
+}
+func (l lostRuntime) Stats(context.Context, *task.Container) (typeurl.Any, error) {
+	return nil, l.err()
+}
+func (l lostRuntime) Pause(context.Context, *task.Container) error   { return l.err() }
+func (l lostRuntime) Resume(context.Context, *task.Container) error  { return l.err() }
+func (l lostRuntime) Recover(context.Context, *task.Container) error { return task.ErrNotRecoverable }

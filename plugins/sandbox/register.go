@@ -13,10 +13,6 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/monitor"
 )
 
-// criPluginDir is where CRI keeps its files, under containerd's root and
-// state directories.
-const criPluginDir = "io.containerd.grpc.v1.cri"
-
 // Env is what a kind gets at initialisation.
 type Env struct {
 	// Root and State are the controller plugin's own directories.
@@ -59,12 +55,9 @@ func Register(id string, config any, newKind NewKind, requires ...plugin.Type) {
 			if err != nil {
 				return nil, err
 			}
-			containerdRoot, containerdState := filepath.Dir(root), filepath.Dir(state)
 			paths := Paths{
-				State:    filepath.Join(state, "sandboxes"),
-				Sockets:  filepath.Join(containerdState, "k"),
-				CRIRoot:  filepath.Join(containerdRoot, criPluginDir, "sandboxes"),
-				CRIState: filepath.Join(containerdState, criPluginDir, "sandboxes"),
+				State:   filepath.Join(state, "sandboxes"),
+				Sockets: filepath.Join(filepath.Dir(state), "k"),
 			}
 			c := NewController(id, kind, paths, ep.(*exchange.Exchange))
 			if err := c.Recover(ic.Context); err != nil {

@@ -11,6 +11,8 @@ import (
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
 )
 
 // Version is the task API version the endpoints speak. containerd connects
@@ -46,16 +48,22 @@ func Listen(ctx context.Context, path string, svc taskAPI.TTRPCTaskService) (*En
 		l.Close()
 		return nil, err
 	}
-	srv, err := ttrpc.NewServer()
+	// Only the daemon's own user (containerd itself) may call, as with
+	// containerd's shims.
+	srv, err := unixsock.NewServer("task endpoint")
 	if err != nil {
 		l.Close()
 		return nil, err
 	}
 	taskAPI.RegisterTTRPCTaskService(srv, svc)
 	e := &Endpoint{path: path, srv: srv, l: l}
+	// Each request is served on a context of its own (ttrpc derives one
+	// per request, with the caller's namespace and deadline), never on the
+	// context of the call that started the sandbox.
+	serveCtx := log.WithLogger(context.Background(), log.G(ctx).WithField("socket", path))
 	go func() {
-		if err := srv.Serve(context.WithoutCancel(ctx), l); err != nil && !errors.Is(err, ttrpc.ErrServerClosed) {
-			log.G(ctx).WithError(err).WithField("socket", path).Error("task endpoint stopped")
+		if err := srv.Serve(serveCtx, l); err != nil && !errors.Is(err, ttrpc.ErrServerClosed) {
+			log.G(serveCtx).WithError(err).Error("task endpoint stopped")
 		}
 	}()
 	return e, nil

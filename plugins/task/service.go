@@ -39,6 +39,7 @@ type Service struct {
 	dir       string
 	rt        Runtime
 	publisher events.Publisher
+	prepare   func(*Container) error
 
 	mu         sync.Mutex
 	containers map[string]*Container
@@ -49,8 +50,10 @@ type Service struct {
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
 
 // NewService returns the task service of sandboxID. Container records are
-// kept under dir; events are published to publisher in namespace.
-func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.Publisher) (*Service, error) {
+// kept under dir; events are published to publisher in namespace. prepare,
+// if not nil, may change a new container's spec (it is written back to the
+// bundle) before the Runtime creates it.
+func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.Publisher, prepare func(*Container) error) (*Service, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating task record dir: %w", err)
 	}
@@ -60,6 +63,7 @@ func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.P
 		dir:        dir,
 		rt:         rt,
 		publisher:  publisher,
+		prepare:    prepare,
 		containers: map[string]*Container{},
 		reserved:   map[string]bool{},
 		oomSent:    map[string]bool{},
@@ -155,6 +159,14 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		c.Rootfs = append(c.Rootfs, Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 	}
 	c.Init = newProcess(c, "", IO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal})
+	if s.prepare != nil {
+		if err := s.prepare(c); err != nil {
+			return nil, err
+		}
+		if err := c.WriteSpec(); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.rt.Create(ctx, c); err != nil {
 		return nil, err
 	}
@@ -185,6 +197,11 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (_ *taskAP
 	}
 	if st := p.Status(); st != tasktypes.Status_CREATED {
 		return nil, fmt.Errorf("process %q is %s, not created: %w", p.ID(), st, errdefs.ErrFailedPrecondition)
+	}
+	if p.ExecID != "" {
+		if st := p.Container.Init.Status(); st != tasktypes.Status_RUNNING {
+			return nil, fmt.Errorf("container %q is %s: an exec cannot start in it: %w", p.Container.ID, st, errdefs.ErrFailedPrecondition)
+		}
 	}
 	if err := s.rt.Start(ctx, p); err != nil {
 		return nil, err
@@ -479,11 +496,19 @@ func (s *Service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	return empty, nil
 }
 
-// exited is called once per process when it ends.
+// execsDrain bounds the wait for a container's execs to end after its
+// init did, before the init's exit is published.
+const execsDrain = 2 * time.Second
+
+// exited is called once per process when it ends. An init's exit is
+// published after those of its execs, as containerd's runc shim does: they
+// end with it (the kernel ends them with the container's PID namespace;
+// without one of its own they are killed here).
 func (s *Service) exited(p *Process) {
 	c := p.Container
 	status, at := p.ExitStatus()
 	if p.ExecID == "" {
+		s.endExecs(c)
 		if err := s.save(c); err != nil {
 			log.L.WithError(err).WithField("container", c.ID).Warn("saving exit status")
 		}
@@ -495,6 +520,51 @@ func (s *Service) exited(p *Process) {
 		ExitStatus:  status,
 		ExitedAt:    protobuf.ToTimestamp(at),
 	})
+}
+
+// endExecs ends the execs still running in c, whose init has exited, and
+// waits (bounded) for their exits.
+func (s *Service) endExecs(c *Container) {
+	var running []*Process
+	for _, e := range c.Execs() {
+		if st := e.Status(); st == tasktypes.Status_RUNNING || st == tasktypes.Status_PAUSED {
+			running = append(running, e)
+		}
+	}
+	if len(running) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), execsDrain)
+	defer cancel()
+	if !ownsPIDNamespace(c.Spec) {
+		for _, e := range running {
+			if err := s.rt.Kill(ctx, e, unix.SIGKILL, false); err != nil && !errdefs.IsNotFound(err) {
+				log.G(ctx).WithError(err).WithField("exec", e.ExecID).Debug("killing an exec after its init")
+			}
+		}
+	}
+	for _, e := range running {
+		select {
+		case <-e.Done():
+		case <-ctx.Done():
+			log.G(ctx).WithField("container", c.ID).WithField("exec", e.ExecID).Warn("exec still running after its container's init exited")
+			return
+		}
+	}
+}
+
+// ownsPIDNamespace reports whether a container has a PID namespace of its
+// own (one that ends with its init).
+func ownsPIDNamespace(spec *specs.Spec) bool {
+	if spec == nil || spec.Linux == nil {
+		return false
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.PIDNamespace {
+			return ns.Path == ""
+		}
+	}
+	return false
 }
 
 func (s *Service) oom(c *Container) {

@@ -113,7 +113,7 @@ func newTestService(t *testing.T) (*Service, *fakeRuntime, *recorder, string) {
 	t.Helper()
 	dir := t.TempDir()
 	rt, rec := &fakeRuntime{}, &recorder{}
-	s, err := NewService("sb1", "k8s.io", filepath.Join(dir, "tasks"), rt, rec)
+	s, err := NewService("sb1", "k8s.io", filepath.Join(dir, "tasks"), rt, rec, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +322,7 @@ func TestRecover(t *testing.T) {
 
 	// A new daemon: a new service on the same records.
 	rt2 := &fakeRuntime{}
-	s2, err := NewService("sb1", "k8s.io", filepath.Join(dir, "tasks"), rt2, &recorder{})
+	s2, err := NewService("sb1", "k8s.io", filepath.Join(dir, "tasks"), rt2, &recorder{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
