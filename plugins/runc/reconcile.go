@@ -79,7 +79,9 @@ func (k *kind) Reconcile(ctx context.Context, owned sandbox.Owned) error {
 		if err != nil && !errdefs.IsNotFound(err) {
 			errs = append(errs, err)
 		}
+		listed := map[string]bool{}
 		for _, c := range cs {
+			listed[c.ID] = true
 			if known[c.ID] {
 				continue
 			}
@@ -93,6 +95,21 @@ func (k *kind) Reconcile(ctx context.Context, owned sandbox.Owned) error {
 				if err := mount.UnmountAll(filepath.Join(c.Bundle, "rootfs"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 					errs = append(errs, fmt.Errorf("unmounting the rootfs of %s: %w", c.ID, err))
 				}
+			}
+		}
+		// A runc create killed before it wrote its state leaves a directory
+		// runc itself no longer lists (its init ended with it).
+		entries, _ := os.ReadDir(rc.root)
+		for _, e := range entries {
+			if !e.IsDir() || listed[e.Name()] || known[e.Name()] {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(rc.root, e.Name(), "state.json")); err == nil {
+				continue
+			}
+			log.G(ctx).WithField("container", e.Name()).Warn("removing what a runc create interrupted by a kill left")
+			if err := os.RemoveAll(filepath.Join(rc.root, e.Name())); err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}

@@ -1,0 +1,99 @@
+//go:build e2e
+
+package integration
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// TestKillDuringPodStarts kills the daemon (SIGKILL) at a random moment of
+// a burst of concurrent pod starts, many times; every third time it kills
+// the node's process keeper instead. Each time, once the daemon is back,
+// `crictl rmp -f -a` removes everything, and nothing may be left: no
+// process, mount, network namespace, cgroup, runc state, record, or stream
+// held by the keeper.
+func TestKillDuringPodStarts(t *testing.T) {
+	rounds := 8
+	if v, err := strconv.Atoi(os.Getenv("KUASAR_E2E_CRASH_ROUNDS")); err == nil && v > 0 {
+		rounds = v
+	}
+	d := startDaemon(t, daemonOptions{})
+	for round := 0; round < rounds; round++ {
+		var wg sync.WaitGroup
+		for i := 0; i < 6; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				startPodUnchecked(d, fmt.Sprintf("crash-%d-%d", round, i), i)
+			}()
+		}
+		delay := time.Duration(rand.IntN(1200)) * time.Millisecond
+		time.Sleep(delay)
+		victim := "daemon"
+		if round%3 == 2 {
+			victim = "keeper"
+			d.recordKeeper()
+			if d.keeperPid == 0 {
+				t.Fatalf("round %d: no keeper to kill", round)
+			}
+			_ = syscall.Kill(d.keeperPid, syscall.SIGKILL)
+			wg.Wait()
+			d.keeperPid = 0
+		} else {
+			d.kill(syscall.SIGKILL)
+			wg.Wait()
+			d.start()
+		}
+		if out, err := d.crictl("rmp", "-f", "-a").CombinedOutput(); err != nil {
+			t.Fatalf("round %d (killed after %v): crictl rmp -f -a: %v\n%s", round, delay, err, out)
+		}
+		if out, err := d.crictl("rm", "-f", "-a").CombinedOutput(); err != nil {
+			t.Fatalf("round %d (killed after %v): crictl rm -f -a: %v\n%s", round, delay, err, out)
+		}
+		d.recordKeeper()
+		d.checkLeaks()
+		if t.Failed() {
+			t.Fatalf("round %d: leaks after a kill of the %s %v into the burst", round, victim, delay)
+		}
+		t.Logf("round %d: %s killed %v into the burst, nothing left", round, victim, delay)
+	}
+}
+
+// startPodUnchecked runs a pod and a container in it, as a kubelet would,
+// ignoring errors (the daemon is killed under it). Some pods share their
+// PID namespace (they have an init), some containers have a terminal.
+func startPodUnchecked(d *Daemon, name string, i int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cfg := d.podConfig(name)
+	pid := runtimeapi.NamespaceMode_CONTAINER
+	if i%3 == 0 {
+		pid = runtimeapi.NamespaceMode_POD
+	}
+	cfg.Linux.SecurityContext.NamespaceOptions.Pid = pid
+	r, err := d.RS.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: kuasarRunc})
+	if err != nil {
+		return
+	}
+	c := ctrConfig("c", "sleep", "3600")
+	c.Linux.SecurityContext.NamespaceOptions.Pid = pid
+	c.Tty = i%2 == 1
+	cr, err := d.RS.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: r.PodSandboxId, Config: c, SandboxConfig: cfg})
+	if err != nil {
+		return
+	}
+	if _, err := d.RS.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: cr.ContainerId}); err != nil {
+		return
+	}
+	_, _ = d.RS.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: cr.ContainerId, Cmd: []string{"true"}, Timeout: 5})
+}
