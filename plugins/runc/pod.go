@@ -260,3 +260,17 @@ func (p *pod) joinNamespace(t specs.LinuxNamespaceType) (path string, host bool,
 	}
 	return "", false, fmt.Errorf("container asks for the pod's %s namespace, which the pod does not have: %w", t, errdefs.ErrInvalidArgument)
 }
+
+// PodNamespaces are the namespaces of the pod on the node that its
+// containers join.
+func (p *pod) PodNamespaces() []specs.LinuxNamespace {
+	var out []specs.LinuxNamespace
+	for _, t := range []specs.LinuxNamespaceType{specs.NetworkNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.PIDNamespace} {
+		// No shared PID namespace (each container has its own) is an
+		// error here: nothing to name.
+		if path, host, err := p.joinNamespace(t); err == nil && !host {
+			out = append(out, specs.LinuxNamespace{Type: t, Path: path})
+		}
+	}
+	return out
+}

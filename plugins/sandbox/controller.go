@@ -204,6 +204,10 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 	if err := e.inst.Start(ctx); err != nil {
 		return sandbox.ControllerInstance{}, fmt.Errorf("starting %s sandbox: %w", c.id, err)
 	}
+	spec, err := typeurl.MarshalAny(podSpec(e.sb, e.inst))
+	if err != nil {
+		return sandbox.ControllerInstance{}, fmt.Errorf("encoding the pod's spec: %w", err)
+	}
 	e.endpoint = ep
 	e.state = stateReady
 	if err := c.save(e); err != nil {
@@ -216,6 +220,9 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 		Address:   ep.Address(),
 		Version:   task.Version,
 		Labels:    map[string]string{"kuasar.io/kind": c.id},
+		// What a pause container's spec would say of the pod: CRI stores
+		// it with the sandbox, where NRI reads it.
+		Spec: spec,
 	}, nil
 }
 

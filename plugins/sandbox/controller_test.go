@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
@@ -240,5 +241,89 @@ func TestControllerRecover(t *testing.T) {
 		if err := c2.Shutdown(nsCtx(), id); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// mountTmpfs mounts a tmpfs at dir (the tests run as root, as the daemon).
+func mountTmpfs(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, ""); err != nil {
+		t.Fatalf("mounting a tmpfs (the tests need root): %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
+func isMounted(t *testing.T, dir string) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), " "+dir+" ")
+}
+
+// A directory left by a create a crash interrupted, with a mount in it (a
+// pinned namespace, a /dev/shm), is unmounted and removed at recovery.
+func TestRecoverRemovesUnrecordedMounts(t *testing.T) {
+	paths := testPaths(t)
+	shm := filepath.Join(paths.State, "halfmade", "shm")
+	mountTmpfs(t, shm)
+	c := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c.Recover(nsCtx()); err != nil {
+		t.Fatal(err)
+	}
+	if isMounted(t, shm) {
+		t.Fatal("the mount of an unrecorded sandbox is left")
+	}
+	if _, err := os.Stat(filepath.Join(paths.State, "halfmade")); !os.IsNotExist(err) {
+		t.Fatalf("unrecorded sandbox dir left: %v", err)
+	}
+}
+
+// A sandbox its kind cannot recover is reported ended, its mounts are
+// released, and it can be removed.
+func TestRecoverFailureReleasesSandbox(t *testing.T) {
+	paths := testPaths(t)
+	c := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	createStart(t, c, "doomed")
+	e, _ := c.get("doomed")
+	e.endpoint.Close()
+	shm := filepath.Join(e.sb.Dir, "shm")
+	mountTmpfs(t, shm)
+	// The next daemon's kind cannot take it back.
+	var rec record
+	b, _ := os.ReadFile(filepath.Join(e.sb.Dir, recordFile))
+	json.Unmarshal(b, &rec)
+	rec.Sandbox.State = json.RawMessage(`{"garbled":true}`)
+	b, _ = json.Marshal(&rec)
+	os.WriteFile(filepath.Join(e.sb.Dir, recordFile), b, 0o600)
+
+	c2 := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c2.Recover(nsCtx()); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c2.Status(nsCtx(), "doomed", false)
+	if err != nil || st.State != "SANDBOX_NOTREADY" {
+		t.Fatalf("unrecoverable sandbox: %+v %v", st, err)
+	}
+	if isMounted(t, shm) {
+		t.Fatal("an unrecoverable sandbox keeps its mounts")
+	}
+	ctx, cancel := context.WithTimeout(nsCtx(), time.Second)
+	defer cancel()
+	if es, err := c2.Wait(ctx, "doomed"); err != nil || es.ExitStatus != lostStatus {
+		t.Fatalf("wait: %+v %v", es, err)
+	}
+	if err := c2.Stop(nsCtx(), "doomed"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Shutdown(nsCtx(), "doomed"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(e.sb.Dir); !os.IsNotExist(err) {
+		t.Fatalf("sandbox dir left: %v", err)
 	}
 }

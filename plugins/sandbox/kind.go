@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/api/types"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
@@ -32,6 +33,14 @@ type Kind interface {
 	// sandbox; the framework then removes its directory (and every mount
 	// under it) and reports the sandbox, and its containers, ended.
 	Recover(ctx context.Context, sb *Sandbox) (Instance, error)
+}
+
+// PodNamespaces is implemented by an Instance whose containers join
+// namespaces of the pod on the node: the paths they join, as the pod's
+// OCI spec names them for NRI plugins and other readers of the sandbox
+// record.
+type PodNamespaces interface {
+	PodNamespaces() []specs.LinuxNamespace
 }
 
 // Reconciler is implemented by a kind that can find what a daemon killed

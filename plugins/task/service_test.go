@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -347,5 +348,67 @@ func TestRecover(t *testing.T) {
 	w, err := s2.Wait(ctx, &taskAPI.WaitRequest{ID: "done"})
 	if err != nil || w.ExitStatus != 9 {
 		t.Fatalf("wait on recovered stopped: %v %v", w, err)
+	}
+}
+
+// The exits of execs are published before their init's, and an exec that
+// outlives its init (no PID namespace of its container's own) is killed;
+// an exec cannot start once its init is gone.
+func TestExecExitsBeforeInit(t *testing.T) {
+	for _, ownPID := range []bool{true, false} {
+		t.Run(map[bool]string{true: "own pid namespace", false: "shared pid namespace"}[ownPID], func(t *testing.T) {
+			s, rt, rec, dir := newTestService(t)
+			ctx := nsCtx()
+			spec := validSpec()
+			if ownPID {
+				spec.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.PIDNamespace}}
+			} else {
+				spec.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"}}
+			}
+			if _, err := s.Create(ctx, &taskAPI.CreateTaskRequest{ID: "c1", Bundle: bundle(t, dir, "c1", spec)}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Start(ctx, &taskAPI.StartRequest{ID: "c1"}); err != nil {
+				t.Fatal(err)
+			}
+			for _, id := range []string{"e1", "e2"} {
+				if _, err := s.Exec(ctx, &taskAPI.ExecProcessRequest{ID: "c1", ExecID: id, Spec: procAny(t)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := s.Start(ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e1"}); err != nil {
+				t.Fatal(err)
+			}
+			c, _ := s.container("c1")
+			e1, _ := c.Process("e1")
+			rt.mu.Lock()
+			rt.calls = nil
+			rt.mu.Unlock()
+			// The exec ends a moment after its init, as the kernel (or a
+			// kill) ends it.
+			go func() {
+				time.Sleep(50 * time.Millisecond)
+				e1.Exited(137, time.Now())
+			}()
+			c.Init.Exited(0, time.Now())
+			var exits []string
+			for _, e := range rec.events {
+				if x, ok := e.(*eventstypes.TaskExit); ok {
+					exits = append(exits, x.ID)
+				}
+			}
+			if len(exits) != 2 || exits[0] != "e1" || exits[1] != "c1" {
+				t.Fatalf("exit events %v, want the exec's before the init's", exits)
+			}
+			rt.mu.Lock()
+			killed := slices.Contains(rt.calls, "kill")
+			rt.mu.Unlock()
+			if killed == ownPID {
+				t.Fatalf("exec killed %v with its own pid namespace %v", killed, ownPID)
+			}
+			if _, err := s.Start(ctx, &taskAPI.StartRequest{ID: "c1", ExecID: "e2"}); !isKind(err, errdefs.ErrFailedPrecondition) {
+				t.Fatalf("an exec started after its init exited: %v", err)
+			}
+		})
 	}
 }
