@@ -44,12 +44,37 @@ func TestRestart(t *testing.T) {
 				}
 				pods = append(pods, p)
 			}
+			// An exec session with its stdin held open, running across
+			// the restart: its client goes with the daemon.
+			session := d.crictl("exec", "-i", pods[0].ticker, "cat")
+			sessionIn, err := session.StdinPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := session.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				sessionIn.Close()
+				session.Process.Kill()
+				session.Wait()
+			}()
+			for deadline := time.Now().Add(10 * time.Second); !hasExecStreams(d.keeperIO()); time.Sleep(50 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("exec session streams not held by the keeper: %v", d.keeperIO())
+				}
+			}
 			started := time.Now()
 
 			d.kill(sig)
 			time.Sleep(4 * time.Second) // "late" exits while the daemon is down
 			d.start()
 
+			// The streams of the exec session, whose client is gone, are
+			// released; those of the containers are kept.
+			if keys := d.keeperIO(); hasExecStreams(keys) {
+				t.Errorf("the keeper still holds the streams of an exec session that ended with the daemon: %v", keys)
+			}
 			// Every pod keeps its metadata: its creation time among them.
 			list, err := d.RS.ListPodSandbox(ctx(t), &runtimeapi.ListPodSandboxRequest{})
 			if err != nil {
@@ -134,6 +159,15 @@ func checkNewContainerAfterRestart(t *testing.T, d *Daemon, handler, pod string,
 		}
 	}
 	d.stopRemove(t, c, 2)
+}
+
+func hasExecStreams(keys []string) bool {
+	for _, k := range keys {
+		if strings.Contains(k, "/exec/") {
+			return true
+		}
+	}
+	return false
 }
 
 func countLines(t *testing.T, d *Daemon, id string) int {

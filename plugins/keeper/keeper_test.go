@@ -441,3 +441,38 @@ func TestReleaseIOPrefix(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The keeper stays while an exit somebody waited for is unacknowledged
+// (the daemon will come back for it), and goes once it is acknowledged and
+// nothing else is held: an init whose exit was acknowledged does not keep
+// it forever.
+func TestIdleExitWaitsForAcks(t *testing.T) {
+	c, sock := startKeeper(t)
+	ctx := context.Background()
+	pid := c.KeeperPid
+	orphan := spawnOrphan(t, c, "exit 0")
+	if _, err := c.Wait(ctx, orphan, false); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	time.Sleep(3500 * time.Millisecond) // past the test keeper's 2 s idle time
+	if unix.Kill(pid, 0) != nil {
+		t.Fatal("the keeper left with an unacknowledged exit")
+	}
+	c2, err := Dial(ctx, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Ack(ctx, orphan); err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	for deadline := time.Now().Add(10 * time.Second); unix.Kill(pid, 0) == nil; time.Sleep(100 * time.Millisecond) {
+		if st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil && strings.Contains(string(st), ") Z ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("an idle keeper with nothing held did not exit")
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/grpc/status"
 )
 
 // NewServer returns the ttrpc server every helper of containerd-kuasar
@@ -25,7 +26,7 @@ func NewServer(name string) (*ttrpc.Server, error) {
 				if r := recover(); r != nil {
 					log.G(ctx).WithField("panic", r).WithField("method", info.FullMethod).
 						WithField("stack", string(debug.Stack())).Error(name + " call panicked")
-					resp, err = nil, fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal)
+					resp, err = nil, errgrpc.ToGRPC(fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal))
 				}
 			}()
 			resp, err = method(ctx, unmarshal)
@@ -92,9 +93,14 @@ func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, er
 }
 
 // Native returns the error of a ttrpc call with its errdefs class restored.
+// Errors that never crossed the wire (a closed connection) are returned as
+// they are.
 func Native(err error) error {
 	if err == nil {
 		return nil
+	}
+	if _, ok := status.FromError(err); !ok {
+		return err
 	}
 	return errgrpc.ToNative(err)
 }
