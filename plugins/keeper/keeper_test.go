@@ -286,12 +286,11 @@ func TestWaitAdoptsNonChild(t *testing.T) {
 	}
 }
 
-// Stdin held by the keeper stays open until CloseStdin.
-func TestHeldStdin(t *testing.T) {
-	c, _ := startKeeper(t)
-	ctx := context.Background()
-	dir := t.TempDir()
-	in, out := filepath.Join(dir, "in"), filepath.Join(dir, "out")
+// stdioFifos makes a stdin and a stdout FIFO in dir, and opens the
+// reader of stdout.
+func stdioFifos(t *testing.T, dir string) (in, out string, outR *os.File) {
+	t.Helper()
+	in, out = filepath.Join(dir, "in"), filepath.Join(dir, "out")
 	for _, p := range []string{in, out} {
 		if err := unix.Mkfifo(p, 0o600); err != nil {
 			t.Fatal(err)
@@ -301,7 +300,16 @@ func TestHeldStdin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer outR.Close()
+	t.Cleanup(func() { outR.Close() })
+	return in, out, outR
+}
+
+// Stdin held by the keeper stays open until CloseStdin.
+func TestHeldStdin(t *testing.T) {
+	c, _ := startKeeper(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	in, out, outR := stdioFifos(t, dir)
 	r, err := c.Spawn(ctx, &api.SpawnRequest{
 		Path: "/bin/sh", Args: []string{"sh", "-c", "cat; echo eof"},
 		Stdio: &api.Stdio{Stdin: in, Stdout: out}, IoKey: "k/init",
@@ -343,17 +351,7 @@ func TestTerminal(t *testing.T) {
 	c, _ := startKeeper(t)
 	ctx := context.Background()
 	dir := t.TempDir()
-	in, out := filepath.Join(dir, "in"), filepath.Join(dir, "out")
-	for _, p := range []string{in, out} {
-		if err := unix.Mkfifo(p, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	outR, err := os.OpenFile(out, os.O_RDONLY|unix.O_NONBLOCK, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer outR.Close()
+	in, out, outR := stdioFifos(t, dir)
 	inW, err := os.OpenFile(in, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
