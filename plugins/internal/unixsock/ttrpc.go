@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/grpc/status"
 )
 
 // NewServer returns the ttrpc server every helper of containerd-kuasar
@@ -47,9 +48,11 @@ func Serve(ctx context.Context, srv *ttrpc.Server, l net.Listener) error {
 	return err
 }
 
-// Dial connects a ttrpc client to a helper's socket. Errors of its calls
-// come back with their errdefs class; onClose runs once the connection is
-// gone.
+// Dial connects a ttrpc client to a helper's socket. Errors the server
+// returned come back with their errdefs class; errors of the client's own
+// (ttrpc.ErrClosed, the call's context) come back as they are, so that
+// callers can tell a broken connection from an answer. onClose runs once
+// the connection is gone.
 func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)
@@ -58,13 +61,22 @@ func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, er
 	}
 	opts := []ttrpc.ClientOpts{
 		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, _ *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
-			return errgrpc.ToNative(invoke(ctx, req, resp))
+			return fromServer(invoke(ctx, req, resp))
 		}),
 	}
 	if onClose != nil {
 		opts = append(opts, ttrpc.WithOnClose(onClose))
 	}
 	return ttrpc.NewClient(c, opts...), nil
+}
+
+// fromServer restores the errdefs class of an error the server returned (a
+// status); other errors are the client's own and are returned unchanged.
+func fromServer(err error) error {
+	if _, ok := status.FromError(err); ok && err != nil {
+		return errgrpc.ToNative(err)
+	}
+	return err
 }
 
 // IsClosed reports whether err says the connection to the server is gone

@@ -1,10 +1,17 @@
 package unixsock
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/ttrpc"
 )
 
 func TestListen(t *testing.T) {
@@ -43,4 +50,25 @@ func TestListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	l2.Close()
+}
+
+func TestFromServer(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		is   func(error) bool
+	}{
+		{"nil", nil, func(err error) bool { return err == nil }},
+		{"a server's not found", errgrpc.ToGRPC(fmt.Errorf("x: %w", errdefs.ErrNotFound)), errdefs.IsNotFound},
+		{"a server's unavailable", errgrpc.ToGRPC(fmt.Errorf("x: %w", errdefs.ErrUnavailable)), errdefs.IsUnavailable},
+		{"a broken connection", ttrpc.ErrClosed, func(err error) bool { return errors.Is(err, ttrpc.ErrClosed) && !errdefs.IsUnavailable(err) }},
+		{"the call's deadline", context.DeadlineExceeded, func(err error) bool { return errors.Is(err, context.DeadlineExceeded) }},
+		{"the call's cancellation", context.Canceled, func(err error) bool { return errors.Is(err, context.Canceled) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := fromServer(tc.err); !tc.is(got) {
+				t.Fatalf("fromServer(%v) = %v", tc.err, got)
+			}
+		})
+	}
 }
