@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
@@ -26,7 +27,7 @@ func NewServer(name string) (*ttrpc.Server, error) {
 				if r := recover(); r != nil {
 					log.G(ctx).WithField("panic", r).WithField("method", info.FullMethod).
 						WithField("stack", string(debug.Stack())).Error(name + " call panicked")
-					resp, err = nil, fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal)
+					resp, err = nil, errgrpc.ToGRPC(fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal))
 				}
 			}()
 			resp, err = method(ctx, unmarshal)
@@ -60,8 +61,16 @@ func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, er
 		return nil, err
 	}
 	opts := []ttrpc.ClientOpts{
+		// ttrpc.Client.Call turns the response's status into an error only
+		// after the interceptor: it is read here, and returned converted.
 		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, _ *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
-			return fromServer(invoke(ctx, req, resp))
+			if err := invoke(ctx, req, resp); err != nil {
+				return fromServer(err)
+			}
+			if st := resp.GetStatus(); st != nil && st.GetCode() != int32(codes.OK) {
+				return errgrpc.ToNative(status.ErrorProto(st))
+			}
+			return nil
 		}),
 	}
 	if onClose != nil {

@@ -7,11 +7,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/protobuf/types/known/emptypb"
 )
 
 func TestListen(t *testing.T) {
@@ -70,5 +72,53 @@ func TestFromServer(t *testing.T) {
 				t.Fatalf("fromServer(%v) = %v", tc.err, got)
 			}
 		})
+	}
+}
+
+// TestErrorClasses: a server's error reaches the client of Dial with its
+// errdefs class, over a real connection; a panic is the call's error.
+func TestErrorClasses(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "x.sock")
+	l, err := Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := NewServer("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.RegisterService("test.v1.T", &ttrpc.ServiceDesc{Methods: map[string]ttrpc.Method{
+		"NotFound": func(context.Context, func(any) error) (any, error) {
+			return nil, fmt.Errorf("no such thing: %w", errdefs.ErrNotFound)
+		},
+		"Panic": func(context.Context, func(any) error) (any, error) { panic("boom") },
+		"OK":    func(context.Context, func(any) error) (any, error) { return &emptypb.Empty{}, nil },
+	}})
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, srv, l.UnixListener) }()
+	defer func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Error(err)
+		}
+		l.Close()
+	}()
+	c, err := Dial(ctx, sock, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	call := func(method string) error {
+		return c.Call(ctx, "test.v1.T", method, &emptypb.Empty{}, &emptypb.Empty{})
+	}
+	if err := call("OK"); err != nil {
+		t.Fatalf("OK: %v", err)
+	}
+	if err := call("NotFound"); !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "no such thing") {
+		t.Errorf("NotFound: %v (%T), want an errdefs not found", err, err)
+	}
+	if err := call("Panic"); !errdefs.IsInternal(err) || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("Panic: %v, want an errdefs internal error", err)
 	}
 }
