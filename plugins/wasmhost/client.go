@@ -209,9 +209,11 @@ func noHost(err error) bool {
 }
 
 // broken reports whether a call failed because its connection broke (the
-// host may or may not have got it).
-func broken(err error) bool {
-	return errors.Is(err, ttrpc.ErrClosed) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
+// host may or may not have got it), or because the host cancelled it as it
+// stopped serving (ctx is the call's own: not cancelled).
+func broken(ctx context.Context, err error) bool {
+	return errors.Is(err, ttrpc.ErrClosed) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) ||
+		(errors.Is(err, context.Canceled) && ctx.Err() == nil)
 }
 
 func goneErr(boot string) error {
@@ -243,7 +245,7 @@ func (c *Client) call(ctx context.Context, boot string, start bool, fn func(cont
 			return goneErr(boot)
 		}
 		err = fn(ctx, cn.api)
-		if !broken(err) {
+		if !broken(ctx, err) {
 			return err
 		}
 		// The connection broke: the host is gone, or it is not and the

@@ -68,6 +68,11 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	return newFixtureWith(t, Options{KeepModules: 2})
+}
+
+func newFixtureWith(t *testing.T, o Options) *fixture {
+	t.Helper()
 	needRoot(t)
 	dir := t.TempDir()
 	root := filepath.Join(dir, "rootfs")
@@ -95,7 +100,7 @@ func newFixture(t *testing.T) *fixture {
 	if err := unix.Mknod(filepath.Join(root, "devzero"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 5))); err != nil {
 		t.Fatal(err)
 	}
-	h, err := NewHost(context.Background(), Options{KeepModules: 2})
+	h, err := NewHost(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,13 +130,13 @@ func hostMounts(t *testing.T, dir string) string {
 	return strings.Join(out, "\n")
 }
 
-// run creates and starts a container running the app with args, and
-// returns its id and the path of its output file.
-func (f *fixture) create(mutate func(*api.CreateRequest), args ...string) (*api.CreateRequest, string, error) {
+// request is a container running the app with args, with mutate applied,
+// and the path of its output file.
+func (f *fixture) request(mutate func(*api.CreateRequest), args ...string) (*api.CreateRequest, string) {
 	f.n++
 	out := filepath.Join(f.dir, fmt.Sprintf("out-%d", f.n))
 	req := &api.CreateRequest{
-		Id:        fmt.Sprintf("c%d", f.n),
+		Id:        f.lastID(),
 		Pod:       "pod",
 		RootfsDir: f.root,
 		Limits:    &api.Limits{},
@@ -144,8 +149,31 @@ func (f *fixture) create(mutate func(*api.CreateRequest), args ...string) (*api.
 	if mutate != nil {
 		mutate(req)
 	}
+	return req, out
+}
+
+// lastID is the id of the container request made last.
+func (f *fixture) lastID() string { return fmt.Sprintf("c%d", f.n) }
+
+// create creates a container running the app with args.
+func (f *fixture) create(mutate func(*api.CreateRequest), args ...string) (*api.CreateRequest, string, error) {
+	req, out := f.request(mutate, args...)
 	_, err := f.h.Create(context.Background(), req)
 	return req, out, err
+}
+
+// waitOutput waits until the output file has a line containing s.
+func (f *fixture) waitOutput(out, s string) string {
+	f.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(out)
+		if strings.Contains(string(b), s) {
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("output has no %q:\n%s", s, b)
+		}
+	}
 }
 
 func (f *fixture) run(mutate func(*api.CreateRequest), args ...string) (*api.Exit, string) {
