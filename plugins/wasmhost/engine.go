@@ -131,14 +131,20 @@ func (e *engine) reserve(ctx context.Context, n int64) (release func(), err erro
 // acquire returns the compiled module of digest, compiling what load
 // returns when it is not in memory. Each acquire is paired with a release.
 // load must hold the code's bytes in the budget (see reserve and
-// readModule); the bytes are released when load's release is called, after
-// compiling.
+// readModule) until its release is called, which the engine does once the
+// code is compiled.
+//
+// A caller whose ctx is done stops waiting; a compile that has begun goes
+// on without it (wazero's compiler cannot be interrupted) and its result
+// is kept for the next caller, such as the kubelet's next attempt.
 func (e *engine) acquire(ctx context.Context, digest string, load func(context.Context) ([]byte, func(), error)) (*compiled, error) {
 	for {
 		e.mu.Lock()
 		c, ok := e.modules[digest]
 		if !ok {
-			break // with e.mu held: compile it here
+			c = &compiled{digest: digest, ready: make(chan struct{})}
+			e.modules[digest] = c
+			go e.build(ctx, c, load)
 		}
 		if c.elem != nil {
 			e.unused.Remove(c.elem)
@@ -159,26 +165,30 @@ func (e *engine) acquire(ctx context.Context, digest string, load func(context.C
 		if !isContextError(c.err) {
 			return nil, c.err
 		}
-		// The caller who compiled it gave up; try again with ours.
+		// The caller who began it gave up before it was compiled; begin
+		// again, for this caller.
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 	}
-	c := &compiled{digest: digest, refs: 1, ready: make(chan struct{})}
-	e.modules[digest] = c
-	e.mu.Unlock()
+}
 
-	c.cm, c.hasStart, c.err = e.compile(ctx, digest, load)
-	if c.err != nil {
-		e.mu.Lock()
-		delete(e.modules, digest)
-		e.mu.Unlock()
+// build compiles c, then hands it to the callers waiting for it, or keeps
+// it among the unused modules if they all left.
+func (e *engine) build(ctx context.Context, c *compiled, load func(context.Context) ([]byte, func(), error)) {
+	cm, hasStart, err := e.compile(ctx, c.digest, load)
+	e.mu.Lock()
+	c.cm, c.hasStart, c.err = cm, hasStart, err
+	if err != nil {
+		delete(e.modules, c.digest)
 	}
 	close(c.ready)
-	if c.err != nil {
-		return nil, c.err
+	e.mu.Unlock()
+	if err == nil {
+		// Held by nobody if its callers gave up: kept as unused.
+		e.hold(c)
+		e.release(c)
 	}
-	return c, nil
 }
 
 func isContextError(err error) bool {

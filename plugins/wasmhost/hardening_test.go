@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,26 +18,29 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
-// eventually waits (up to a generous ceiling) for cond.
-func eventually(t *testing.T, what string, cond func() bool) {
+// eventually waits for cond, up to a ceiling only a hang reaches.
+func eventually(t *testing.T, what string, ceiling time.Duration, cond func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(ceiling); !cond(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("still not %s", what)
 		}
 	}
 }
 
-// TestCreateAbandoned: a create whose deadline passes returns then, and
-// the host undoes the container once its thread gets past what it was
-// doing (here, compiling the module); nothing is left.
+// TestCreateAbandoned: a create whose deadline passes returns then, and the
+// host undoes the container at once, without waiting for what it was
+// waiting for (here, the compile of its module). The compile, which cannot
+// be interrupted, goes on and is kept for the next attempt.
 func TestCreateAbandoned(t *testing.T) {
 	f := newFixture(t)
 	proceed := make(chan struct{})
+	var compiles atomic.Int32
 	compile := f.h.engine.compileFn
 	f.h.engine.compileFn = func(ctx context.Context, code []byte) (wazero.CompiledModule, error) {
+		compiles.Add(1)
 		<-proceed
-		return compile(ctx, code)
+		return compile(context.Background(), code)
 	}
 	req, _ := f.request(nil, "sleep")
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
@@ -45,18 +49,24 @@ func TestCreateAbandoned(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("create past its deadline: %v", err)
 	}
-	if n := f.h.HostStats().GetContainers(); n != 1 {
-		t.Fatalf("%d containers while the abandoned one is still being made, want 1", n)
-	}
-	close(proceed)
-	eventually(t, "undone", func() bool { return f.h.HostStats().GetContainers() == 0 })
+	eventually(t, "undone", 20*time.Second, func() bool { return f.h.HostStats().GetContainers() == 0 })
 	if _, err := f.h.State(&api.ProcessRef{Id: req.GetId()}); !errdefs.IsNotFound(err) {
 		t.Fatalf("the abandoned container: %v, want not found", err)
 	}
-	// The module it compiled serves the next create at once.
-	f.h.engine.compileFn = compile
+	if n := f.h.HostStats().GetCompiling(); n != 1 {
+		t.Fatalf("%d modules compiling, want the abandoned one's", n)
+	}
+	close(proceed)
+	eventually(t, "compiled", 3*time.Minute, func() bool { // compiling the Go test module takes a while
+		s := f.h.HostStats()
+		return s.GetCompiling() == 0 && s.GetModules() == 1
+	})
+	// The next attempt finds it compiled.
 	if e, out := f.run(nil, "echo", "after"); e.GetStatus() != 0 {
 		t.Fatalf("the next container: %+v %s", e, out)
+	}
+	if n := compiles.Load(); n != 1 {
+		t.Fatalf("the module was compiled %d times", n)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -320,8 +321,17 @@ func (h *Host) rootfsModule(ctx context.Context, proc *api.Process) (*compiled, 
 	if err != nil {
 		return nil, err
 	}
-	defer release()
-	return h.engine.acquire(ctx, Digest(code), func(context.Context) ([]byte, func(), error) { return code, func() {}, nil })
+	// The code's reservation goes to the compile if there is one (it ends
+	// with it), else ends here.
+	var taken atomic.Bool
+	m, err := h.engine.acquire(ctx, Digest(code), func(context.Context) ([]byte, func(), error) {
+		taken.Store(true)
+		return code, release, nil
+	})
+	if !taken.Load() {
+		release()
+	}
+	return m, err
 }
 
 // containersOf returns the created containers of a pod ("": of all).
