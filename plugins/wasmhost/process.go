@@ -107,7 +107,7 @@ func cloneExit(e *api.Exit) *api.Exit {
 	return &api.Exit{Status: e.Status, ExitedAt: e.ExitedAt, Oom: e.Oom, Reason: e.Reason}
 }
 
-// exited reports whether the process has stopped.
+// stopped reports whether the process has stopped.
 func (p *process) stopped() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
