@@ -115,3 +115,31 @@ func (d *Daemon) containerCgroup(t *testing.T, id string) string {
 	rest := info[i+len(key):]
 	return rest[:strings.IndexByte(rest, '"')]
 }
+
+// TestWasmHostCrashWhileDaemonDown: the host dies while the daemon is down;
+// the restarted daemon reports its containers exited (255) and removes
+// them, with the cgroups the host had made for them.
+func TestWasmHostCrashWhileDaemonDown(t *testing.T) {
+	d, pod, podCfg := wasmPod(t, "wasm-crash-down")
+	c := d.run(t, pod, podCfg, wasmConfig("sleeper", images.WasmLayer, "sleep"))
+	d.waitLog(t, c, "sleeping", 10*time.Second)
+	cg := filepath.Join("/sys/fs/cgroup/cpu", d.containerCgroup(t, c))
+	hc := d.wasmHostClient()
+	h, err := hc.Connect(ctx(t))
+	hc.Close()
+	must(t, err, "reaching the wasm host")
+
+	d.kill(syscall.SIGKILL)
+	must(t, syscall.Kill(int(h.GetPid()), syscall.SIGKILL), "kill -9 of the wasm host")
+	d.start()
+
+	st := d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_EXITED, 30*time.Second)
+	if st.ExitCode != 255 {
+		t.Errorf("container of the host that died while the daemon was down: exit %d, want 255", st.ExitCode)
+	}
+	d.stopRemove(t, c, 2)
+	if _, err := os.Stat(cg); !os.IsNotExist(err) {
+		t.Errorf("the cgroup %s of the container is left: %v", cg, err)
+	}
+	d.removePod(t, pod)
+}
