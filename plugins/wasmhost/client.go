@@ -80,7 +80,7 @@ func (c *Client) dial(ctx context.Context) (*hostConn, error) {
 	}
 	cn.tc, cn.api = tc, api.NewWasmHostClient(tc)
 	h, err := cn.api.Hello(ctx, &api.HelloRequest{Version: ProtocolVersion})
-	if err != nil {
+	if err = unixsock.Native(err); err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("wasm host hello: %w", err)
 	}
@@ -244,7 +244,7 @@ func (c *Client) call(ctx context.Context, boot string, start bool, fn func(cont
 			c.markGone(boot)
 			return goneErr(boot)
 		}
-		err = fn(ctx, cn.api)
+		err = unixsock.Native(fn(ctx, cn.api))
 		if !broken(ctx, err) {
 			return err
 		}

@@ -11,7 +11,6 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
@@ -49,39 +48,29 @@ func Serve(ctx context.Context, srv *ttrpc.Server, l net.Listener) error {
 	return err
 }
 
-// Dial connects a ttrpc client to a helper's socket. Errors the server
-// returned come back with their errdefs class; errors of the client's own
-// (ttrpc.ErrClosed, the call's context) come back as they are, so that
-// callers can tell a broken connection from an answer. onClose runs once
-// the connection is gone.
+// Dial connects a ttrpc client to a helper's socket; onClose runs once the
+// connection is gone. Errors of calls carry grpc codes: Native turns them
+// back into errdefs classes.
 func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
 		return nil, err
 	}
-	opts := []ttrpc.ClientOpts{
-		// ttrpc.Client.Call turns the response's status into an error only
-		// after the interceptor: it is read here, and returned converted.
-		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, _ *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
-			if err := invoke(ctx, req, resp); err != nil {
-				return fromServer(err)
-			}
-			if st := resp.GetStatus(); st != nil && st.GetCode() != int32(codes.OK) {
-				return errgrpc.ToNative(status.ErrorProto(st))
-			}
-			return nil
-		}),
-	}
+	var opts []ttrpc.ClientOpts
 	if onClose != nil {
 		opts = append(opts, ttrpc.WithOnClose(onClose))
 	}
 	return ttrpc.NewClient(c, opts...), nil
 }
 
-// fromServer restores the errdefs class of an error the server returned (a
-// status); other errors are the client's own and are returned unchanged.
-func fromServer(err error) error {
+// Native returns the error of a ttrpc call with its errdefs class restored
+// when the server returned it (a status). Errors of the client's own
+// (ttrpc.ErrClosed, the call's context) are returned as they are, so that
+// callers can tell a broken connection from an answer. (A client
+// interceptor cannot do this: ttrpc.Client.Call turns the response's status
+// into an error after its interceptor has returned.)
+func Native(err error) error {
 	if _, ok := status.FromError(err); ok && err != nil {
 		return errgrpc.ToNative(err)
 	}

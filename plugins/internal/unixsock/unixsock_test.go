@@ -54,7 +54,7 @@ func TestListen(t *testing.T) {
 	l2.Close()
 }
 
-func TestFromServer(t *testing.T) {
+func TestNative(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		err  error
@@ -68,15 +68,16 @@ func TestFromServer(t *testing.T) {
 		{"the call's cancellation", context.Canceled, func(err error) bool { return errors.Is(err, context.Canceled) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := fromServer(tc.err); !tc.is(got) {
-				t.Fatalf("fromServer(%v) = %v", tc.err, got)
+			if got := Native(tc.err); !tc.is(got) {
+				t.Fatalf("Native(%v) = %v", tc.err, got)
 			}
 		})
 	}
 }
 
 // TestErrorClasses: a server's error reaches the client of Dial with its
-// errdefs class, over a real connection; a panic is the call's error.
+// errdefs class (through Native), over a real connection; a panic is the
+// call's error, of class internal.
 func TestErrorClasses(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "x.sock")
 	l, err := Listen("unix", sock)
@@ -110,7 +111,7 @@ func TestErrorClasses(t *testing.T) {
 	}
 	defer c.Close()
 	call := func(method string) error {
-		return c.Call(ctx, "test.v1.T", method, &emptypb.Empty{}, &emptypb.Empty{})
+		return Native(c.Call(ctx, "test.v1.T", method, &emptypb.Empty{}, &emptypb.Empty{}))
 	}
 	if err := call("OK"); err != nil {
 		t.Fatalf("OK: %v", err)
