@@ -373,8 +373,16 @@ func (c *Client) List(ctx context.Context, pod string) (out []*api.ProcessState,
 }
 
 // ReleasePod deletes whatever is left of a pod in the host. A host that
-// is not running holds nothing: that is not an error.
+// is not running holds nothing: that is not an error, and when the host
+// reached last is known to be gone (and no other was reached since),
+// nothing is dialled.
 func (c *Client) ReleasePod(ctx context.Context, pod string) error {
+	c.mu.Lock()
+	noHost := c.conn == nil && c.hello != nil && c.gone[c.hello.GetBoot()]
+	c.mu.Unlock()
+	if noHost {
+		return nil
+	}
 	err := c.call(ctx, "", false, func(ctx context.Context, h api.WasmHostService) error {
 		_, err := h.ReleasePod(ctx, &api.PodRef{Pod: pod})
 		return err
