@@ -28,9 +28,9 @@ type fileBudget struct {
 func newFileBudget(limit int64) *fileBudget {
 	if limit <= 0 {
 		var rl unix.Rlimit
-		limit = 1024
-		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur > 0 && rl.Cur < 1<<40 {
-			limit = int64(rl.Cur / 2)
+		limit = 512 // half of the usual default of 1024
+		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur > 0 {
+			limit = int64(min(rl.Cur, 1<<30) / 2) // RLIM_INFINITY: no limit worth the name
 		}
 	}
 	return &fileBudget{max: limit}
