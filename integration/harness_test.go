@@ -263,8 +263,8 @@ func (d *Daemon) recordKeeper() {
 		d.keeperPid = c.KeeperPid
 		c.Close()
 	}
-	if h, err := d.wasmHostClient().Connect(ctx); err == nil && h.Pid != 0 {
-		d.wasmHost = h.Pid
+	if h, err := d.wasmHostClient().Connect(ctx); err == nil && h.GetPid() != 0 {
+		d.wasmHost = int(h.GetPid())
 	}
 }
 
@@ -343,8 +343,8 @@ func (d *Daemon) checkLeaks() {
 	if d.wasmHost != 0 {
 		c := d.wasmHostClient()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if st, err := c.HostStats(ctx); err == nil && st.Containers+st.Pods > 0 {
-			t.Errorf("leak: the wasm host still holds %d containers of %d pods", st.Containers, st.Pods)
+		if st, err := c.HostStats(ctx); err == nil && st.GetContainers()+st.GetPods() > 0 {
+			t.Errorf("leak: the wasm host still holds %d containers of %d pods", st.GetContainers(), st.GetPods())
 		}
 		cancel()
 		c.Close()

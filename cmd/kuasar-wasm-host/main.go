@@ -40,6 +40,7 @@ func run() error {
 	keep := flag.Int("keep-modules", 16, "compiled modules kept in memory when no container uses them")
 	idle := flag.Duration("idle", time.Minute, "exit after having no container this long (0: never)")
 	level := flag.String("log-level", "info", "log level")
+	oomScoreAdj := flag.Int("oom-score-adj", 0, "the host's oom_score_adj (-1000 to 1000), instead of the daemon's it would inherit")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -50,6 +51,12 @@ func run() error {
 		return errors.New("--socket is required")
 	}
 	if err := log.SetLevel(*level); err != nil {
+		return err
+	}
+	// Not the daemon's score (a node's containerd runs at -999, which would
+	// make the kernel kill Wasm workloads of every pod last, after the
+	// node's own services).
+	if err := wasmhost.SetOOMScoreAdj(*oomScoreAdj); err != nil {
 		return err
 	}
 	// SIGTERM and SIGINT stop the host and every module in it; the daemon
@@ -77,5 +84,5 @@ func run() error {
 	}
 	defer h.Close(context.Background())
 	log.G(ctx).WithField("pid", os.Getpid()).WithField("socket", *socket).Info("kuasar-wasm-host serving")
-	return h.Serve(ctx, l.UnixListener)
+	return h.Serve(ctx, l)
 }

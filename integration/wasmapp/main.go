@@ -118,6 +118,23 @@ func main() {
 	case "stdin":
 		n, err := io.Copy(os.Stdout, bufio.NewReader(os.Stdin))
 		fmt.Printf("stdin closed after %d bytes (%v)\n", n, err)
+	case "open":
+		// open N times the file at path, keep them open, say how many
+		// opened, then sleep
+		n, _ := strconv.Atoi(arg(args, 0, "1"))
+		var files []*os.File
+		for i := 0; i < n; i++ {
+			f, err := os.Open(arg(args, 1, "/"))
+			if err != nil {
+				break
+			}
+			files = append(files, f)
+		}
+		fmt.Printf("opened %d of %d\n", len(files), n)
+		for {
+			time.Sleep(time.Hour)
+			fmt.Println(len(files))
+		}
 	case "poll-overflow":
 		// A hostile poll_oneoff: a subscription count whose size wraps
 		// around 32 bits. The host must refuse it, not fall over.

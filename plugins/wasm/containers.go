@@ -2,6 +2,7 @@ package wasm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost"
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // ListenAnnotation on a container lists TCP addresses (host:port,
@@ -33,15 +35,41 @@ type containers struct {
 
 var _ task.Runtime = (*containers)(nil)
 
+// ctrState is what a container records of itself, for a restarted daemon
+// and for a host that is gone: which host process runs it, and the cgroups
+// that host made for it.
+type ctrState struct {
+	Boot       string   `json:"boot,omitempty"`
+	CgroupDirs []string `json:"cgroupDirs,omitempty"`
+}
+
+// stateOf returns c's recorded state, kept decoded on its init process
+// (by Create and Recover).
+func stateOf(c *task.Container) *ctrState {
+	if st, ok := c.Init.Private.(*ctrState); ok {
+		return st
+	}
+	return decodeState(c)
+}
+
+func decodeState(c *task.Container) *ctrState {
+	st := &ctrState{}
+	if len(c.State) > 0 {
+		_ = json.Unmarshal(c.State, st) // a record of before: any host
+	}
+	return st
+}
+
 // hostID names a container in the host: unique on the node.
 func hostID(c *task.Container) string { return c.Namespace + "/" + c.ID }
 
-func ref(p *task.Process) wasmhost.Ref {
-	return wasmhost.Ref{ID: hostID(p.Container), ExecID: p.ExecID}
+// ref names p in the host process that runs it.
+func ref(p *task.Process) *api.ProcessRef {
+	return &api.ProcessRef{Id: hostID(p.Container), ExecId: p.ExecID, Boot: stateOf(p.Container).Boot}
 }
 
-func stdio(io task.IO) wasmhost.Stdio {
-	return wasmhost.Stdio{Stdin: io.Stdin, Stdout: io.Stdout, Stderr: io.Stderr, Terminal: io.Terminal}
+func stdio(io task.IO) *api.Stdio {
+	return &api.Stdio{Stdin: io.Stdin, Stdout: io.Stdout, Stderr: io.Stderr, Terminal: io.Terminal}
 }
 
 // Create instantiates the container's module in the host, ready to start.
@@ -50,16 +78,16 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 	if spec == nil || spec.Process == nil || len(spec.Process.Args) == 0 {
 		return fmt.Errorf("container %s has no command: %w", c.ID, errdefs.ErrInvalidArgument)
 	}
-	module, err := r.k.moduleFromImage(ctx, c.Namespace, spec.Annotations[imageNameAnnotation], spec.Process.Args[0])
+	module, err := r.k.moduleFromImage(ctx, c)
 	if err != nil {
 		return err
 	}
-	req := &wasmhost.CreateRequest{
-		ID:        hostID(c),
+	req := &api.CreateRequest{
+		Id:        hostID(c),
 		Pod:       r.pod.key(),
 		RootfsDir: filepath.Join(c.Bundle, "rootfs"),
 		Module:    module,
-		Process: wasmhost.Process{
+		Process: &api.Process{
 			Args:         spec.Process.Args,
 			Env:          spec.Process.Env,
 			Cwd:          spec.Process.Cwd,
@@ -70,16 +98,16 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 		PodMemoryBytes: podMemoryLimit(r.pod.sb),
 	}
 	for _, m := range c.Rootfs {
-		req.Rootfs = append(req.Rootfs, wasmhost.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+		req.Rootfs = append(req.Rootfs, &api.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 	}
 	if spec.Root != nil {
 		req.Readonly = spec.Root.Readonly
 	}
 	for _, m := range spec.Mounts {
-		req.Mounts = append(req.Mounts, wasmhost.Mount{Type: m.Type, Source: m.Source, Destination: m.Destination, Options: m.Options})
+		req.Mounts = append(req.Mounts, &api.Mount{Type: m.Type, Source: m.Source, Destination: m.Destination, Options: m.Options})
 	}
 	if !r.pod.sb.HostNetwork() {
-		req.NetNS = r.pod.sb.NetNSPath
+		req.Netns = r.pod.sb.NetNSPath
 	}
 	if spec.Linux != nil {
 		req.Cgroup = cgroupstats.SpecPath(spec.Linux.CgroupsPath)
@@ -94,58 +122,57 @@ func (r *containers) Create(ctx context.Context, c *task.Container) error {
 	st, err := r.k.host.Create(ctx, req)
 	if err != nil {
 		if ctx.Err() != nil {
-			// The host may still finish what we gave up on.
-			go r.abandon(wasmhost.Ref{ID: req.ID})
+			// The host undoes a create whose deadline passed; one that
+			// finished just as the daemon gave up is removed here.
+			go r.abandon(&api.ProcessRef{Id: req.Id, Boot: r.k.host.Boot()})
 		}
 		return fmt.Errorf("%s: %w", ID, err)
 	}
 	log.G(ctx).WithField("container", c.ID).WithField("took", time.Since(begin)).Debug("wasm host create")
-	c.Init.SetPid(st.Pid)
-	r.pod.track(req.ID, true)
+	state := &ctrState{Boot: st.GetBoot(), CgroupDirs: st.GetCgroupDirs()}
+	if c.State, err = json.Marshal(state); err != nil {
+		return err
+	}
+	c.Init.Private = state
+	c.Init.SetPid(int(st.GetPid()))
+	r.pod.track(req.Id, state.Boot)
 	go r.wait(c.Init)
 	return nil
 }
 
 // user is the OCI process user as the host takes it; root needs nothing.
-func user(u specs.User) *wasmhost.User {
+func user(u specs.User) *api.User {
 	if u.UID == 0 && u.GID == 0 && len(u.AdditionalGids) == 0 {
 		return nil
 	}
-	return &wasmhost.User{UID: u.UID, GID: u.GID, AdditionalGids: u.AdditionalGids}
+	return &api.User{Uid: u.UID, Gid: u.GID, AdditionalGids: u.AdditionalGids}
 }
 
-// abandon removes from the host a process whose creation the daemon gave up
-// waiting for, once the host has finished creating it.
-func (r *containers) abandon(ref wasmhost.Ref) {
-	ctx := context.Background()
-	for deadline := time.Now().Add(abandonTimeout); time.Now().Before(deadline); time.Sleep(time.Second) {
-		_ = r.k.host.Kill(ctx, ref, int(unix.SIGKILL), true)
-		_, err := r.k.host.Delete(ctx, ref)
-		switch {
-		case err == nil:
-			log.G(ctx).WithField("container", ref.ID).WithField("exec", ref.ExecID).Info("removed a wasm process whose creation was abandoned")
-			return
-		case errors.Is(err, wasmhost.ErrHostGone):
-			return
-		}
-		// Not found yet (still being created), or still ending: again.
+// abandon removes from the host a process whose creation the daemon gave
+// up waiting for, in case the host finished creating it meanwhile.
+func (r *containers) abandon(ref *api.ProcessRef) {
+	ctx, cancel := context.WithTimeout(context.Background(), abandonTimeout)
+	defer cancel()
+	_ = r.k.host.Kill(ctx, ref, int(unix.SIGKILL), true)
+	if _, err := r.k.host.Delete(ctx, ref); err == nil {
+		log.G(ctx).WithField("container", ref.GetId()).WithField("exec", ref.GetExecId()).Info("removed a wasm process whose creation was abandoned")
 	}
 }
 
-// abandonTimeout bounds how long an abandoned creation is waited for.
-const abandonTimeout = time.Minute
+// abandonTimeout bounds the removal of an abandoned creation.
+const abandonTimeout = 10 * time.Second
 
 // capabilities are the OCI process's, as the host takes them.
-func capabilities(c *specs.LinuxCapabilities) *wasmhost.Capabilities {
+func capabilities(c *specs.LinuxCapabilities) *api.Capabilities {
 	if c == nil {
 		return nil
 	}
-	return &wasmhost.Capabilities{Bounding: c.Bounding, Effective: c.Effective, Permitted: c.Permitted, Inheritable: c.Inheritable}
+	return &api.Capabilities{Bounding: c.Bounding, Effective: c.Effective, Permitted: c.Permitted, Inheritable: c.Inheritable}
 }
 
 // limits maps OCI resources to the host's limits.
-func limits(res *specs.LinuxResources) wasmhost.Limits {
-	var l wasmhost.Limits
+func limits(res *specs.LinuxResources) *api.Limits {
+	l := &api.Limits{}
 	if res == nil {
 		return l
 	}
@@ -154,64 +181,65 @@ func limits(res *specs.LinuxResources) wasmhost.Limits {
 	}
 	if cpu := res.CPU; cpu != nil {
 		if cpu.Quota != nil {
-			l.CPUQuota = *cpu.Quota
+			l.CpuQuota = *cpu.Quota
 		}
 		if cpu.Period != nil {
-			l.CPUPeriod = *cpu.Period
+			l.CpuPeriod = *cpu.Period
 		}
 		if cpu.Shares != nil {
-			l.CPUShares = *cpu.Shares
+			l.CpuShares = *cpu.Shares
 		}
 	}
 	return l
 }
 
 // wait reports p's exit, however long it runs: across a restart of the
-// daemon (by Recover) and through reconnections to the host. If the host
-// itself is gone, so is the process: it is reported lost.
+// daemon (by Recover) and through reconnections to the host. When the
+// host that ran it is gone, so is the process: the broken connection ends
+// the wait at once, and the process is reported exited (255), as a process
+// whose parent was killed would be by the kubelet's other runtimes.
 func (r *containers) wait(p *task.Process) {
 	ctx := context.Background()
 	ref := ref(p)
-	for {
+	for delay := time.Duration(0); ; {
 		e, err := r.k.host.Wait(ctx, ref)
-		if err == nil {
+		switch {
+		case err == nil:
 			r.exited(p, e)
 			return
-		}
-		if !errors.Is(err, wasmhost.ErrHostGone) && !errdefs.IsNotFound(err) {
-			log.G(ctx).WithError(err).WithField("container", p.Container.ID).Warn("waiting for a wasm process; retrying")
-			time.Sleep(time.Second)
-			continue
-		}
-		// Is the process still there, with a host that came back? Asking
-		// does not start a host.
-		st, serr := r.k.host.State(ctx, ref)
-		switch {
-		case serr == nil && st.Status == wasmhost.Stopped && st.Exit != nil:
-			r.exited(p, *st.Exit)
+		case errors.Is(err, wasmhost.ErrHostGone) || errdefs.IsNotFound(err):
+			r.lost(ctx, p)
 			return
-		case serr == nil:
-			continue
-		case errors.Is(serr, wasmhost.ErrHostGone) || errdefs.IsNotFound(serr):
-			log.G(ctx).WithField("container", p.Container.ID).WithField("exec", p.ExecID).
-				Warn("the wasm host that ran this process is gone; reporting it lost")
-			p.Exited(255, time.Now())
-			return
-		default:
-			time.Sleep(time.Second)
 		}
+		delay = min(max(2*delay, 50*time.Millisecond), time.Second)
+		log.G(ctx).WithError(err).WithField("container", p.Container.ID).WithField("exec", p.ExecID).Warn("waiting for a wasm process; retrying")
+		time.Sleep(delay)
 	}
 }
 
-func (r *containers) exited(p *task.Process, e wasmhost.Exit) {
-	if e.OOM {
+// lost reports a process whose host is gone.
+func (r *containers) lost(ctx context.Context, p *task.Process) {
+	if p.Status() == tasktypes.Status_STOPPED {
+		return
+	}
+	log.G(ctx).WithField("container", p.Container.ID).WithField("exec", p.ExecID).
+		Warn("the wasm host that ran this process is gone; reporting it exited (255)")
+	p.Exited(255, time.Now())
+}
+
+func (r *containers) exited(p *task.Process, e *api.Exit) {
+	if e.GetOom() {
 		p.Container.OOM()
 	}
-	if e.Reason != "" {
-		log.L.WithField("container", p.Container.ID).WithField("exec", p.ExecID).WithField("status", e.Status).
-			Info("wasm process ended: " + e.Reason)
+	if e.GetReason() != "" {
+		log.L.WithField("container", p.Container.ID).WithField("exec", p.ExecID).WithField("status", e.GetStatus()).
+			Info("wasm process ended: " + e.GetReason())
 	}
-	p.Exited(e.Status, e.At)
+	at := time.Now()
+	if e.GetExitedAt() != nil {
+		at = e.GetExitedAt().AsTime()
+	}
+	p.Exited(int(e.GetStatus()), at)
 }
 
 // Start runs the module's _start.
@@ -219,6 +247,9 @@ func (r *containers) Start(ctx context.Context, p *task.Process) error {
 	begin := time.Now()
 	_, err := r.k.host.Start(ctx, ref(p))
 	log.G(ctx).WithField("container", p.Container.ID).WithField("took", time.Since(begin)).Debug("wasm host start")
+	if errors.Is(err, wasmhost.ErrHostGone) {
+		return fmt.Errorf("%s: %w", ID, err)
+	}
 	return err
 }
 
@@ -229,10 +260,11 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 	if p.Spec == nil || len(p.Spec.Args) == 0 {
 		return fmt.Errorf("exec has no command: %w", errdefs.ErrInvalidArgument)
 	}
-	st, err := r.k.host.Exec(ctx, &wasmhost.ExecRequest{
-		ID:     hostID(p.Container),
-		ExecID: p.ExecID,
-		Process: wasmhost.Process{
+	st, err := r.k.host.Exec(ctx, &api.ExecRequest{
+		Id:     hostID(p.Container),
+		ExecId: p.ExecID,
+		Boot:   stateOf(p.Container).Boot,
+		Process: &api.Process{
 			Args:         p.Spec.Args,
 			Env:          p.Spec.Env,
 			Cwd:          p.Spec.Cwd,
@@ -250,25 +282,46 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 		}
 		return fmt.Errorf("%s: %w", ID, err)
 	}
-	p.SetPid(st.Pid)
+	p.SetPid(int(st.GetPid()))
 	go r.wait(p)
 	return nil
 }
 
 // Kill signals a process. A module cannot handle signals: any that would
-// end a process without handlers ends it at once.
+// end a process without handlers ends it at once. The processes of a host
+// that is gone have nothing left to signal: they are reported exited.
 func (r *containers) Kill(ctx context.Context, p *task.Process, sig unix.Signal, all bool) error {
-	return r.k.host.Kill(ctx, ref(p), int(sig), all)
+	err := r.k.host.Kill(ctx, ref(p), int(sig), all)
+	if !errors.Is(err, wasmhost.ErrHostGone) {
+		return err
+	}
+	r.lost(ctx, p)
+	if all && p.ExecID == "" {
+		for _, e := range p.Container.Execs() {
+			r.lost(ctx, e)
+		}
+	}
+	return nil
 }
 
-// Delete releases what the host holds of the process.
+// Delete releases what the host holds of the process. When that host is
+// gone, what is left of it is the container's cgroups: they are removed
+// here.
 func (r *containers) Delete(ctx context.Context, p *task.Process) error {
 	_, err := r.k.host.Delete(ctx, ref(p))
-	if err != nil && !errdefs.IsNotFound(err) && !errors.Is(err, wasmhost.ErrHostGone) {
+	switch {
+	case err == nil, errdefs.IsNotFound(err):
+	case errors.Is(err, wasmhost.ErrHostGone):
+		if p.ExecID == "" {
+			if err := wasmhost.RemoveCgroups(stateOf(p.Container).CgroupDirs); err != nil {
+				log.G(ctx).WithError(err).WithField("container", p.Container.ID).Warn("removing the cgroups of a container of a wasm host that is gone")
+			}
+		}
+	default:
 		return err
 	}
 	if p.ExecID == "" {
-		r.pod.track(hostID(p.Container), false)
+		r.pod.untrack(hostID(p.Container))
 	}
 	return nil
 }
@@ -287,9 +340,13 @@ func (r *containers) Pids(_ context.Context, c *task.Container) ([]*tasktypes.Pr
 // ResizePty has nothing to resize: a module's terminal is plain streams.
 func (r *containers) ResizePty(context.Context, *task.Process, uint32, uint32) error { return nil }
 
-// CloseIO closes the process's stdin.
+// CloseIO closes the process's stdin (nothing to close once its host is
+// gone).
 func (r *containers) CloseIO(ctx context.Context, p *task.Process) error {
-	return r.k.host.CloseStdin(ctx, ref(p))
+	if err := r.k.host.CloseStdin(ctx, ref(p)); !errors.Is(err, wasmhost.ErrHostGone) {
+		return err
+	}
+	return nil
 }
 
 // Update changes the container's memory and CPU limits.
@@ -297,12 +354,15 @@ func (r *containers) Update(ctx context.Context, c *task.Container, res *specs.L
 	if res == nil {
 		return nil
 	}
-	return r.k.host.Update(ctx, hostID(c), limits(res))
+	return r.k.host.Update(ctx, ref(c.Init), limits(res))
 }
 
 // Stats reports the container's linear memory and CPU time.
 func (r *containers) Stats(ctx context.Context, c *task.Container) (typeurl.Any, error) {
-	s, err := r.k.host.Stats(ctx, hostID(c))
+	s, err := r.k.host.Stats(ctx, ref(c.Init))
+	if errors.Is(err, wasmhost.ErrHostGone) {
+		return nil, fmt.Errorf("container %s ended with its wasm host: %w", c.ID, errdefs.ErrNotFound)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -319,21 +379,28 @@ func (r *containers) Resume(context.Context, *task.Container) error {
 
 // Recover re-attaches to a container after a daemon restart. The host kept
 // running it; an exit that happened meanwhile is kept there until Delete.
+// A container of a host that is gone since is reported exited (255).
 func (r *containers) Recover(ctx context.Context, c *task.Container) error {
 	p := c.Init
-	r.pod.track(hostID(c), true)
+	st := decodeState(c)
+	p.Private = st
+	r.pod.track(hostID(c), st.Boot)
 	if p.Status() == tasktypes.Status_STOPPED {
 		return nil
 	}
-	st, err := r.k.host.State(ctx, ref(p))
-	if err != nil {
+	ps, err := r.k.host.State(ctx, ref(p))
+	switch {
+	case errors.Is(err, wasmhost.ErrHostGone) || errdefs.IsNotFound(err):
+		r.lost(ctx, p)
+		return nil
+	case err != nil:
 		return fmt.Errorf("%w: %w", task.ErrNotRecoverable, err)
 	}
-	if st.Status == wasmhost.Stopped && st.Exit != nil {
-		r.exited(p, *st.Exit)
+	if ps.GetStatus() == api.Status_STOPPED && ps.GetExit() != nil {
+		r.exited(p, ps.GetExit())
 		return nil
 	}
-	p.SetPid(st.Pid)
+	p.SetPid(int(ps.GetPid()))
 	go r.wait(p)
 	return nil
 }

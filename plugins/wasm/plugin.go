@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"time"
 
+	ctrs "github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/metadata"
@@ -49,6 +50,11 @@ type Config struct {
 	// HostIdleTimeout is how long the host runs without containers
 	// before it exits ("0s": never).
 	HostIdleTimeout string `toml:"host_idle_timeout"`
+	// HostOOMScoreAdj is the host's oom_score_adj (-1000 to 1000), which
+	// it sets itself rather than keep the daemon's (a node's containerd
+	// runs at -999: the kernel would kill it last, and with it every Wasm
+	// container of the node).
+	HostOOMScoreAdj int `toml:"host_oom_score_adj"`
 }
 
 func init() {
@@ -60,6 +66,7 @@ type kind struct {
 	env         sandbox.Env
 	host        *wasmhost.Client
 	images      images.Store
+	records     ctrs.Store // containerd's containers, for the image CRI resolved
 	content     content.Store
 	contentRoot string // the local content store's blobs, when it is local
 	blobDir     string // copies of blobs of a content store that is not
@@ -83,10 +90,14 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	case "none":
 		cacheDir = ""
 	}
+	if cfg.HostOOMScoreAdj < -1000 || cfg.HostOOMScoreAdj > 1000 {
+		return nil, fmt.Errorf("host_oom_score_adj %d is not within -1000 and 1000", cfg.HostOOMScoreAdj)
+	}
 	if _, err := findHost(cfg.HostPath); err != nil {
 		log.G(ic.Context).WithError(err).Warn("kuasar-wasm pods will fail until kuasar-wasm-host is installed")
 	}
-	args := []string{"--idle", idle.String(), "--keep-modules", fmt.Sprint(cfg.KeepModules), "--log-level", log.GetLevel().String()}
+	args := []string{"--idle", idle.String(), "--keep-modules", fmt.Sprint(cfg.KeepModules), "--log-level", log.GetLevel().String(),
+		"--oom-score-adj", fmt.Sprint(cfg.HostOOMScoreAdj)}
 	if cacheDir != "" {
 		args = append(args, "--cache-dir", cacheDir)
 	}
@@ -101,6 +112,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 			Args:    args,
 		}),
 		images:      metadata.NewImageStore(db),
+		records:     metadata.NewContainerStore(db),
 		content:     db.ContentStore(),
 		contentRoot: filepath.Join(containerdRoot, plugins.ContentPlugin.String()+".content", "blobs"),
 		blobDir:     filepath.Join(env.Root, "blobs"),
@@ -125,7 +137,7 @@ func (k *kind) Create(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instanc
 			return nil, fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
 		}
 	}
-	p := &pod{k: k, sb: sb, containers: map[string]bool{}}
+	p := &pod{k: k, sb: sb, containers: map[string]string{}}
 	if err := p.create(ctx); err != nil {
 		return nil, err
 	}
@@ -135,5 +147,5 @@ func (k *kind) Create(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instanc
 // Recover rebuilds a pod from its record; its containers re-attach to the
 // host one by one.
 func (k *kind) Recover(_ context.Context, sb *sandbox.Sandbox) (sandbox.Instance, error) {
-	return &pod{k: k, sb: sb, containers: map[string]bool{}}, nil
+	return &pod{k: k, sb: sb, containers: map[string]string{}}, nil
 }

@@ -22,7 +22,7 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/nsutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
-	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost"
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // pod is one kuasar-wasm sandbox. It owns no process: its network
@@ -32,7 +32,7 @@ type pod struct {
 	sb *sandbox.Sandbox
 
 	mu         sync.Mutex
-	containers map[string]bool // host IDs of its containers
+	containers map[string]string // host IDs of its containers: the boot of their host
 }
 
 // key names the pod in the host.
@@ -94,39 +94,44 @@ func (p *pod) Shutdown(ctx context.Context) error {
 	return sandbox.RemovePodFiles(p.sb)
 }
 
-func (p *pod) track(hostID string, live bool) {
+// track records a container of the pod and the boot of its host ("" for
+// a record of before boots were kept: any host).
+func (p *pod) track(hostID, boot string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if live {
-		p.containers[hostID] = true
-	} else {
-		delete(p.containers, hostID)
-	}
+	p.containers[hostID] = boot
+}
+
+// untrack forgets a deleted container.
+func (p *pod) untrack(hostID string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.containers, hostID)
 }
 
 // Metrics sums the pod's containers.
 func (p *pod) Metrics(ctx context.Context) (*types.Metric, error) {
 	p.mu.Lock()
-	ids := make([]string, 0, len(p.containers))
-	for id := range p.containers {
-		ids = append(ids, id)
+	refs := make([]*api.ProcessRef, 0, len(p.containers))
+	for id, boot := range p.containers {
+		refs = append(refs, &api.ProcessRef{Id: id, Boot: boot})
 	}
 	p.mu.Unlock()
-	sort.Strings(ids)
-	var sum wasmhost.Stats
-	for _, id := range ids {
-		s, err := p.k.host.Stats(ctx, id)
+	sort.Slice(refs, func(i, j int) bool { return refs[i].Id < refs[j].Id })
+	sum := &api.ContainerStats{}
+	for _, ref := range refs {
+		s, err := p.k.host.Stats(ctx, ref)
 		if err != nil {
 			continue // exited and deleted meanwhile, or the host is gone
 		}
-		sum.MemoryBytes += s.MemoryBytes
-		sum.MemoryMax += s.MemoryMax
-		sum.CPUUserNanos += s.CPUUserNanos
-		sum.CPUSystemNanos += s.CPUSystemNanos
-		sum.CPUPeriods += s.CPUPeriods
-		sum.CPUThrottledPeriods += s.CPUThrottledPeriods
-		sum.CPUThrottledNanos += s.CPUThrottledNanos
-		sum.OOMKills += s.OOMKills
+		sum.MemoryBytes += s.GetMemoryBytes()
+		sum.MemoryMax += s.GetMemoryMax()
+		sum.CpuUserNanos += s.GetCpuUserNanos()
+		sum.CpuSystemNanos += s.GetCpuSystemNanos()
+		sum.CpuPeriods += s.GetCpuPeriods()
+		sum.CpuThrottledPeriods += s.GetCpuThrottledPeriods()
+		sum.CpuThrottledNanos += s.GetCpuThrottledNanos()
+		sum.OomKills += s.GetOomKills()
 	}
 	sum.MemoryLimit = uint64(podMemoryLimit(p.sb))
 	data, err := metrics(sum)
@@ -146,24 +151,24 @@ func (p *pod) Info() map[string]any {
 
 // metrics renders stats in containerd's cgroup v1 metrics format, which
 // CRI reads for container and pod stats.
-func metrics(s wasmhost.Stats) (*anypb.Any, error) {
+func metrics(s *api.ContainerStats) (*anypb.Any, error) {
 	m := &v1stats.Metrics{
 		CPU: &v1stats.CPUStat{
 			Usage: &v1stats.CPUUsage{
-				Total:  s.CPUUserNanos + s.CPUSystemNanos,
-				User:   s.CPUUserNanos,
-				Kernel: s.CPUSystemNanos,
+				Total:  s.GetCpuUserNanos() + s.GetCpuSystemNanos(),
+				User:   s.GetCpuUserNanos(),
+				Kernel: s.GetCpuSystemNanos(),
 			},
 			Throttling: &v1stats.Throttle{
-				Periods:          s.CPUPeriods,
-				ThrottledPeriods: s.CPUThrottledPeriods,
-				ThrottledTime:    s.CPUThrottledNanos,
+				Periods:          s.GetCpuPeriods(),
+				ThrottledPeriods: s.GetCpuThrottledPeriods(),
+				ThrottledTime:    s.GetCpuThrottledNanos(),
 			},
 		},
 		Memory: &v1stats.MemoryStat{
-			RSS:      s.MemoryBytes,
-			TotalRSS: s.MemoryBytes,
-			Usage:    &v1stats.MemoryEntry{Usage: s.MemoryBytes, Max: s.MemoryMax, Limit: s.MemoryLimit, Failcnt: s.OOMKills},
+			RSS:      s.GetMemoryBytes(),
+			TotalRSS: s.GetMemoryBytes(),
+			Usage:    &v1stats.MemoryEntry{Usage: s.GetMemoryBytes(), Max: s.GetMemoryMax(), Limit: s.GetMemoryLimit(), Failcnt: s.GetOomKills()},
 		},
 	}
 	a, err := typeurl.MarshalAny(m)

@@ -8,10 +8,11 @@ import (
 	"github.com/containerd/typeurl/v2"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
-	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost"
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 func TestLimits(t *testing.T) {
@@ -20,17 +21,17 @@ func TestLimits(t *testing.T) {
 	tests := []struct {
 		name string
 		res  *specs.LinuxResources
-		want wasmhost.Limits
+		want *api.Limits
 	}{
-		{"none", nil, wasmhost.Limits{}},
-		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(64 << 20)}}, wasmhost.Limits{MemoryBytes: 64 << 20}},
-		{"unlimited memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(-1)}}, wasmhost.Limits{}},
+		{"none", nil, &api.Limits{}},
+		{"memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(64 << 20)}}, &api.Limits{MemoryBytes: 64 << 20}},
+		{"unlimited memory", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(-1)}}, &api.Limits{}},
 		{"cpu", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: i64(20000), Period: u64(100000), Shares: u64(512)}},
-			wasmhost.Limits{CPUQuota: 20000, CPUPeriod: 100000, CPUShares: 512}},
+			&api.Limits{CpuQuota: 20000, CpuPeriod: 100000, CpuShares: 512}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := limits(tt.res); got != tt.want {
+			if got := limits(tt.res); !proto.Equal(got, tt.want) {
 				t.Fatalf("limits = %+v, want %+v", got, tt.want)
 			}
 		})
@@ -71,7 +72,7 @@ func TestPickLayer(t *testing.T) {
 }
 
 func TestMetrics(t *testing.T) {
-	a, err := metrics(wasmhost.Stats{MemoryBytes: 4 << 20, MemoryMax: 8 << 20, MemoryLimit: 64 << 20, CPUUserNanos: 3, CPUSystemNanos: 4, CPUThrottledPeriods: 2})
+	a, err := metrics(&api.ContainerStats{MemoryBytes: 4 << 20, MemoryMax: 8 << 20, MemoryLimit: 64 << 20, CpuUserNanos: 3, CpuSystemNanos: 4, CpuThrottledPeriods: 2})
 	if err != nil {
 		t.Fatal(err)
 	}

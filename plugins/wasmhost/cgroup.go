@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // cgroupRoot is where the cgroup hierarchies are mounted.
@@ -110,7 +112,7 @@ func (cg *cpuCgroup) attach(tid int) error {
 }
 
 // set applies CPU limits.
-func (cg *cpuCgroup) set(l Limits) error {
+func (cg *cpuCgroup) set(l *api.Limits) error {
 	d := cg.dirs[0]
 	write := func(file, v string) error {
 		if err := os.WriteFile(filepath.Join(d, file), []byte(v), 0); err != nil {
@@ -118,17 +120,17 @@ func (cg *cpuCgroup) set(l Limits) error {
 		}
 		return nil
 	}
-	period := l.CPUPeriod
+	period := l.GetCpuPeriod()
 	if period == 0 {
 		period = 100000
 	}
 	if cg.v2 {
 		quota := "max"
-		if l.CPUQuota > 0 {
-			quota = strconv.FormatInt(l.CPUQuota, 10)
+		if l.GetCpuQuota() > 0 {
+			quota = strconv.FormatInt(l.GetCpuQuota(), 10)
 		}
 		if _, err := os.Stat(filepath.Join(d, "cpu.max")); err != nil {
-			if l.CPUQuota > 0 {
+			if l.GetCpuQuota() > 0 {
 				return errors.New("the cpu controller is not delegated to the Wasm host's cgroup: CPU limits cannot be enforced")
 			}
 			return nil
@@ -136,13 +138,13 @@ func (cg *cpuCgroup) set(l Limits) error {
 		if err := write("cpu.max", quota+" "+strconv.FormatUint(period, 10)); err != nil {
 			return err
 		}
-		if l.CPUShares > 0 {
-			return write("cpu.weight", strconv.FormatUint(sharesToWeight(l.CPUShares), 10))
+		if l.GetCpuShares() > 0 {
+			return write("cpu.weight", strconv.FormatUint(sharesToWeight(l.GetCpuShares()), 10))
 		}
 		return nil
 	}
 	if _, err := os.Stat(filepath.Join(d, "cpu.cfs_quota_us")); err != nil {
-		if l.CPUQuota > 0 {
+		if l.GetCpuQuota() > 0 {
 			return errors.New("no cpu cgroup hierarchy: CPU limits cannot be enforced")
 		}
 		return nil
@@ -151,14 +153,14 @@ func (cg *cpuCgroup) set(l Limits) error {
 		return err
 	}
 	quota := int64(-1)
-	if l.CPUQuota > 0 {
-		quota = l.CPUQuota
+	if l.GetCpuQuota() > 0 {
+		quota = l.GetCpuQuota()
 	}
 	if err := write("cpu.cfs_quota_us", strconv.FormatInt(quota, 10)); err != nil {
 		return err
 	}
-	if l.CPUShares > 0 {
-		return write("cpu.shares", strconv.FormatUint(l.CPUShares, 10))
+	if l.GetCpuShares() > 0 {
+		return write("cpu.shares", strconv.FormatUint(l.GetCpuShares(), 10))
 	}
 	return nil
 }
@@ -174,20 +176,20 @@ func sharesToWeight(shares uint64) uint64 {
 
 // cpuStats reads what the cgroup accounted; it reports whether the cgroup
 // accounts CPU time at all.
-func (cg *cpuCgroup) cpuStats(s *Stats) bool {
+func (cg *cpuCgroup) cpuStats(s *api.ContainerStats) bool {
 	accounted := false
 	for _, d := range cg.dirs {
 		if b, err := os.ReadFile(filepath.Join(d, "cpu.stat")); err == nil {
 			f := fields(string(b))
 			if cg.v2 {
-				s.CPUUserNanos = f["user_usec"] * 1000
-				s.CPUSystemNanos = f["system_usec"] * 1000
-				s.CPUThrottledNanos = f["throttled_usec"] * 1000
+				s.CpuUserNanos = f["user_usec"] * 1000
+				s.CpuSystemNanos = f["system_usec"] * 1000
+				s.CpuThrottledNanos = f["throttled_usec"] * 1000
 				accounted = true
 			} else {
-				s.CPUThrottledNanos = f["throttled_time"]
+				s.CpuThrottledNanos = f["throttled_time"]
 			}
-			s.CPUPeriods, s.CPUThrottledPeriods = f["nr_periods"], f["nr_throttled"]
+			s.CpuPeriods, s.CpuThrottledPeriods = f["nr_periods"], f["nr_throttled"]
 		}
 		if b, err := os.ReadFile(filepath.Join(d, "cpuacct.usage")); err == nil {
 			total, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
@@ -203,7 +205,7 @@ func (cg *cpuCgroup) cpuStats(s *Stats) bool {
 					user = uint64(float64(total) * float64(f["user"]) / float64(ticks))
 				}
 			}
-			s.CPUUserNanos, s.CPUSystemNanos = user, total-user
+			s.CpuUserNanos, s.CpuSystemNanos = user, total-user
 			accounted = true
 		}
 	}
@@ -226,18 +228,32 @@ func fields(content string) map[string]uint64 {
 // remove deletes the cgroup once its threads are gone (they leave as their
 // goroutines end, shortly after the module does).
 func (cg *cpuCgroup) remove() error {
-	var err error
-	for i := len(cg.dirs) - 1; i >= 0; i-- {
+	return RemoveCgroups(cg.dirs)
+}
+
+// RemoveCgroups removes cgroups a host made for a container (as its
+// ProcessState names them), last first, waiting a little for threads that
+// are on their way out. The daemon calls it for the containers of a host
+// that is gone: their threads went with it, their cgroups did not. Only
+// directories under /sys/fs/cgroup are removed.
+func RemoveCgroups(dirs []string) error {
+	var errs []error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		dir := filepath.Clean(dirs[i])
+		if !strings.HasPrefix(dir, cgroupRoot+"/") {
+			errs = append(errs, fmt.Errorf("%s is not a cgroup", dir))
+			continue
+		}
 		for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-			err = unix.Rmdir(cg.dirs[i])
+			err := unix.Rmdir(dir)
 			if err == nil || errors.Is(err, unix.ENOENT) {
-				err = nil
 				break
 			}
 			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+				errs = append(errs, fmt.Errorf("removing cgroup %s: %w", dir, err))
 				break
 			}
 		}
 	}
-	return err
+	return errors.Join(errs...)
 }

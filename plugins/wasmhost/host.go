@@ -9,11 +9,14 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // Options of a Host.
@@ -26,11 +29,20 @@ type Options struct {
 	// Idle is how long the host runs without containers before it exits
 	// (0: never).
 	Idle time.Duration
+	// MaxCompiles bounds the modules compiled at once (0: one per CPU).
+	MaxCompiles int
+	// CompileMemory bounds the bytes of module code read or being compiled
+	// at once (0: twice MaxModuleSize).
+	CompileMemory int64
+	// MaxOpenFiles bounds the files all modules hold open together (0:
+	// half of the host's RLIMIT_NOFILE).
+	MaxOpenFiles int64
 }
 
 // Host runs the Wasm containers of a node.
 type Host struct {
 	engine *engine
+	files  *fileBudget
 	boot   string
 	idle   time.Duration
 	ncpu   int
@@ -47,7 +59,7 @@ type Host struct {
 // container is one Wasm container: its isolation, limits and processes.
 type container struct {
 	id, pod string
-	req     *CreateRequest
+	req     *api.CreateRequest
 	acc     *account
 	cg      *cpuCgroup
 	iso     *isolation
@@ -73,6 +85,16 @@ func (c *container) execList() []*process {
 	return out
 }
 
+// state is the init's state, with what the daemon needs to know of the
+// container.
+func (c *container) state() *api.ProcessState {
+	st := c.init.state()
+	if c.cg != nil {
+		st.CgroupDirs = append([]string(nil), c.cg.dirs...)
+	}
+	return st
+}
+
 // pod groups containers under the pod's memory limit.
 type pod struct {
 	acc  *account
@@ -81,7 +103,7 @@ type pod struct {
 
 // NewHost returns a host with a fresh Wasm engine.
 func NewHost(ctx context.Context, o Options) (*Host, error) {
-	e, err := newEngine(ctx, o.CacheDir, o.KeepModules)
+	e, err := newEngine(ctx, o.CacheDir, o.KeepModules, engineLimits{maxCompiles: o.MaxCompiles, compileMemory: o.CompileMemory})
 	if err != nil {
 		return nil, err
 	}
@@ -90,6 +112,7 @@ func NewHost(ctx context.Context, o Options) (*Host, error) {
 	_, _ = rand.Read(b)
 	return &Host{
 		engine:     e,
+		files:      newFileBudget(o.MaxOpenFiles),
 		boot:       hex.EncodeToString(b),
 		idle:       o.Idle,
 		ncpu:       runtime.NumCPU(),
@@ -99,12 +122,17 @@ func NewHost(ctx context.Context, o Options) (*Host, error) {
 	}, nil
 }
 
+// Boot identifies this host process.
+func (h *Host) Boot() string { return h.boot }
+
 // Close kills every process and releases the engine.
 func (h *Host) Close(ctx context.Context) error {
 	h.mu.Lock()
 	cs := make([]*container, 0, len(h.containers))
 	for _, c := range h.containers {
-		cs = append(cs, c)
+		if c.init != nil {
+			cs = append(cs, c)
+		}
 	}
 	h.mu.Unlock()
 	for _, c := range cs {
@@ -113,7 +141,19 @@ func (h *Host) Close(ctx context.Context) error {
 	return h.engine.close(ctx)
 }
 
-func (h *Host) container(id string) (*container, error) {
+// checkBoot refuses a ref meant for another host process: what it names
+// ended with that host.
+func (h *Host) checkBoot(boot, id string) error {
+	if boot != "" && boot != h.boot {
+		return fmt.Errorf("wasm container %q belongs to the wasm host %s, which is gone (this is %s): %w", id, boot, h.boot, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+func (h *Host) container(id, boot string) (*container, error) {
+	if err := h.checkBoot(boot, id); err != nil {
+		return nil, err
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	c, ok := h.containers[id]
@@ -123,117 +163,122 @@ func (h *Host) container(id string) (*container, error) {
 	return c, nil
 }
 
-func (h *Host) process(r Ref) (*container, *process, error) {
-	c, err := h.container(r.ID)
+func (h *Host) process(r *api.ProcessRef) (*container, *process, error) {
+	c, err := h.container(r.GetId(), r.GetBoot())
 	if err != nil {
 		return nil, nil, err
 	}
-	if r.ExecID == "" {
+	if r.GetExecId() == "" {
 		return c, c.init, nil
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	p, ok := c.execs[r.ExecID]
+	p, ok := c.execs[r.GetExecId()]
 	if !ok {
-		return nil, nil, fmt.Errorf("exec %q in wasm container %q: %w", r.ExecID, r.ID, errdefs.ErrNotFound)
+		return nil, nil, fmt.Errorf("exec %q in wasm container %q: %w", r.GetExecId(), r.GetId(), errdefs.ErrNotFound)
 	}
 	return c, p, nil
 }
 
 // Create prepares a container: its isolation, its module instance and its
-// IO. It returns once the module is instantiated and ready to start.
-func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr error) {
-	if req.ID == "" || req.Pod == "" {
-		return State{}, fmt.Errorf("a container needs an id and a pod: %w", errdefs.ErrInvalidArgument)
+// IO. It returns once the module is instantiated and ready to start. When
+// ctx is done first, Create returns and the container's thread undoes what
+// it made at its next step.
+func (h *Host) Create(ctx context.Context, req *api.CreateRequest) (_ *api.ProcessState, retErr error) {
+	if req.GetId() == "" || req.GetPod() == "" {
+		return nil, fmt.Errorf("a container needs an id and a pod: %w", errdefs.ErrInvalidArgument)
 	}
-	if len(req.Process.Args) == 0 {
-		return State{}, fmt.Errorf("container %s has no command: %w", req.ID, errdefs.ErrInvalidArgument)
+	if len(req.GetProcess().GetArgs()) == 0 {
+		return nil, fmt.Errorf("container %s has no command: %w", req.GetId(), errdefs.ErrInvalidArgument)
 	}
 	h.mu.Lock()
 	if h.closing {
 		h.mu.Unlock()
-		return State{}, fmt.Errorf("the wasm host is exiting: %w", errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("the wasm host is exiting: %w", errdefs.ErrUnavailable)
 	}
-	if _, ok := h.containers[req.ID]; ok {
+	if _, ok := h.containers[req.GetId()]; ok {
 		h.mu.Unlock()
-		return State{}, fmt.Errorf("wasm container %q: %w", req.ID, errdefs.ErrAlreadyExists)
+		return nil, fmt.Errorf("wasm container %q: %w", req.GetId(), errdefs.ErrAlreadyExists)
 	}
-	pd := h.pods[req.Pod]
+	pd := h.pods[req.GetPod()]
 	if pd == nil {
 		pd = &pod{acc: newAccount(nil, 0)}
-		h.pods[req.Pod] = pd
+		h.pods[req.GetPod()] = pd
 	}
-	if req.PodMemoryBytes > 0 {
-		pd.acc.setLimit(req.PodMemoryBytes)
+	if req.GetPodMemoryBytes() > 0 {
+		pd.acc.setLimit(req.GetPodMemoryBytes())
 	}
 	pd.refs++
-	c := &container{id: req.ID, pod: req.Pod, req: req, acc: newAccount(pd.acc, req.Limits.MemoryBytes),
+	c := &container{id: req.GetId(), pod: req.GetPod(), req: req, acc: newAccount(pd.acc, req.GetLimits().GetMemoryBytes()),
 		execs: map[string]*process{}, deleted: make(chan struct{})}
-	h.containers[req.ID] = c // reserved; init is set once created
+	h.containers[req.GetId()] = c // reserved; init is set once created
 	h.busyAt = time.Now()
 	h.mu.Unlock()
+
+	// What is made from here on is undone once, by whoever is last to use
+	// it: this call, or the container's thread if this call gave up first.
+	var st *stdio
+	var pre *compiled // a module acquired here, until the thread takes it
+	undo := func() {
+		st.close()
+		if pre != nil {
+			h.engine.release(pre)
+			pre = nil
+		}
+		h.forget(c)
+	}
+	spawned := false
 	defer func() {
-		if retErr != nil {
-			h.forget(c)
+		if retErr != nil && !spawned {
+			undo()
 		}
 	}()
 
 	begin := time.Now()
 	defer func() {
-		log.G(ctx).WithField("container", req.ID).WithField("took", time.Since(begin)).WithError(retErr).Debug("create")
+		log.G(ctx).WithField("container", req.GetId()).WithField("took", time.Since(begin)).WithError(retErr).Debug("create")
 	}()
-	if req.Cgroup != "" {
-		cg, err := newCPUCgroup(req.Cgroup, req.ID)
+	if req.GetCgroup() != "" {
+		cg, err := newCPUCgroup(req.GetCgroup(), req.GetId())
 		switch {
-		case err != nil && req.Limits.CPUQuota > 0:
-			return State{}, fmt.Errorf("the container's CPU limit cannot be enforced: %w: %w", err, errdefs.ErrFailedPrecondition)
+		case err != nil && req.GetLimits().GetCpuQuota() > 0:
+			return nil, fmt.Errorf("the container's CPU limit cannot be enforced: %w: %w", err, errdefs.ErrFailedPrecondition)
 		case err != nil:
-			log.G(ctx).WithError(err).WithField("container", req.ID).Warn("no CPU cgroup for the wasm container: its CPU time is accounted, not bounded")
+			log.G(ctx).WithError(err).WithField("container", req.GetId()).Warn("no CPU cgroup for the wasm container: its CPU time is accounted, not bounded")
 		default:
-			if err := cg.set(req.Limits); err != nil {
-				_ = cg.remove()
-				return State{}, fmt.Errorf("applying CPU limits: %w: %w", err, errdefs.ErrFailedPrecondition)
+			c.cg = cg // removed by forget
+			if err := cg.set(req.GetLimits()); err != nil {
+				return nil, fmt.Errorf("applying CPU limits: %w: %w", err, errdefs.ErrFailedPrecondition)
 			}
-			c.cg = cg
 		}
 	}
-	st, err := openStdio(req.Process.Stdio)
-	if err != nil {
-		return State{}, err
+	var err error
+	if st, err = openStdio(req.GetProcess().GetStdio()); err != nil {
+		return nil, err
 	}
-	p := newProcess(h, c, "", req.Process)
+	p := newProcess(h, c, "", req.GetProcess())
 	p.stdio = st
-	defer func() {
-		if retErr != nil {
-			st.close()
-		}
-	}()
 
-	module := func() (*compiled, error) { return h.rootfsModule(ctx, req.Process) }
-	var pre *compiled // a module acquired here, until the thread takes it
-	defer func() {
-		if pre != nil {
-			h.engine.release(pre)
-		}
-	}()
-	if req.Module.Path != "" {
-		if req.Module.Digest == "" {
-			return State{}, fmt.Errorf("a module layer needs its digest: %w", errdefs.ErrInvalidArgument)
+	module := func(ctx context.Context) (*compiled, error) { return h.rootfsModule(ctx, req.GetProcess()) }
+	if path := req.GetModule().GetPath(); path != "" {
+		digest := req.GetModule().GetDigest()
+		if digest == "" {
+			return nil, fmt.Errorf("a module layer needs its digest: %w", errdefs.ErrInvalidArgument)
 		}
 		// A layer blob on the host: read it (if not compiled already)
 		// before the thread leaves the host's mounts.
-		m, err := h.engine.acquire(ctx, req.Module.Digest, func() ([]byte, error) {
-			b, err := readModule(req.Module.Path)
+		m, err := h.engine.acquire(ctx, digest, func(ctx context.Context) ([]byte, func(), error) {
+			b, release, err := h.engine.readModule(ctx, path)
 			if errors.Is(err, errNotModuleFile) {
-				return nil, fmt.Errorf("module layer %s is not a readable file: %w", req.Module.Path, errdefs.ErrNotFound)
+				return nil, nil, fmt.Errorf("module layer %s is not a readable file: %w", path, errdefs.ErrNotFound)
 			}
-			return b, err
+			return b, release, err
 		})
 		if err != nil {
-			return State{}, err
+			return nil, err
 		}
 		pre = m
-		module = func() (*compiled, error) {
+		module = func(context.Context) (*compiled, error) {
 			m := pre
 			pre = nil
 			return m, nil
@@ -244,33 +289,49 @@ func (h *Host) Create(ctx context.Context, req *CreateRequest) (_ State, retErr 
 		c.iso = iso
 		return err
 	}
-	if err := p.spawn(isolate, func() (*compiled, error) {
-		m, err := module()
+	spawned = true
+	err = p.spawn(ctx, isolate, func(ctx context.Context) (*compiled, error) {
+		m, err := module(ctx)
 		if err == nil {
 			c.module = m
 			h.engine.hold(m) // the container's own reference, for execs
 		}
 		return m, err
-	}); err != nil {
-		return State{}, err
+	}, undo)
+	switch {
+	case errors.Is(err, errAbandoned):
+		return nil, err // the thread undoes it
+	case err != nil:
+		undo()
+		return nil, err
 	}
 	h.mu.Lock()
 	c.init = p
-	if len(req.Listen) > 0 {
+	if len(req.GetListen()) > 0 {
 		h.listening++
 	}
 	h.mu.Unlock()
-	return p.state(), nil
+	return c.state(), nil
 }
 
 // rootfsModule compiles (or finds compiled) the module proc's command
 // names in the container's root; it runs on a container thread.
-func (h *Host) rootfsModule(ctx context.Context, proc Process) (*compiled, error) {
-	code, err := loadFromRootfs(proc.Args[0], proc.Env)
+func (h *Host) rootfsModule(ctx context.Context, proc *api.Process) (*compiled, error) {
+	code, release, err := h.engine.loadFromRootfs(ctx, proc.GetArgs()[0], proc.GetEnv())
 	if err != nil {
 		return nil, err
 	}
-	return h.engine.acquire(ctx, Digest(code), func() ([]byte, error) { return code, nil })
+	// The code's reservation goes to the compile if there is one (it ends
+	// with it), else ends here.
+	var taken atomic.Bool
+	m, err := h.engine.acquire(ctx, Digest(code), func(context.Context) ([]byte, func(), error) {
+		taken.Store(true)
+		return code, release, nil
+	})
+	if !taken.Load() {
+		release()
+	}
+	return m, err
 }
 
 // containersOf returns the created containers of a pod ("": of all).
@@ -303,7 +364,7 @@ func (h *Host) forget(c *container) {
 	if h.containers[c.id] != c {
 		return // already forgotten
 	}
-	if c.init != nil && len(c.req.Listen) > 0 {
+	if c.init != nil && len(c.req.GetListen()) > 0 {
 		h.listening--
 	}
 	delete(h.containers, c.id)
@@ -317,78 +378,81 @@ func (h *Host) forget(c *container) {
 }
 
 // Exec prepares an additional module instance in a running container.
-func (h *Host) Exec(ctx context.Context, req *ExecRequest) (_ State, retErr error) {
-	c, err := h.container(req.ID)
+func (h *Host) Exec(ctx context.Context, req *api.ExecRequest) (_ *api.ProcessState, retErr error) {
+	c, err := h.container(req.GetId(), req.GetBoot())
 	if err != nil {
-		return State{}, err
+		return nil, err
 	}
-	if req.ExecID == "" || len(req.Process.Args) == 0 {
-		return State{}, fmt.Errorf("an exec needs an id and a command: %w", errdefs.ErrInvalidArgument)
+	execID := req.GetExecId()
+	if execID == "" || len(req.GetProcess().GetArgs()) == 0 {
+		return nil, fmt.Errorf("an exec needs an id and a command: %w", errdefs.ErrInvalidArgument)
 	}
-	if c.init.state().Status != Running {
-		return State{}, fmt.Errorf("wasm container %q is not running: %w", req.ID, errdefs.ErrFailedPrecondition)
+	if c.init.state().GetStatus() != api.Status_RUNNING {
+		return nil, fmt.Errorf("wasm container %q is not running: %w", req.GetId(), errdefs.ErrFailedPrecondition)
 	}
-	p := newProcess(h, c, req.ExecID, req.Process)
-	if p.stdio, err = openStdio(req.Process.Stdio); err != nil {
-		return State{}, err
+	p := newProcess(h, c, execID, req.GetProcess())
+	if p.stdio, err = openStdio(req.GetProcess().GetStdio()); err != nil {
+		return nil, err
 	}
-	defer func() {
-		if retErr != nil {
-			p.stdio.close()
-		}
-	}()
 	c.mu.Lock()
 	if c.deleting {
 		c.mu.Unlock()
-		return State{}, fmt.Errorf("wasm container %q is being deleted: %w", req.ID, errdefs.ErrFailedPrecondition)
+		p.stdio.close()
+		return nil, fmt.Errorf("wasm container %q is being deleted: %w", req.GetId(), errdefs.ErrFailedPrecondition)
 	}
-	if _, ok := c.execs[req.ExecID]; ok {
+	if _, ok := c.execs[execID]; ok {
 		c.mu.Unlock()
-		return State{}, fmt.Errorf("exec %q: %w", req.ExecID, errdefs.ErrAlreadyExists)
+		p.stdio.close()
+		return nil, fmt.Errorf("exec %q: %w", execID, errdefs.ErrAlreadyExists)
 	}
-	c.execs[req.ExecID] = p
+	c.execs[execID] = p
 	c.mu.Unlock()
-	defer func() {
-		if retErr != nil {
-			c.mu.Lock()
-			delete(c.execs, req.ExecID)
-			c.mu.Unlock()
+	undo := func() {
+		c.mu.Lock()
+		if c.execs[execID] == p {
+			delete(c.execs, execID)
 		}
-	}()
-	cwd := req.Process.Cwd
-	if cwd == "" {
-		cwd = c.req.Process.Cwd
+		c.mu.Unlock()
+		p.stdio.close()
 	}
-	isolate := func() error { return isolateExec(c.iso, c.req.NetNS, cwd) }
-	module := func() (*compiled, error) {
-		if c.module != nil && req.Process.Args[0] == c.req.Process.Args[0] {
+	cwd := req.GetProcess().GetCwd()
+	if cwd == "" {
+		cwd = c.req.GetProcess().GetCwd()
+	}
+	isolate := func() error { return isolateExec(c.iso, c.req.GetNetns(), cwd) }
+	module := func(ctx context.Context) (*compiled, error) {
+		if c.module != nil && req.GetProcess().GetArgs()[0] == c.req.GetProcess().GetArgs()[0] {
 			h.engine.hold(c.module)
 			return c.module, nil
 		}
-		return h.rootfsModule(ctx, req.Process)
+		return h.rootfsModule(ctx, req.GetProcess())
 	}
-	if err := p.spawn(isolate, module); err != nil {
-		return State{}, err
+	switch err := p.spawn(ctx, isolate, module, undo); {
+	case errors.Is(err, errAbandoned):
+		return nil, err
+	case err != nil:
+		undo()
+		return nil, err
 	}
 	return p.state(), nil
 }
 
 // Start runs a created process.
-func (h *Host) Start(r Ref) (State, error) {
+func (h *Host) Start(r *api.ProcessRef) (*api.ProcessState, error) {
 	_, p, err := h.process(r)
 	if err != nil {
-		return State{}, err
+		return nil, err
 	}
 	p.mu.Lock()
 	switch p.status {
-	case Created:
-		p.status = Running
-	case Running:
+	case api.Status_CREATED:
+		p.status = api.Status_RUNNING
+	case api.Status_RUNNING:
 		p.mu.Unlock()
-		return State{}, fmt.Errorf("process %s is already running: %w", r.ID, errdefs.ErrFailedPrecondition)
-	case Stopped:
+		return nil, fmt.Errorf("process %s is already running: %w", r.GetId(), errdefs.ErrFailedPrecondition)
+	default:
 		p.mu.Unlock()
-		return State{}, fmt.Errorf("process %s has exited: %w", r.ID, errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("process %s has exited: %w", r.GetId(), errdefs.ErrFailedPrecondition)
 	}
 	p.mu.Unlock()
 	p.startOnce.Do(func() { close(p.start) })
@@ -396,24 +460,27 @@ func (h *Host) Start(r Ref) (State, error) {
 }
 
 // Wait blocks until the process exits, or ctx is done.
-func (h *Host) Wait(ctx context.Context, r Ref) (Exit, error) {
+func (h *Host) Wait(ctx context.Context, r *api.ProcessRef) (*api.Exit, error) {
 	_, p, err := h.process(r)
 	if err != nil {
-		return Exit{}, err
+		return nil, err
 	}
 	select {
 	case <-p.done:
 	case <-ctx.Done():
-		return Exit{}, ctx.Err()
+		return nil, ctx.Err()
 	}
-	return *p.state().Exit, nil
+	return p.state().GetExit(), nil
 }
 
 // State reports a process.
-func (h *Host) State(r Ref) (State, error) {
-	_, p, err := h.process(r)
+func (h *Host) State(r *api.ProcessRef) (*api.ProcessState, error) {
+	c, p, err := h.process(r)
 	if err != nil {
-		return State{}, err
+		return nil, err
+	}
+	if p == c.init {
+		return c.state(), nil
 	}
 	return p.state(), nil
 }
@@ -429,20 +496,20 @@ var ignoredSignals = map[unix.Signal]bool{
 // Kill delivers a signal. A WASI module cannot handle signals, so every
 // signal whose default action ends a process ends it at once, with status
 // 128+signal, as it would a process without handlers.
-func (h *Host) Kill(r KillRequest) error {
-	c, p, err := h.process(r.Ref)
+func (h *Host) Kill(r *api.KillRequest) error {
+	c, p, err := h.process(r.GetRef())
 	if err != nil {
 		return err
 	}
-	sig := unix.Signal(r.Signal)
+	sig := unix.Signal(r.GetSignal())
 	if sig < 0 || sig > 64 {
-		return fmt.Errorf("signal %d: %w", r.Signal, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("signal %d: %w", r.GetSignal(), errdefs.ErrInvalidArgument)
 	}
 	targets := []*process{p}
-	if r.All && r.ExecID == "" {
+	if r.GetAll() && r.GetRef().GetExecId() == "" {
 		targets = append(targets, c.execList()...)
 	}
-	if p.state().Status == Stopped && !r.All {
+	if p.stopped() && !r.GetAll() {
 		return fmt.Errorf("process already finished: %w", errdefs.ErrNotFound)
 	}
 	if sig == 0 || ignoredSignals[sig] {
@@ -455,24 +522,24 @@ func (h *Host) Kill(r KillRequest) error {
 }
 
 // Delete releases a stopped process; for an init, the whole container.
-func (h *Host) Delete(r Ref) (State, error) {
+func (h *Host) Delete(r *api.ProcessRef) (*api.ProcessState, error) {
 	c, p, err := h.process(r)
 	if err != nil {
-		return State{}, err
+		return nil, err
 	}
 	st := p.state()
-	if st.Status != Stopped {
-		if st.Status == Running {
-			return State{}, fmt.Errorf("process %s is running: %w", p.c.id, errdefs.ErrFailedPrecondition)
+	if st.GetStatus() != api.Status_STOPPED {
+		if st.GetStatus() == api.Status_RUNNING {
+			return nil, fmt.Errorf("process %s is running: %w", p.c.id, errdefs.ErrFailedPrecondition)
 		}
 		// Created, never started: end it first.
 		p.kill(128+int(unix.SIGKILL), false)
 		<-p.done
 		st = p.state()
 	}
-	if r.ExecID != "" {
+	if r.GetExecId() != "" {
 		c.mu.Lock()
-		delete(c.execs, r.ExecID)
+		delete(c.execs, r.GetExecId())
 		c.mu.Unlock()
 		p.stdio.close()
 		return st, nil
@@ -484,7 +551,7 @@ func (h *Host) Delete(r Ref) (State, error) {
 // runs in it first. It releases a container once, however many deletes
 // race for it; the others wait for that one.
 func (h *Host) deleteContainer(c *container, force bool) error {
-	if !force && c.init != nil && c.init.state().Status == Running {
+	if !force && c.init != nil && c.init.state().GetStatus() == api.Status_RUNNING {
 		return fmt.Errorf("wasm container %s is running: %w", c.id, errdefs.ErrFailedPrecondition)
 	}
 	c.deleteOnce.Do(func() {
@@ -496,7 +563,7 @@ func (h *Host) deleteContainer(c *container, force bool) error {
 			procs = append(procs, c.init)
 		}
 		for _, p := range procs {
-			if p.state().Status != Stopped {
+			if !p.stopped() {
 				p.kill(128+int(unix.SIGKILL), false)
 			}
 		}
@@ -522,7 +589,7 @@ func (h *Host) deleteContainer(c *container, force bool) error {
 const stuckTimeout = 10 * time.Second
 
 // CloseStdin closes a process's stdin (once the daemon's writer is gone).
-func (h *Host) CloseStdin(r Ref) error {
+func (h *Host) CloseStdin(r *api.ProcessRef) error {
 	_, p, err := h.process(r)
 	if err != nil {
 		return err
@@ -532,58 +599,58 @@ func (h *Host) CloseStdin(r Ref) error {
 }
 
 // Update changes a container's limits.
-func (h *Host) Update(req UpdateRequest) error {
-	c, err := h.container(req.ID)
+func (h *Host) Update(req *api.UpdateRequest) error {
+	c, err := h.container(req.GetRef().GetId(), req.GetRef().GetBoot())
 	if err != nil {
 		return err
 	}
-	c.acc.setLimit(req.Limits.MemoryBytes)
+	c.acc.setLimit(req.GetLimits().GetMemoryBytes())
 	if c.cg != nil {
-		return c.cg.set(req.Limits)
+		return c.cg.set(req.GetLimits())
 	}
 	return nil
 }
 
 // Stats reports a container's memory and CPU.
-func (h *Host) Stats(r Ref) (Stats, error) {
-	c, err := h.container(r.ID)
+func (h *Host) Stats(r *api.ProcessRef) (*api.ContainerStats, error) {
+	c, err := h.container(r.GetId(), r.GetBoot())
 	if err != nil {
-		return Stats{}, err
+		return nil, err
 	}
-	var s Stats
+	s := &api.ContainerStats{}
 	s.MemoryBytes, s.MemoryMax, s.MemoryLimit = c.acc.usage()
 	if s.MemoryLimit == 0 {
 		_, _, s.MemoryLimit = c.acc.parent.usage()
 	}
-	if c.init.state().Exit != nil && c.init.state().Exit.OOM {
-		s.OOMKills = 1
+	if c.init.state().GetExit().GetOom() {
+		s.OomKills = 1
 	}
 	// One source for the life of the container, so that its counters only
 	// grow: its cgroup when that accounts, else its threads' times.
-	if c.cg == nil || !c.cg.cpuStats(&s) {
+	if c.cg == nil || !c.cg.cpuStats(s) {
 		for _, p := range append([]*process{c.init}, c.execList()...) {
 			t := p.cpuTime()
-			s.CPUUserNanos += uint64(t.user)
-			s.CPUSystemNanos += uint64(t.system)
+			s.CpuUserNanos += uint64(t.user)
+			s.CpuSystemNanos += uint64(t.system)
 		}
 	}
 	return s, nil
 }
 
 // List reports the processes of a pod, or of every pod.
-func (h *Host) List(podName string) []State {
-	var out []State
+func (h *Host) List(podName string) []*api.ProcessState {
+	var out []*api.ProcessState
 	for _, c := range h.containersOf(podName) {
-		out = append(out, c.init.state())
+		out = append(out, c.state())
 		for _, e := range c.execList() {
 			out = append(out, e.state())
 		}
 	}
 	sort.Slice(out, func(i, j int) bool {
-		if out[i].ID != out[j].ID {
-			return out[i].ID < out[j].ID
+		if out[i].GetId() != out[j].GetId() {
+			return out[i].GetId() < out[j].GetId()
 		}
-		return out[i].ExecID < out[j].ExecID
+		return out[i].GetExecId() < out[j].GetExecId()
 	})
 	return out
 }
@@ -601,10 +668,16 @@ func (h *Host) ReleasePod(podName string) error {
 }
 
 // HostStats reports node-wide figures.
-func (h *Host) HostStats() HostStats {
+func (h *Host) HostStats() *api.HostStatsResponse {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return HostStats{Containers: len(h.containers), Pods: len(h.pods), Modules: h.engine.count()}
+	return &api.HostStatsResponse{
+		Containers: int32(len(h.containers)),
+		Pods:       int32(len(h.pods)),
+		Modules:    int32(h.engine.count()),
+		Compiling:  h.engine.compiling.Load(),
+		OpenFiles:  h.files.open.Load(),
+	}
 }
 
 // runningChanged keeps a processor for every running module: a module's

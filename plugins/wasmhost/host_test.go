@@ -3,7 +3,6 @@ package wasmhost
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // The main goroutine stays on the main thread, so that no container thread
@@ -67,6 +68,11 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	return newFixtureWith(t, Options{KeepModules: 2})
+}
+
+func newFixtureWith(t *testing.T, o Options) *fixture {
+	t.Helper()
 	needRoot(t)
 	dir := t.TempDir()
 	root := filepath.Join(dir, "rootfs")
@@ -94,7 +100,7 @@ func newFixture(t *testing.T) *fixture {
 	if err := unix.Mknod(filepath.Join(root, "devzero"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 5))); err != nil {
 		t.Fatal(err)
 	}
-	h, err := NewHost(context.Background(), Options{KeepModules: 2})
+	h, err := NewHost(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,44 +130,68 @@ func hostMounts(t *testing.T, dir string) string {
 	return strings.Join(out, "\n")
 }
 
-// run creates and starts a container running the app with args, and
-// returns its id and the path of its output file.
-func (f *fixture) create(mutate func(*CreateRequest), args ...string) (*CreateRequest, string, error) {
+// request is a container running the app with args, with mutate applied,
+// and the path of its output file.
+func (f *fixture) request(mutate func(*api.CreateRequest), args ...string) (*api.CreateRequest, string) {
 	f.n++
 	out := filepath.Join(f.dir, fmt.Sprintf("out-%d", f.n))
-	req := &CreateRequest{
-		ID:        fmt.Sprintf("c%d", f.n),
+	req := &api.CreateRequest{
+		Id:        f.lastID(),
 		Pod:       "pod",
 		RootfsDir: f.root,
-		Process: Process{
+		Limits:    &api.Limits{},
+		Process: &api.Process{
 			Args:  append([]string{"/app/app.wasm"}, args...),
 			Env:   []string{"FOO=bar"},
-			Stdio: Stdio{Stdout: "file://" + out, Stderr: "file://" + out},
+			Stdio: &api.Stdio{Stdout: "file://" + out, Stderr: "file://" + out},
 		},
 	}
 	if mutate != nil {
 		mutate(req)
 	}
+	return req, out
+}
+
+// lastID is the id of the container request made last.
+func (f *fixture) lastID() string { return fmt.Sprintf("c%d", f.n) }
+
+// create creates a container running the app with args.
+func (f *fixture) create(mutate func(*api.CreateRequest), args ...string) (*api.CreateRequest, string, error) {
+	req, out := f.request(mutate, args...)
 	_, err := f.h.Create(context.Background(), req)
 	return req, out, err
 }
 
-func (f *fixture) run(mutate func(*CreateRequest), args ...string) (Exit, string) {
+// waitOutput waits until the output file has a line containing s.
+func (f *fixture) waitOutput(out, s string) string {
+	f.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(out)
+		if strings.Contains(string(b), s) {
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("output has no %q:\n%s", s, b)
+		}
+	}
+}
+
+func (f *fixture) run(mutate func(*api.CreateRequest), args ...string) (*api.Exit, string) {
 	f.t.Helper()
 	req, out, err := f.create(mutate, args...)
 	if err != nil {
 		f.t.Fatalf("create %v: %v", args, err)
 	}
-	if _, err := f.h.Start(Ref{ID: req.ID}); err != nil {
+	if _, err := f.h.Start(&api.ProcessRef{Id: req.Id}); err != nil {
 		f.t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	e, err := f.h.Wait(ctx, Ref{ID: req.ID})
+	e, err := f.h.Wait(ctx, &api.ProcessRef{Id: req.Id})
 	if err != nil {
 		f.t.Fatalf("wait %v: %v", args, err)
 	}
-	if _, err := f.h.Delete(Ref{ID: req.ID}); err != nil {
+	if _, err := f.h.Delete(&api.ProcessRef{Id: req.Id}); err != nil {
 		f.t.Fatal(err)
 	}
 	b, _ := os.ReadFile(out)
@@ -173,7 +203,7 @@ func TestRun(t *testing.T) {
 	tests := []struct {
 		name   string
 		args   []string
-		mutate func(*CreateRequest)
+		mutate func(*api.CreateRequest)
 		status int
 		want   string
 	}{
@@ -181,28 +211,28 @@ func TestRun(t *testing.T) {
 		{name: "env", args: []string{"env"}, want: "FOO=bar"},
 		{name: "exit code", args: []string{"exit", "3"}, status: 3, want: "exiting with 3"},
 		{name: "rootfs", args: []string{"cat", "/etc/hostname"}, want: "wasm-pod"},
-		{name: "cwd", args: []string{"hello"}, mutate: func(r *CreateRequest) { r.Process.Cwd = "/app" }, want: "cwd=/app"},
+		{name: "cwd", args: []string{"hello"}, mutate: func(r *api.CreateRequest) { r.Process.Cwd = "/app" }, want: "cwd=/app"},
 		{name: "write", args: []string{"write", "/data/x", "y"}, want: "wrote /data/x"},
-		{name: "read-only rootfs", args: []string{"write", "/data/x", "y"}, mutate: func(r *CreateRequest) { r.Readonly = true },
+		{name: "read-only rootfs", args: []string{"write", "/data/x", "y"}, mutate: func(r *api.CreateRequest) { r.Readonly = true },
 			status: 1, want: "read-only file system"},
 		{name: "trap", args: []string{"trap"}, status: statusTrap, want: "kuasar-wasm: the module trapped"},
-		{name: "memory limit", args: []string{"hog", "8"}, mutate: func(r *CreateRequest) { r.Limits.MemoryBytes = 48 << 20 },
+		{name: "memory limit", args: []string{"hog", "8"}, mutate: func(r *api.CreateRequest) { r.Limits = &api.Limits{MemoryBytes: 48 << 20} },
 			status: statusOOM, want: "allocated MiB: 16"},
-		{name: "pod memory limit", args: []string{"hog", "8"}, mutate: func(r *CreateRequest) { r.PodMemoryBytes = 40 << 20; r.Pod = "small" },
+		{name: "pod memory limit", args: []string{"hog", "8"}, mutate: func(r *api.CreateRequest) { r.PodMemoryBytes = 40 << 20; r.Pod = "small" },
 			status: statusOOM, want: "allocated MiB: 8"},
-		{name: "user", args: []string{"write", "/app/x", "y"}, mutate: func(r *CreateRequest) { r.Process.User = &User{UID: 1000, GID: 1000} },
+		{name: "user", args: []string{"write", "/app/x", "y"}, mutate: func(r *api.CreateRequest) { r.Process.User = &api.User{Uid: 1000, Gid: 1000} },
 			status: 1, want: "permission denied"},
-		{name: "user may write where allowed", args: []string{"write", "/data/by-user", "y"}, mutate: func(r *CreateRequest) { r.Process.User = &User{UID: 1000, GID: 1000} },
+		{name: "user may write where allowed", args: []string{"write", "/data/by-user", "y"}, mutate: func(r *api.CreateRequest) { r.Process.User = &api.User{Uid: 1000, Gid: 1000} },
 			want: "wrote /data/by-user"},
 		{name: "device nodes do nothing", args: []string{"cat", "/devzero"}, status: 1, want: "permission denied"},
 		{name: "root with the capabilities it keeps", args: []string{"write", "/sealed/x", "y"}, status: 0, want: "wrote /sealed/x"},
 		{name: "root without CAP_DAC_OVERRIDE", args: []string{"write", "/sealed/y", "y"}, status: 1, want: "permission denied",
-			mutate: func(r *CreateRequest) {
-				r.Process.Capabilities = &Capabilities{Bounding: []string{"CAP_CHOWN"}, Effective: []string{"CAP_CHOWN"}}
+			mutate: func(r *api.CreateRequest) {
+				r.Process.Capabilities = &api.Capabilities{Bounding: []string{"CAP_CHOWN"}, Effective: []string{"CAP_CHOWN"}}
 			}},
 		{name: "hostile poll_oneoff", args: []string{"poll-overflow"}, want: "poll_oneoff errno 28"},
 		{name: "a FIFO in the image does not hang the module", args: []string{"cat", "/fifo"}}, // reads as empty: no writer
-		{name: "PATH lookup", args: []string{"echo", "found"}, mutate: func(r *CreateRequest) {
+		{name: "PATH lookup", args: []string{"echo", "found"}, mutate: func(r *api.CreateRequest) {
 			r.Process.Args[0] = "app"
 			r.Process.Env = append(r.Process.Env, "PATH=/app")
 		}, want: "found"},
@@ -210,10 +240,10 @@ func TestRun(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e, out := f.run(tt.mutate, tt.args...)
-			if e.Status != tt.status || !strings.Contains(strings.ToLower(out), strings.ToLower(tt.want)) {
-				t.Fatalf("status %d (want %d), reason %q, output:\n%s\nwant it to contain %q", e.Status, tt.status, e.Reason, out, tt.want)
+			if int(e.GetStatus()) != tt.status || !strings.Contains(strings.ToLower(out), strings.ToLower(tt.want)) {
+				t.Fatalf("status %d (want %d), reason %q, output:\n%s\nwant it to contain %q", e.GetStatus(), tt.status, e.GetReason(), out, tt.want)
 			}
-			if tt.status == statusOOM && !e.OOM {
+			if tt.status == statusOOM && !e.GetOom() {
 				t.Fatalf("exit %+v not marked OOM", e)
 			}
 		})
@@ -240,8 +270,8 @@ func TestMounts(t *testing.T) {
 	if err := os.Symlink(f.dir, filepath.Join(f.root, "hostdir")); err != nil {
 		t.Fatal(err)
 	}
-	mounts := func(r *CreateRequest) {
-		r.Mounts = []Mount{
+	mounts := func(r *api.CreateRequest) {
+		r.Mounts = []*api.Mount{
 			{Type: "bind", Source: src, Destination: "/mnt/vol", Options: []string{"rbind", "ro"}},
 			{Type: "bind", Source: hosts, Destination: "/etc/hosts", Options: []string{"rbind"}},
 			{Type: "bind", Source: src, Destination: "/escape/vol2", Options: []string{"rbind"}},
@@ -264,8 +294,8 @@ func TestMounts(t *testing.T) {
 		{[]string{"ls", "/proc"}, 1, "no such file"},
 	} {
 		e, out := f.run(mounts, tc.args...)
-		if e.Status != tc.status || !strings.Contains(strings.ToLower(out), tc.want) {
-			t.Errorf("%v: status %d (want %d), output:\n%s\nwant %q", tc.args, e.Status, tc.status, out, tc.want)
+		if int(e.GetStatus()) != tc.status || !strings.Contains(strings.ToLower(out), tc.want) {
+			t.Errorf("%v: status %d (want %d), output:\n%s\nwant %q", tc.args, e.GetStatus(), tc.status, out, tc.want)
 		}
 	}
 	if _, err := os.Stat(filepath.Join(f.root, "vol2")); err != nil {
@@ -276,7 +306,7 @@ func TestMounts(t *testing.T) {
 func TestKill(t *testing.T) {
 	f := newFixture(t)
 	for _, args := range [][]string{{"loop"}, {"sleep"}, {"stdin"}} {
-		req, _, err := f.create(func(r *CreateRequest) {
+		req, _, err := f.create(func(r *api.CreateRequest) {
 			if args[0] == "stdin" {
 				fifo := filepath.Join(f.dir, "stdin")
 				_ = os.Remove(fifo)
@@ -289,16 +319,16 @@ func TestKill(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ref := Ref{ID: req.ID}
+		ref := &api.ProcessRef{Id: req.Id}
 		if _, err := f.h.Start(ref); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(300 * time.Millisecond)
-		if st, _ := f.h.State(ref); st.Status != Running {
+		if st, _ := f.h.State(ref); st.GetStatus() != api.Status_RUNNING {
 			t.Fatalf("%v: %+v, want running", args, st)
 		}
 		begin := time.Now()
-		if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+		if err := f.h.Kill(&api.KillRequest{Ref: ref, Signal: int32(unix.SIGTERM)}); err != nil {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -307,11 +337,11 @@ func TestKill(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%v did not stop on SIGTERM: %v", args, err)
 		}
-		if e.Status != 128+int(unix.SIGTERM) {
-			t.Errorf("%v: status %d, want %d", args, e.Status, 128+int(unix.SIGTERM))
+		if int(e.GetStatus()) != 128+int(unix.SIGTERM) {
+			t.Errorf("%v: status %d, want %d", args, e.GetStatus(), 128+int(unix.SIGTERM))
 		}
 		t.Logf("%v stopped in %v", args, time.Since(begin))
-		if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGKILL)}); !errdefs.IsNotFound(err) {
+		if err := f.h.Kill(&api.KillRequest{Ref: ref, Signal: int32(unix.SIGKILL)}); !errdefs.IsNotFound(err) {
 			t.Errorf("killing a stopped process: %v, want not found", err)
 		}
 		if _, err := f.h.Delete(ref); err != nil {
@@ -326,33 +356,33 @@ func TestExec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := Ref{ID: req.ID}
+	ref := &api.ProcessRef{Id: req.Id}
 	if _, err := f.h.Start(ref); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(f.dir, "exec-out")
-	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e1", Process: Process{
-		Args: []string{"/app/app.wasm", "cat", "/etc/hostname"}, Stdio: Stdio{Stdout: "file://" + out},
+	if _, err := f.h.Exec(context.Background(), &api.ExecRequest{Id: req.Id, ExecId: "e1", Process: &api.Process{
+		Args: []string{"/app/app.wasm", "cat", "/etc/hostname"}, Stdio: &api.Stdio{Stdout: "file://" + out},
 	}}); err != nil {
 		t.Fatal(err)
 	}
-	eref := Ref{ID: req.ID, ExecID: "e1"}
+	eref := &api.ProcessRef{Id: req.Id, ExecId: "e1"}
 	if _, err := f.h.Start(eref); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	e, err := f.h.Wait(ctx, eref)
-	if err != nil || e.Status != 0 {
+	if err != nil || e.GetStatus() != 0 {
 		t.Fatalf("exec: %+v %v", e, err)
 	}
 	if b, _ := os.ReadFile(out); string(b) != "wasm-pod\n" {
 		t.Fatalf("exec output %q", b)
 	}
-	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e2", Process: Process{Args: []string{"sh"}}}); !errdefs.IsNotFound(err) {
+	if _, err := f.h.Exec(context.Background(), &api.ExecRequest{Id: req.Id, ExecId: "e2", Process: &api.Process{Args: []string{"sh"}}}); !errdefs.IsNotFound(err) {
 		t.Errorf("exec of a non-module: %v, want not found", err)
 	}
-	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGKILL), All: true}); err != nil {
+	if err := f.h.Kill(&api.KillRequest{Ref: ref, Signal: int32(unix.SIGKILL), All: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.h.Wait(ctx, ref); err != nil {
@@ -384,29 +414,24 @@ func TestCreateErrors(t *testing.T) {
 		{"/text.wasm", errdefs.IsInvalidArgument, "not a WebAssembly module"},
 		{"/imports.wasm", errdefs.IsInvalidArgument, "env.foo"},
 	} {
-		_, _, err := f.create(func(r *CreateRequest) { r.Process.Args = []string{tc.module} })
+		_, _, err := f.create(func(r *api.CreateRequest) { r.Process.Args = []string{tc.module} })
 		if err == nil || !tc.is(err) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error with %q", tc.module, err, tc.want)
 		}
 	}
-	if n := f.h.HostStats().Containers; n != 0 {
+	if n := f.h.HostStats().GetContainers(); n != 0 {
 		t.Errorf("%d containers left after failed creates", n)
-	}
-	// Errors keep their class across the wire.
-	err := decodeError(encodeError(fmt.Errorf("x: %w", errdefs.ErrNotFound)).Error())
-	if !errdefs.IsNotFound(err) || errors.Is(err, errdefs.ErrInvalidArgument) {
-		t.Errorf("decoded %v", err)
 	}
 }
 
 func TestListen(t *testing.T) {
 	f := newFixture(t)
 	addr := "127.0.0.1:18931"
-	req, out, err := f.create(func(r *CreateRequest) { r.Listen = []string{addr} }, "serve")
+	req, out, err := f.create(func(r *api.CreateRequest) { r.Listen = []string{addr} }, "serve")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := Ref{ID: req.ID}
+	ref := &api.ProcessRef{Id: req.Id}
 	if _, err := f.h.Start(ref); err != nil {
 		t.Fatal(err)
 	}
@@ -439,11 +464,11 @@ func TestListen(t *testing.T) {
 	begin = time.Now()
 	time.Sleep(2 * time.Second)
 	s2, _ := f.h.Stats(ref)
-	used := time.Duration(s2.CPUUserNanos + s2.CPUSystemNanos - s1.CPUUserNanos - s1.CPUSystemNanos)
+	used := time.Duration(s2.GetCpuUserNanos() + s2.GetCpuSystemNanos() - s1.GetCpuUserNanos() - s1.GetCpuSystemNanos())
 	if share := float64(used) / float64(time.Since(begin)); share > 0.5 {
 		t.Errorf("an idle server used %v of CPU in %v", used, time.Since(begin))
 	}
-	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+	if err := f.h.Kill(&api.KillRequest{Ref: ref, Signal: int32(unix.SIGTERM)}); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -467,18 +492,18 @@ func TestExecEndsWithInit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := Ref{ID: req.ID}
+	ref := &api.ProcessRef{Id: req.Id}
 	if _, err := f.h.Start(ref); err != nil {
 		t.Fatal(err)
 	}
-	eref := Ref{ID: req.ID, ExecID: "e"}
-	if _, err := f.h.Exec(context.Background(), &ExecRequest{ID: req.ID, ExecID: "e", Process: Process{Args: []string{"/app/app.wasm", "sleep"}}}); err != nil {
+	eref := &api.ProcessRef{Id: req.Id, ExecId: "e"}
+	if _, err := f.h.Exec(context.Background(), &api.ExecRequest{Id: req.Id, ExecId: "e", Process: &api.Process{Args: []string{"/app/app.wasm", "sleep"}}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.h.Start(eref); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.h.Kill(KillRequest{Ref: ref, Signal: int(unix.SIGTERM)}); err != nil {
+	if err := f.h.Kill(&api.KillRequest{Ref: ref, Signal: int32(unix.SIGTERM)}); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -496,19 +521,19 @@ func TestExecEndsWithInit(t *testing.T) {
 
 func TestConcurrentDeletes(t *testing.T) {
 	f := newFixture(t)
-	var reqs []*CreateRequest
+	var reqs []*api.CreateRequest
 	for i := 0; i < 2; i++ {
-		req, _, err := f.create(func(r *CreateRequest) { r.PodMemoryBytes = 512 << 20 }, "sleep")
+		req, _, err := f.create(func(r *api.CreateRequest) { r.PodMemoryBytes = 512 << 20 }, "sleep")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := f.h.Start(Ref{ID: req.ID}); err != nil {
+		if _, err := f.h.Start(&api.ProcessRef{Id: req.Id}); err != nil {
 			t.Fatal(err)
 		}
 		reqs = append(reqs, req)
 	}
-	gone := Ref{ID: reqs[0].ID}
-	if err := f.h.Kill(KillRequest{Ref: gone, Signal: int(unix.SIGKILL)}); err != nil {
+	gone := &api.ProcessRef{Id: reqs[0].Id}
+	if err := f.h.Kill(&api.KillRequest{Ref: gone, Signal: int32(unix.SIGKILL)}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.h.Wait(context.Background(), gone); err != nil {
@@ -529,13 +554,13 @@ func TestConcurrentDeletes(t *testing.T) {
 			t.Errorf("delete: %v", err)
 		}
 	}
-	if st := f.h.HostStats(); st.Containers != 1 || st.Pods != 1 {
+	if st := f.h.HostStats(); st.GetContainers() != 1 || st.GetPods() != 1 {
 		t.Fatalf("after deleting one of two containers: %+v", st)
 	}
 	if err := f.h.ReleasePod("pod"); err != nil {
 		t.Fatal(err)
 	}
-	if st := f.h.HostStats(); st.Containers != 0 || st.Pods != 0 {
+	if st := f.h.HostStats(); st.GetContainers() != 0 || st.GetPods() != 0 {
 		t.Fatalf("after releasing the pod: %+v", st)
 	}
 }
@@ -558,7 +583,7 @@ func TestClientReconnects(t *testing.T) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			_ = h.Serve(ctx, l.UnixListener)
+			_ = h.Serve(ctx, l)
 			l.Close()
 			h.Close(context.Background())
 		}()
@@ -579,7 +604,7 @@ func TestClientReconnects(t *testing.T) {
 	if err != nil {
 		t.Fatalf("call after the host came back: %v", err)
 	}
-	if boot := c.Boot(); boot == first.Boot || st.Containers != 0 {
+	if boot := c.Boot(); boot == first.GetBoot() || st.GetContainers() != 0 {
 		t.Fatalf("still on the old host (%s), or stats %+v", boot, st)
 	}
 }

@@ -13,8 +13,10 @@ import (
 
 	capability "github.com/containerd/containerd/v2/pkg/cap"
 	"github.com/containerd/errdefs"
-	securejoin "github.com/cyphar/filepath-securejoin"
+	pathrs "github.com/cyphar/filepath-securejoin/pathrs-lite"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // The functions here run on a container's locked OS thread. They change
@@ -37,15 +39,15 @@ func (iso *isolation) close() {
 // holds only the container's root file system and mounts (the host's are
 // detached from it, so it pins none of them), makes that its root, and
 // joins the pod's network namespace.
-func isolateInit(req *CreateRequest) (_ *isolation, retErr error) {
-	root := req.RootfsDir
+func isolateInit(req *api.CreateRequest) (_ *isolation, retErr error) {
+	root := req.GetRootfsDir()
 	if !filepath.IsAbs(root) {
 		return nil, fmt.Errorf("rootfs dir %q is not absolute: %w", root, errdefs.ErrInvalidArgument)
 	}
 	var netns *os.File
-	if req.NetNS != "" {
+	if req.GetNetns() != "" {
 		var err error
-		if netns, err = os.Open(req.NetNS); err != nil {
+		if netns, err = os.Open(req.GetNetns()); err != nil {
 			return nil, fmt.Errorf("pod network namespace: %w", err)
 		}
 		defer netns.Close()
@@ -57,11 +59,11 @@ func isolateInit(req *CreateRequest) (_ *isolation, retErr error) {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return nil, fmt.Errorf("making mounts private: %w", err)
 	}
-	if len(req.Rootfs) > 0 {
+	if len(req.GetRootfs()) > 0 {
 		if err := os.MkdirAll(root, 0o711); err != nil {
 			return nil, err
 		}
-		for _, m := range req.Rootfs {
+		for _, m := range req.GetRootfs() {
 			if err := mountAt(m, root); err != nil {
 				return nil, fmt.Errorf("mounting rootfs: %w", err)
 			}
@@ -72,19 +74,24 @@ func isolateInit(req *CreateRequest) (_ *isolation, retErr error) {
 	if err := unix.Mount(root, root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return nil, fmt.Errorf("binding rootfs: %w", err)
 	}
-	for _, m := range req.Mounts {
-		if err := mountInRoot(root, m); err != nil {
+	rootDir, err := os.OpenFile(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening rootfs: %w", err)
+	}
+	defer rootDir.Close()
+	for _, m := range req.GetMounts() {
+		if err := mountInRoot(rootDir, m); err != nil {
 			return nil, err
 		}
 	}
 	// No device node or set-user-ID bit of the image has any effect: the
 	// module runs on a thread of a root process, outside any device cgroup.
 	rootFlags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NODEV | unix.MS_NOSUID)
-	if req.Readonly {
+	if req.GetReadonly() {
 		rootFlags |= unix.MS_RDONLY
 	}
 	if err := unix.Mount("", root, "", rootFlags, ""); err != nil {
-		return nil, fmt.Errorf("remounting rootfs (nodev, nosuid, read-only: %v): %w", req.Readonly, err)
+		return nil, fmt.Errorf("remounting rootfs (nodev, nosuid, read-only: %v): %w", req.GetReadonly(), err)
 	}
 	mntns, err := os.Open("/proc/thread-self/ns/mnt")
 	if err != nil {
@@ -104,7 +111,7 @@ func isolateInit(req *CreateRequest) (_ *isolation, retErr error) {
 			return nil, fmt.Errorf("joining pod network namespace: %w", err)
 		}
 	}
-	return iso, chdir(req.Process.Cwd)
+	return iso, chdir(req.GetProcess().GetCwd())
 }
 
 // pivotInto makes root the root of the thread's mount namespace and
@@ -175,11 +182,11 @@ var skipTypes = map[string]bool{
 }
 
 // skipMount reports whether a CRI mount is left out of a Wasm container.
-func skipMount(m Mount) bool {
-	if skipTypes[m.Type] {
+func skipMount(m *api.Mount) bool {
+	if skipTypes[m.GetType()] {
 		return true
 	}
-	dest := path.Clean("/" + m.Destination)
+	dest := path.Clean("/" + m.GetDestination())
 	if dest == "/dev" {
 		return true
 	}
@@ -191,84 +198,143 @@ func skipMount(m Mount) bool {
 	return false
 }
 
-// mountInRoot mounts a CRI mount at its destination inside root, resolving
-// the destination as if root were "/" (symlinks in the image cannot lead
-// out of it).
-func mountInRoot(root string, m Mount) error {
+// mountInRoot mounts a CRI mount at its destination inside root. The
+// destination is resolved, and made when missing, through handles
+// (securejoin's pathrs-lite): every component is resolved as if root were
+// "/", and a symlink swapped into a volume meanwhile (by a container that
+// shares it) cannot redirect it out of root. The mount is attached to the
+// handle, never to a path looked up again.
+func mountInRoot(root *os.File, m *api.Mount) error {
 	if skipMount(m) {
 		return nil
 	}
-	if m.Destination == "" || !path.IsAbs(m.Destination) {
-		return fmt.Errorf("mount destination %q must be absolute: %w", m.Destination, errdefs.ErrInvalidArgument)
+	dest := m.GetDestination()
+	if dest == "" || !path.IsAbs(dest) {
+		return fmt.Errorf("mount destination %q must be absolute: %w", dest, errdefs.ErrInvalidArgument)
 	}
-	dest, err := securejoin.SecureJoin(root, m.Destination)
-	if err != nil {
-		return fmt.Errorf("mount destination %q: %w: %w", m.Destination, err, errdefs.ErrInvalidArgument)
-	}
-	flags, data := mountFlags(m.Options)
-	bind := flags&unix.MS_BIND != 0 || m.Type == "bind"
-	if bind {
-		st, err := os.Stat(m.Source)
+	o := parseMountOptions(m.GetOptions())
+	if o.bind || m.GetType() == "bind" {
+		// The source is the host's (CRI's), named by path as CRI gave it;
+		// held open from here on, so what is checked is what is mounted.
+		src, err := os.OpenFile(m.GetSource(), unix.O_PATH|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return fmt.Errorf("mount source: %w: %w", err, errdefs.ErrInvalidArgument)
 		}
-		if err := makeMountPoint(dest, st.IsDir()); err != nil {
-			return fmt.Errorf("mount point %s: %w", m.Destination, err)
+		defer src.Close()
+		st, err := src.Stat()
+		if err != nil {
+			return fmt.Errorf("mount source: %w: %w", err, errdefs.ErrInvalidArgument)
 		}
-		bflags := uintptr(unix.MS_BIND) | flags&unix.MS_REC
-		if err := unix.Mount(m.Source, dest, "", bflags, ""); err != nil {
-			return fmt.Errorf("binding %s at %s: %w", m.Source, m.Destination, err)
+		target, err := mountPoint(root, dest, st.IsDir())
+		if err != nil {
+			return fmt.Errorf("mount point %s: %w", dest, err)
 		}
-		rest := flags&^(unix.MS_BIND|unix.MS_REC) | unix.MS_NODEV | unix.MS_NOSUID
-		if err := unix.Mount("", dest, "", unix.MS_REMOUNT|unix.MS_BIND|rest, ""); err != nil {
-			return fmt.Errorf("remounting %s: %w", m.Destination, err)
+		defer target.Close()
+		if err := bindAt(src, target, o); err != nil {
+			return fmt.Errorf("binding %s at %s: %w", m.GetSource(), dest, err)
 		}
 		return nil
 	}
-	if m.Type != "tmpfs" {
+	if m.GetType() != "tmpfs" {
 		return fmt.Errorf("mount type %q at %s is not supported by kuasar-wasm (bind and tmpfs are): %w",
-			m.Type, m.Destination, errdefs.ErrInvalidArgument)
+			m.GetType(), dest, errdefs.ErrInvalidArgument)
 	}
-	if err := makeMountPoint(dest, true); err != nil {
-		return fmt.Errorf("mount point %s: %w", m.Destination, err)
+	target, err := mountPoint(root, dest, true)
+	if err != nil {
+		return fmt.Errorf("mount point %s: %w", dest, err)
 	}
-	if err := unix.Mount("tmpfs", dest, "tmpfs", flags|unix.MS_NODEV|unix.MS_NOSUID, strings.Join(data, ",")); err != nil {
-		return fmt.Errorf("mounting tmpfs at %s: %w", m.Destination, err)
+	defer target.Close()
+	if err := unix.Mount("tmpfs", procFD(target), "tmpfs", o.flags|unix.MS_NODEV|unix.MS_NOSUID, strings.Join(o.data, ",")); err != nil {
+		return fmt.Errorf("mounting tmpfs at %s: %w", dest, err)
 	}
 	return nil
 }
 
-func makeMountPoint(dest string, dir bool) error {
+// procFD names an open file by its descriptor, for calls that take a path.
+func procFD(f *os.File) string { return "/proc/self/fd/" + strconv.Itoa(int(f.Fd())) }
+
+// mountPoint opens (making it if missing) the directory or file dest inside
+// root, resolving every component inside root.
+func mountPoint(root *os.File, dest string, dir bool) (*os.File, error) {
 	if dir {
-		return os.MkdirAll(dest, 0o755)
+		return pathrs.MkdirAllHandle(root, dest, 0o755)
 	}
-	if err := os.MkdirAll(filepath.Dir(dest), 0o755); err != nil {
-		return err
+	if f, err := pathrs.OpenatInRoot(root, dest); err == nil {
+		return f, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
 	}
-	f, err := os.OpenFile(dest, os.O_CREATE|os.O_RDONLY, 0o644)
+	parent, err := pathrs.MkdirAllHandle(root, path.Dir(path.Clean(dest)), 0o755)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return f.Close()
+	defer parent.Close()
+	name := path.Base(path.Clean(dest))
+	fd, err := unix.Openat(int(parent.Fd()), name, unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_RDONLY|unix.O_CLOEXEC, 0o644)
+	if errors.Is(err, unix.EEXIST) {
+		// Made meanwhile: resolve it again, inside root.
+		return pathrs.OpenatInRoot(root, dest)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), dest), nil
+}
+
+// bindAt binds src onto the mount point target: a detached copy of src's
+// mount (with its submounts for rbind) is made, its attributes set
+// (nodev and nosuid always, and for every submount too; read-only, of the
+// top mount for "ro", of every submount for "rro"), and only then attached
+// at target.
+func bindAt(src, target *os.File, o mountOptions) error {
+	flags := uint(unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC | unix.AT_EMPTY_PATH)
+	if o.recursive {
+		flags |= unix.AT_RECURSIVE
+	}
+	tree, err := unix.OpenTree(int(src.Fd()), "", flags)
+	if err != nil {
+		return fmt.Errorf("open_tree: %w", err)
+	}
+	defer unix.Close(tree)
+	all := o.attr | unix.MOUNT_ATTR_NODEV | unix.MOUNT_ATTR_NOSUID
+	if o.recursiveReadonly {
+		all |= unix.MOUNT_ATTR_RDONLY
+	}
+	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: all}); err != nil {
+		return fmt.Errorf("mount_setattr: %w", err)
+	}
+	if o.readonly && !o.recursiveReadonly {
+		if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
+			return fmt.Errorf("mount_setattr (read-only): %w", err)
+		}
+	}
+	if err := unix.MoveMount(tree, "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move_mount: %w", err)
+	}
+	return nil
 }
 
 // mountAt mounts a rootfs mount (as containerd hands it over) at target.
-func mountAt(m Mount, target string) error {
-	flags, data := mountFlags(m.Options)
-	if m.Type == "bind" || flags&unix.MS_BIND != 0 {
-		if err := unix.Mount(m.Source, target, "", unix.MS_BIND|flags&unix.MS_REC, ""); err != nil {
+func mountAt(m *api.Mount, target string) error {
+	o := parseMountOptions(m.GetOptions())
+	if m.GetType() == "bind" || o.bind {
+		rec := uintptr(0)
+		if o.recursive {
+			rec = unix.MS_REC
+		}
+		if err := unix.Mount(m.GetSource(), target, "", unix.MS_BIND|rec, ""); err != nil {
 			return err
 		}
-		if flags&unix.MS_RDONLY != 0 {
+		if o.readonly {
 			return unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, "")
 		}
 		return nil
 	}
-	opts := strings.Join(data, ",")
-	if len(opts) >= unix.Getpagesize() && m.Type == "overlay" {
+	opts := strings.Join(o.data, ",")
+	if len(opts) >= unix.Getpagesize() && m.GetType() == "overlay" {
 		// Too long for the kernel: the thread has its own working
 		// directory, so the layers can be named relative to it.
-		dir, short, err := shortenLowerdirs(data)
+		dir, short, err := shortenLowerdirs(o.data)
 		if err != nil {
 			return err
 		}
@@ -278,7 +344,7 @@ func mountAt(m Mount, target string) error {
 		defer unix.Chdir("/")
 		opts = strings.Join(short, ",")
 	}
-	return unix.Mount(m.Source, target, m.Type, flags, opts)
+	return unix.Mount(m.GetSource(), target, m.GetType(), o.flags, opts)
 }
 
 // shortenLowerdirs rewrites overlay options relative to the common parent
@@ -325,38 +391,70 @@ func shortenLowerdirs(data []string) (string, []string, error) {
 	return common, out, nil
 }
 
-// mountFlags splits mount options into flags and file system data.
-func mountFlags(options []string) (uintptr, []string) {
-	set := map[string]uintptr{
-		"ro": unix.MS_RDONLY, "rro": unix.MS_RDONLY, "nosuid": unix.MS_NOSUID, "nodev": unix.MS_NODEV,
-		"noexec": unix.MS_NOEXEC, "sync": unix.MS_SYNCHRONOUS, "dirsync": unix.MS_DIRSYNC,
-		"noatime": unix.MS_NOATIME, "nodiratime": unix.MS_NODIRATIME, "relatime": unix.MS_RELATIME,
-		"strictatime": unix.MS_STRICTATIME, "bind": unix.MS_BIND, "rbind": unix.MS_BIND | unix.MS_REC,
+// mountOptions are OCI mount options, as the host applies them.
+type mountOptions struct {
+	// flags and data are for mount(2) (tmpfs, rootfs mounts).
+	flags uintptr
+	data  []string
+	// For binds: bind is set by "bind" and "rbind", recursive by "rbind";
+	// readonly by "ro" (the top mount) and recursiveReadonly by "rro"
+	// (every submount too); attr are the other MOUNT_ATTR_* flags.
+	bind, recursive             bool
+	readonly, recursiveReadonly bool
+	attr                        uint64
+}
+
+// parseMountOptions splits mount options into flags, attributes and file
+// system data.
+func parseMountOptions(options []string) mountOptions {
+	type opt struct {
+		flag uintptr
+		attr uint64
+	}
+	set := map[string]opt{
+		"ro": {unix.MS_RDONLY, 0}, "rro": {unix.MS_RDONLY, 0},
+		"nosuid": {unix.MS_NOSUID, unix.MOUNT_ATTR_NOSUID}, "nodev": {unix.MS_NODEV, unix.MOUNT_ATTR_NODEV},
+		"noexec": {unix.MS_NOEXEC, unix.MOUNT_ATTR_NOEXEC}, "sync": {unix.MS_SYNCHRONOUS, 0}, "dirsync": {unix.MS_DIRSYNC, 0},
+		"noatime": {unix.MS_NOATIME, unix.MOUNT_ATTR_NOATIME}, "nodiratime": {unix.MS_NODIRATIME, unix.MOUNT_ATTR_NODIRATIME},
+		"relatime": {unix.MS_RELATIME, unix.MOUNT_ATTR_RELATIME}, "strictatime": {unix.MS_STRICTATIME, unix.MOUNT_ATTR_STRICTATIME},
+		"bind": {unix.MS_BIND, 0}, "rbind": {unix.MS_BIND | unix.MS_REC, 0},
 	}
 	ignore := map[string]bool{
 		"rw": true, "suid": true, "dev": true, "exec": true, "async": true, "atime": true, "diratime": true,
 		"norelatime": true, "private": true, "rprivate": true, "shared": true, "rshared": true,
 		"slave": true, "rslave": true, "unbindable": true, "runbindable": true, "defaults": true,
 	}
-	var flags uintptr
-	var data []string
-	for _, o := range options {
-		if f, ok := set[o]; ok {
-			flags |= f
-		} else if !ignore[o] && !strings.HasPrefix(o, "X-") {
-			data = append(data, o)
+	var o mountOptions
+	for _, name := range options {
+		f, ok := set[name]
+		switch {
+		case ok:
+			o.flags |= f.flag
+			o.attr |= f.attr
+		case !ignore[name] && !strings.HasPrefix(name, "X-"):
+			o.data = append(o.data, name)
+		}
+		switch name {
+		case "bind":
+			o.bind = true
+		case "rbind":
+			o.bind, o.recursive = true, true
+		case "ro":
+			o.readonly = true
+		case "rro":
+			o.readonly, o.recursiveReadonly = true, true
 		}
 	}
-	return flags, data
+	return o
 }
 
 // setCredentials makes the calling thread, and only it, run as u with
 // caps: its file accesses are then checked as that user's, with only the
 // capabilities the container keeps (none when it is not root). Go's own
 // setuid functions would change every thread of the host.
-func setCredentials(u *User, caps *Capabilities) error {
+func setCredentials(u *api.User, caps *api.Capabilities) error {
 	if caps != nil {
-		keep, err := capMask(caps.Bounding)
+		keep, err := capMask(caps.GetBounding())
 		if err != nil {
 			return err
 		}
@@ -369,7 +467,7 @@ func setCredentials(u *User, caps *Capabilities) error {
 		}
 	}
 	if u != nil {
-		groups := u.AdditionalGids
+		groups := u.GetAdditionalGids()
 		var ptr unsafe.Pointer
 		if len(groups) > 0 {
 			ptr = unsafe.Pointer(&groups[0])
@@ -377,18 +475,18 @@ func setCredentials(u *User, caps *Capabilities) error {
 		if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, uintptr(len(groups)), uintptr(ptr), 0); e != 0 {
 			return fmt.Errorf("setting supplementary groups: %w", e)
 		}
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u.GID), uintptr(u.GID), uintptr(u.GID)); e != 0 {
-			return fmt.Errorf("setting gid %d: %w", u.GID, e)
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u.GetGid()), uintptr(u.GetGid()), uintptr(u.GetGid())); e != 0 {
+			return fmt.Errorf("setting gid %d: %w", u.GetGid(), e)
 		}
 		// From root to another user, the kernel clears the thread's
 		// capabilities.
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.UID), uintptr(u.UID), uintptr(u.UID)); e != 0 {
-			return fmt.Errorf("setting uid %d: %w", u.UID, e)
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.GetUid()), uintptr(u.GetUid()), uintptr(u.GetUid())); e != 0 {
+			return fmt.Errorf("setting uid %d: %w", u.GetUid(), e)
 		}
 	}
-	if caps != nil && (u == nil || u.UID == 0) {
+	if caps != nil && u.GetUid() == 0 {
 		var sets [3]uint64
-		for i, names := range [][]string{caps.Effective, caps.Permitted, caps.Inheritable} {
+		for i, names := range [][]string{caps.GetEffective(), caps.GetPermitted(), caps.GetInheritable()} {
 			m, err := capMask(names)
 			if err != nil {
 				return err
@@ -398,7 +496,7 @@ func setCredentials(u *User, caps *Capabilities) error {
 		// As the OCI runtimes: what is effective is permitted too, and
 		// nothing outside the bounding set is inheritable.
 		sets[1] |= sets[0]
-		if bounding, err := capMask(caps.Bounding); err == nil {
+		if bounding, err := capMask(caps.GetBounding()); err == nil {
 			sets[2] &= bounding
 		}
 		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}

@@ -19,12 +19,15 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/tetratelabs/wazero"
-	"github.com/tetratelabs/wazero/api"
+	wapi "github.com/tetratelabs/wazero/api"
 	"github.com/tetratelabs/wazero/experimental"
 	"github.com/tetratelabs/wazero/experimental/sock"
 	"github.com/tetratelabs/wazero/experimental/sysfs"
 	"github.com/tetratelabs/wazero/sys"
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // Exit statuses the host reports besides a module's own exit code.
@@ -46,8 +49,10 @@ type process struct {
 	h      *Host
 	c      *container
 	execID string
-	spec   Process
+	spec   *api.Process
 	stdio  *stdio
+	env    *environ
+	files  *rootFS
 
 	start  chan struct{} // closed by Start
 	killed chan struct{} // closed by the first kill
@@ -63,8 +68,8 @@ type process struct {
 
 	mu        sync.Mutex
 	tid       int
-	status    Status
-	exit      *Exit
+	status    api.Status
+	exit      *api.Exit
 	killCode  int
 	oom       bool
 	cpu       cpuTimes // of the thread, once it has exited
@@ -74,7 +79,7 @@ type process struct {
 
 type cpuTimes struct{ user, system time.Duration }
 
-func newProcess(h *Host, c *container, execID string, spec Process) *process {
+func newProcess(h *Host, c *container, execID string, spec *api.Process) *process {
 	return &process{
 		h:      h,
 		c:      c,
@@ -83,33 +88,93 @@ func newProcess(h *Host, c *container, execID string, spec Process) *process {
 		start:  make(chan struct{}),
 		killed: make(chan struct{}),
 		done:   make(chan struct{}),
-		status: Created,
+		status: api.Status_CREATED,
 		wake:   -1,
 	}
 }
 
-func (p *process) state() State {
+func (p *process) state() *api.ProcessState {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	st := State{ID: p.c.id, ExecID: p.execID, Pod: p.c.pod, Pid: p.tid, Status: p.status}
+	st := &api.ProcessState{Id: p.c.id, ExecId: p.execID, Pod: p.c.pod, Pid: int32(p.tid), Status: p.status, Boot: p.h.boot}
 	if p.exit != nil {
-		e := *p.exit
-		st.Exit = &e
+		st.Exit = cloneExit(p.exit)
 	}
 	return st
 }
 
+func cloneExit(e *api.Exit) *api.Exit {
+	return &api.Exit{Status: e.Status, ExitedAt: e.ExitedAt, Oom: e.Oom, Reason: e.Reason}
+}
+
+// stopped reports whether the process has stopped.
+func (p *process) stopped() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.status == api.Status_STOPPED
+}
+
+func newExit(status int, reason string) *api.Exit {
+	return &api.Exit{Status: int32(status), ExitedAt: timestamppb.Now(), Reason: reason}
+}
+
 // instance is what a thread prepares before the process starts.
 type instance struct {
-	mod    api.Module
+	mod    wapi.Module
 	module *compiled
 	alloc  *allocator
 }
 
+// handoff passes the outcome of a thread's preparation to the call that
+// created the process, or, once that call has given up (its deadline
+// passed), tells the thread to undo its work itself.
+type handoff struct {
+	mu        sync.Mutex
+	ready     chan struct{}
+	err       error
+	delivered bool
+	abandoned bool
+}
+
+// deliver hands the outcome over; it returns false if the caller has given
+// up, in which case the thread must undo what it made.
+func (o *handoff) deliver(err error) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.abandoned {
+		return false
+	}
+	o.err, o.delivered = err, true
+	close(o.ready)
+	return true
+}
+
+// wait returns the outcome, or errAbandoned once ctx is done first: the
+// thread then undoes its work when it gets there.
+func (o *handoff) wait(ctx context.Context) error {
+	select {
+	case <-o.ready:
+		return o.err
+	case <-ctx.Done():
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.delivered {
+		return o.err
+	}
+	o.abandoned = true
+	return fmt.Errorf("%w: %w", errAbandoned, ctx.Err())
+}
+
+// errAbandoned is a creation given up on before the process was ready.
+var errAbandoned = errors.New("given up before the process was ready")
+
 // spawn starts the process's thread: isolate runs first on it, then the
 // module is instantiated. It returns once the process is created (or failed
-// to be); the thread then waits for Start.
-func (p *process) spawn(isolate func() error, module func() (*compiled, error)) error {
+// to be); the thread then waits for Start. When ctx is done first, spawn
+// returns an error wrapping errAbandoned and the thread stops at its next
+// step, releases what it made and calls undo.
+func (p *process) spawn(ctx context.Context, isolate func() error, module func(context.Context) (*compiled, error), undo func()) error {
 	if p.stdio.pollable() {
 		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 		if err != nil {
@@ -117,12 +182,12 @@ func (p *process) spawn(isolate func() error, module func() (*compiled, error)) 
 		}
 		p.wake = fd
 	}
-	created := make(chan error, 1)
-	go p.thread(isolate, module, created)
-	return <-created
+	o := &handoff{ready: make(chan struct{})}
+	go p.thread(ctx, isolate, module, o, undo)
+	return o.wait(ctx)
 }
 
-func (p *process) thread(isolate func() error, module func() (*compiled, error), created chan<- error) {
+func (p *process) thread(ctx context.Context, isolate func() error, module func(context.Context) (*compiled, error), o *handoff, undo func()) {
 	// The thread is changed for this container; it must never run anything
 	// else. Not unlocking makes it end with this goroutine.
 	runtime.LockOSThread()
@@ -130,20 +195,31 @@ func (p *process) thread(isolate func() error, module func() (*compiled, error),
 	if tid == unix.Getpid() {
 		// The main thread cannot end with its goroutine, and what it is
 		// would be what /proc/self shows: it must stay the host's.
-		created <- errors.New("wasm host bug: a container thread landed on the main thread; the program must lock its main goroutine to it (runtime.LockOSThread in init)")
+		err := errors.New("wasm host bug: a container thread landed on the main thread; the program must lock its main goroutine to it (runtime.LockOSThread in init)")
+		p.finish(nil, newExit(255, err.Error()))
+		if !o.deliver(err) {
+			go undo()
+		}
 		return
 	}
 	p.mu.Lock()
 	p.tid = tid
 	p.mu.Unlock()
 
-	inst, err := p.prepare(isolate, module)
+	inst, err := p.prepare(ctx, isolate, module)
 	if err != nil {
-		p.finish(nil, Exit{Status: 255, At: time.Now(), Reason: err.Error()})
-		created <- err
+		p.finish(nil, newExit(255, err.Error()))
+		if !o.deliver(err) {
+			go undo() // once this thread is gone (it holds the cgroup)
+		}
 		return
 	}
-	created <- nil
+	if !o.deliver(nil) {
+		log.G(ctx).WithField("container", p.c.id).WithField("exec", p.execID).Info("wasm process created after its creation was given up; removing it")
+		p.finish(inst, newExit(255, "creation given up"))
+		go undo()
+		return
+	}
 
 	select {
 	case <-p.start:
@@ -159,8 +235,8 @@ func (p *process) thread(isolate func() error, module func() (*compiled, error),
 }
 
 // prepare isolates the thread and instantiates the module, without running
-// it.
-func (p *process) prepare(isolate func() error, module func() (*compiled, error)) (inst *instance, retErr error) {
+// it. It stops between steps once ctx is done.
+func (p *process) prepare(ctx context.Context, isolate func() error, module func(context.Context) (*compiled, error)) (inst *instance, retErr error) {
 	defer func() {
 		if r := recover(); r != nil {
 			retErr = fmt.Errorf("preparing the module failed: %v", r)
@@ -177,7 +253,15 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 		return nil, err
 	}
 	t1 := time.Now()
-	m, err := module()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	env, err := newEnviron(ctx, p.spec.GetEnv(), p.spec.GetCwd())
+	if err != nil {
+		return nil, err
+	}
+	p.env = env
+	m, err := module(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -192,16 +276,19 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 			p.h.engine.release(m)
 		}
 	}()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	inst.alloc = &allocator{acc: p.c.acc, overLimit: func() {
 		// Recorded now: the module may exit on its own right after its
 		// failed growth, and must still be reported killed for memory.
 		p.markKilled(statusOOM, true)
 		go p.kill(statusOOM, true)
 	}}
-	ctx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
-	if len(p.c.req.Listen) > 0 && p.execID == "" {
+	ictx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
+	if listen := p.c.req.GetListen(); len(listen) > 0 && p.execID == "" {
 		cfg := sock.NewConfig()
-		for _, addr := range p.c.req.Listen {
+		for _, addr := range listen {
 			host, port, err := net.SplitHostPort(addr)
 			if err != nil {
 				return nil, fmt.Errorf("listen address %q: %w: %w", addr, err, errdefs.ErrInvalidArgument)
@@ -212,50 +299,42 @@ func (p *process) prepare(isolate func() error, module func() (*compiled, error)
 			}
 			cfg = cfg.WithTCPListener(host, n)
 		}
-		ctx = sock.WithConfig(ctx, cfg)
+		ictx = sock.WithConfig(ictx, cfg)
 	}
-	mod, err := p.h.engine.rt.InstantiateModule(ctx, m.cm, p.moduleConfig())
+	// The container's user and capabilities before anything of the module
+	// is made: its listening sockets are bound with them (a port below
+	// 1024 needs what it would need in a process of that user), and what
+	// it opens is checked as theirs.
+	if err := setCredentials(p.spec.GetUser(), p.spec.GetCapabilities()); err != nil {
+		return nil, err
+	}
+	p.files = newRootFS(p.h.files)
+	mod, err := p.h.engine.rt.InstantiateModule(ictx, m.cm, p.moduleConfig())
 	if err != nil {
 		inst.alloc.release()
+		p.files.release()
+		if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+			return nil, fmt.Errorf("instantiating module: %v: %w", err, errdefs.ErrPermissionDenied)
+		}
 		return nil, fmt.Errorf("instantiating module: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	inst.mod = mod
-	// Last, once its sockets are bound and its module read: the thread
-	// takes the container's user and capabilities.
-	if err := setCredentials(p.spec.User, p.spec.Capabilities); err != nil {
-		_ = mod.Close(context.Background())
-		inst.alloc.release()
-		return nil, err
-	}
 	return inst, nil
 }
 
+// moduleConfig is the instance's configuration. The environment is not in
+// it: wazero's WithEnv copies the whole environment at each call, which
+// makes a large one quadratic; the host's environ_get serves p.env instead.
 func (p *process) moduleConfig() wazero.ModuleConfig {
 	cfg := wazero.NewModuleConfig().
 		WithName("").
 		WithStartFunctions(). // _start runs at Start
-		WithArgs(p.spec.Args...).
+		WithArgs(p.spec.GetArgs()...).
 		WithSysWalltime().
 		WithSysNanotime().
 		WithNanosleep(p.nanosleep).
 		WithRandSource(rand.Reader).
-		WithFSConfig(wazero.NewFSConfig().(sysfs.FSConfig).WithSysFSMount(newRootFS(), "/"))
-	pwd := false
-	for _, kv := range p.spec.Env {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			cfg = cfg.WithEnv(k, v)
-			pwd = pwd || k == "PWD"
-		}
-	}
-	if !pwd {
-		// WASI has no working directory; its toolchains (Go's among them)
-		// take it from PWD, as a shell would set it.
-		cwd := p.spec.Cwd
-		if cwd == "" {
-			cwd = "/"
-		}
-		cfg = cfg.WithEnv("PWD", cwd)
-	}
+		WithFSConfig(wazero.NewFSConfig().(sysfs.FSConfig).WithSysFSMount(p.files, "/"))
 	if in := p.stdio.stdinReader(); in != nil {
 		cfg = cfg.WithStdin(in)
 	}
@@ -304,7 +383,7 @@ func (p *process) run(inst *instance) (err error) {
 func (p *process) markKilled(code int, oom bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.killCode == 0 && p.status != Stopped {
+	if p.killCode == 0 && p.status != api.Status_STOPPED {
 		p.killCode, p.oom = code, oom
 	}
 }
@@ -313,7 +392,7 @@ func (p *process) markKilled(code int, oom bool) {
 func (p *process) kill(code int, oom bool) {
 	p.markKilled(code, oom)
 	p.mu.Lock()
-	if p.status == Stopped {
+	if p.status == api.Status_STOPPED {
 		p.mu.Unlock()
 		return
 	}
@@ -333,26 +412,25 @@ func (p *process) kill(code int, oom bool) {
 }
 
 // exitOf turns what _start returned into an exit.
-func (p *process) exitOf(err error) Exit {
+func (p *process) exitOf(err error) *api.Exit {
 	if e, killed := p.killExit(); killed {
 		return e
 	}
-	now := time.Now()
 	var ee *sys.ExitError
 	switch {
 	case err == nil:
-		return Exit{Status: 0, At: now}
+		return newExit(0, "")
 	case errors.As(err, &ee):
-		return Exit{Status: int(ee.ExitCode() & 0xff), At: now}
+		return newExit(int(ee.ExitCode()&0xff), "")
 	default:
 		msg := err.Error()
 		p.stdio.report("kuasar-wasm: the module trapped: " + msg)
-		return Exit{Status: statusTrap, At: now, Reason: "trap: " + firstLine(msg)}
+		return newExit(statusTrap, "trap: "+firstLine(msg))
 	}
 }
 
 // killExit is the exit of a killed process, if it was killed.
-func (p *process) killExit() (Exit, bool) {
+func (p *process) killExit() (*api.Exit, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
@@ -361,11 +439,13 @@ func (p *process) killExit() (Exit, bool) {
 		if _, _, limit := p.c.acc.usage(); limit != 0 {
 			reason = fmt.Sprintf("OOMKilled: linear memory would grow past the container's limit of %d bytes", limit)
 		}
-		return Exit{Status: statusOOM, At: time.Now(), OOM: true, Reason: reason}, true
+		e := newExit(statusOOM, reason)
+		e.Oom = true
+		return e, true
 	case p.killCode != 0:
-		return Exit{Status: p.killCode, At: time.Now()}, true
+		return newExit(p.killCode, ""), true
 	}
-	return Exit{}, false
+	return nil, false
 }
 
 func firstLine(s string) string {
@@ -375,7 +455,7 @@ func firstLine(s string) string {
 
 // finish records the exit and releases the instance; it runs on the
 // process's thread, so nothing else uses the instance any more.
-func (p *process) finish(inst *instance, e Exit) {
+func (p *process) finish(inst *instance, e *api.Exit) {
 	if inst != nil {
 		if inst.mod != nil {
 			if err := inst.mod.Close(context.Background()); err != nil {
@@ -387,6 +467,9 @@ func (p *process) finish(inst *instance, e Exit) {
 		}
 		p.h.engine.release(inst.module)
 	}
+	if p.files != nil {
+		p.files.release()
+	}
 	var ru unix.Rusage
 	_ = unix.Getrusage(unix.RUSAGE_THREAD, &ru)
 	p.stdio.closeOutputs()
@@ -396,8 +479,8 @@ func (p *process) finish(inst *instance, e Exit) {
 	}
 	p.mu.Lock()
 	p.cpu = cpuTimes{user: time.Duration(ru.Utime.Nano()), system: time.Duration(ru.Stime.Nano())}
-	p.status = Stopped
-	p.exit = &e
+	p.status = api.Status_STOPPED
+	p.exit = e
 	p.mu.Unlock()
 	close(p.done)
 	if p.execID == "" {
@@ -412,7 +495,7 @@ func (p *process) finish(inst *instance, e Exit) {
 // cpuTime returns the CPU time of the process's thread so far.
 func (p *process) cpuTime() cpuTimes {
 	p.mu.Lock()
-	tid, stopped, cpu := p.tid, p.status == Stopped, p.cpu
+	tid, stopped, cpu := p.tid, p.status == api.Status_STOPPED, p.cpu
 	p.mu.Unlock()
 	if stopped || tid == 0 {
 		return cpu
@@ -434,10 +517,11 @@ func (p *process) cpuTime() cpuTimes {
 
 // loadFromRootfs reads the module named by arg0 inside the (already
 // entered) container root, looking it up on PATH like a shell would when it
-// has no slash.
-func loadFromRootfs(arg0 string, env []string) ([]byte, error) {
+// has no slash. The code's bytes are held in the engine's budget until the
+// returned release is called.
+func (e *engine) loadFromRootfs(ctx context.Context, arg0 string, env []string) ([]byte, func(), error) {
 	if arg0 == "" {
-		return nil, fmt.Errorf("no module to run: the container's command is empty: %w", errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("no module to run: the container's command is empty: %w", errdefs.ErrInvalidArgument)
 	}
 	candidates := []string{arg0}
 	if !strings.Contains(arg0, "/") {
@@ -455,48 +539,59 @@ func loadFromRootfs(arg0 string, env []string) ([]byte, error) {
 		}
 	}
 	for _, c := range candidates {
-		code, err := readModule(c)
+		code, release, err := e.readModule(ctx, c)
 		if errors.Is(err, errNotModuleFile) {
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if !bytes.HasPrefix(code, []byte("\x00asm")) {
-			return nil, fmt.Errorf("%s is not a WebAssembly module (kuasar-wasm runs WASI modules only): %w", c, errdefs.ErrInvalidArgument)
+			release()
+			return nil, nil, fmt.Errorf("%s is not a WebAssembly module (kuasar-wasm runs WASI modules only): %w", c, errdefs.ErrInvalidArgument)
 		}
-		return code, nil
+		return code, release, nil
 	}
-	return nil, fmt.Errorf("module %q not found in the container's rootfs (nor a Wasm layer in its image): %w", arg0, errdefs.ErrNotFound)
+	return nil, nil, fmt.Errorf("module %q not found in the container's rootfs (nor a Wasm layer in its image): %w", arg0, errdefs.ErrNotFound)
 }
 
 var errNotModuleFile = errors.New("not a regular file")
 
 // readModule reads a module file: opened once, without blocking (it may be
 // a FIFO, swapped in by a running container), checked to be a regular file
-// on that descriptor, and read no further than MaxModuleSize.
-func readModule(path string) ([]byte, error) {
+// on that descriptor, read no further than MaxModuleSize, and only once its
+// size fits in the engine's memory budget, which holds it until release.
+func (e *engine) readModule(ctx context.Context, path string) (_ []byte, release func(), retErr error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, errNotModuleFile
+		return nil, nil, errNotModuleFile
 	}
 	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil || !st.Mode().IsRegular() {
-		return nil, errNotModuleFile
+		return nil, nil, errNotModuleFile
 	}
 	if st.Size() > MaxModuleSize {
-		return nil, fmt.Errorf("module %s is %d bytes, over the limit of %d: %w", path, st.Size(), MaxModuleSize, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("module %s is %d bytes, over the limit of %d: %w", path, st.Size(), MaxModuleSize, errdefs.ErrInvalidArgument)
 	}
-	code, err := io.ReadAll(io.LimitReader(f, MaxModuleSize+1))
+	if release, err = e.reserve(ctx, st.Size()); err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			release()
+		}
+	}()
+	// No more than reserved: a file that grows meanwhile is refused.
+	code, err := io.ReadAll(io.LimitReader(f, st.Size()+1))
 	if err != nil {
-		return nil, fmt.Errorf("reading module %s: %w", path, err)
+		return nil, nil, fmt.Errorf("reading module %s: %w", path, err)
 	}
-	if len(code) > MaxModuleSize {
-		return nil, fmt.Errorf("module %s grew over the limit of %d bytes: %w", path, MaxModuleSize, errdefs.ErrInvalidArgument)
+	if int64(len(code)) > st.Size() {
+		return nil, nil, fmt.Errorf("module %s grew while it was read: %w", path, errdefs.ErrInvalidArgument)
 	}
-	return code, nil
+	return code, release, nil
 }
 
 // stdio holds a process's standard streams. Output FIFOs are held open
@@ -509,7 +604,7 @@ type stdio struct {
 	mu                   sync.Mutex
 }
 
-func openStdio(s Stdio) (_ *stdio, retErr error) {
+func openStdio(s *api.Stdio) (_ *stdio, retErr error) {
 	st := &stdio{}
 	defer func() {
 		if retErr != nil {
@@ -517,8 +612,8 @@ func openStdio(s Stdio) (_ *stdio, retErr error) {
 		}
 	}()
 	var err error
-	if s.Stdin != "" {
-		p := strings.TrimPrefix(s.Stdin, "file://")
+	if in := s.GetStdin(); in != "" {
+		p := strings.TrimPrefix(in, "file://")
 		if st.in, err = os.OpenFile(p, os.O_RDONLY|unix.O_NONBLOCK, 0); err != nil {
 			return nil, fmt.Errorf("opening stdin: %w", err)
 		}
@@ -529,15 +624,15 @@ func openStdio(s Stdio) (_ *stdio, retErr error) {
 			}
 		}
 	}
-	if st.out, err = openOutput(s.Stdout); err != nil {
+	if st.out, err = openOutput(s.GetStdout()); err != nil {
 		return nil, err
 	}
 	switch {
-	case s.Terminal || s.Stderr == s.Stdout:
+	case s.GetTerminal() || s.GetStderr() == s.GetStdout():
 		// With a terminal both streams go to its one output.
 		st.err = st.out
 	default:
-		if st.err, err = openOutput(s.Stderr); err != nil {
+		if st.err, err = openOutput(s.GetStderr()); err != nil {
 			return nil, err
 		}
 	}

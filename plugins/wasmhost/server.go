@@ -3,17 +3,15 @@ package wasmhost
 import (
 	"context"
 	"fmt"
-	"net"
-	"net/rpc"
-	"net/rpc/jsonrpc"
 	"os"
-	"runtime/debug"
-	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
+	"github.com/kuasar-io/containerd-kuasar/plugins/wasmhost/api"
 )
 
 // Listen serves the host's socket, one host per socket (a lock file guards
@@ -22,13 +20,15 @@ func Listen(socket string) (*unixsock.Listener, error) {
 	return unixsock.Listen("unix", socket)
 }
 
-// Serve answers clients on l until ctx is done or the host has been idle
-// (no containers) for its idle time.
-func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
-	srv := rpc.NewServer()
-	if err := srv.RegisterName(serviceName, &service{h: h, ctx: ctx}); err != nil {
+// Serve answers clients on l (ttrpc, same user only) until ctx is done or
+// the host has been idle (no containers) for its idle time. Clients see
+// the host go as soon as it stops serving: their connections are closed.
+func (h *Host) Serve(ctx context.Context, l *unixsock.Listener) error {
+	srv, err := unixsock.NewServer("wasm host")
+	if err != nil {
 		return err
 	}
+	api.RegisterWasmHostService(srv, &service{h: h})
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go h.collectSockets(ctx)
@@ -50,124 +50,78 @@ func (h *Host) Serve(ctx context.Context, l *net.UnixListener) error {
 			}
 		}()
 	}
-	// Clients see the host go as soon as it stops serving.
-	var connsMu sync.Mutex
-	conns := map[*net.UnixConn]struct{}{}
-	defer func() {
-		connsMu.Lock()
-		defer connsMu.Unlock()
-		for c := range conns {
-			c.Close()
-		}
-	}()
-	unixsock.Accept(ctx, l, "wasm host", func(c *net.UnixConn) {
-		connsMu.Lock()
-		conns[c] = struct{}{}
-		connsMu.Unlock()
-		go func() {
-			srv.ServeCodec(jsonrpc.NewServerCodec(c))
-			connsMu.Lock()
-			delete(conns, c)
-			connsMu.Unlock()
-		}()
-	})
-	return nil
+	// The listener's lock stays held until the caller closes l, once
+	// every module is gone: no second host serves meanwhile.
+	return unixsock.Serve(ctx, srv, l.UnixListener)
 }
 
-// service exposes a Host over net/rpc. Its methods follow net/rpc's shape;
-// errors keep their containerd class across the wire.
+// service is the host's ttrpc API. Each call's context carries the
+// client's deadline; errors keep their errdefs class (unixsock.NewServer).
 type service struct {
-	h   *Host
-	ctx context.Context
+	h *Host
 }
 
-// guard turns a panic in a call into its error: a bug met by one call
-// must not end the host, and every Wasm container with it.
-func guard(err *error) {
-	if r := recover(); r != nil {
-		log.L.WithField("panic", r).WithField("stack", string(debug.Stack())).Error("wasm host call panicked")
-		*err = fmt.Errorf("wasm host internal error: %v", r)
+var _ api.WasmHostService = (*service)(nil)
+
+func (s *service) Hello(_ context.Context, r *api.HelloRequest) (*api.HelloResponse, error) {
+	if r.GetVersion() != ProtocolVersion {
+		return nil, fmt.Errorf("wasm host speaks protocol %d, the client %d: %w", ProtocolVersion, r.GetVersion(), errdefs.ErrFailedPrecondition)
 	}
+	return &api.HelloResponse{Version: ProtocolVersion, Pid: int32(os.Getpid()), Boot: s.h.boot}, nil
 }
 
-func (s *service) Hello(_ *Empty, r *HelloReply) error {
-	*r = HelloReply{Version: ProtocolVersion, Pid: os.Getpid(), Boot: s.h.boot}
-	return nil
-}
-
-func (s *service) Create(req *CreateRequest, r *State) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Create(s.ctx, req)
+func (s *service) Create(ctx context.Context, r *api.CreateRequest) (*api.ProcessState, error) {
+	st, err := s.h.Create(ctx, r)
 	if err != nil {
-		log.G(s.ctx).WithError(err).WithField("container", req.ID).Info("wasm container not created")
+		log.G(ctx).WithError(err).WithField("container", r.GetId()).Info("wasm container not created")
 	}
-	return encodeError(err)
+	return st, err
 }
 
-func (s *service) Exec(req *ExecRequest, r *State) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Exec(s.ctx, req)
-	return encodeError(err)
+func (s *service) Exec(ctx context.Context, r *api.ExecRequest) (*api.ProcessState, error) {
+	return s.h.Exec(ctx, r)
 }
 
-func (s *service) Start(req *Ref, r *State) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Start(*req)
-	return encodeError(err)
+func (s *service) Start(_ context.Context, r *api.ProcessRef) (*api.ProcessState, error) {
+	return s.h.Start(r)
 }
 
-func (s *service) Wait(req *Ref, r *Exit) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Wait(s.ctx, *req)
-	return encodeError(err)
+func (s *service) Wait(ctx context.Context, r *api.ProcessRef) (*api.Exit, error) {
+	return s.h.Wait(ctx, r)
 }
 
-func (s *service) State(req *Ref, r *State) (err error) {
-	defer guard(&err)
-	*r, err = s.h.State(*req)
-	return encodeError(err)
+func (s *service) State(_ context.Context, r *api.ProcessRef) (*api.ProcessState, error) {
+	return s.h.State(r)
 }
 
-func (s *service) Kill(req *KillRequest, _ *Empty) (err error) {
-	defer guard(&err)
-	return encodeError(s.h.Kill(*req))
+func (s *service) Kill(_ context.Context, r *api.KillRequest) (*emptypb.Empty, error) {
+	return &emptypb.Empty{}, s.h.Kill(r)
 }
 
-func (s *service) Delete(req *Ref, r *State) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Delete(*req)
-	return encodeError(err)
+func (s *service) Delete(_ context.Context, r *api.ProcessRef) (*api.ProcessState, error) {
+	return s.h.Delete(r)
 }
 
-func (s *service) CloseStdin(req *Ref, _ *Empty) (err error) {
-	defer guard(&err)
-	return encodeError(s.h.CloseStdin(*req))
+func (s *service) CloseStdin(_ context.Context, r *api.ProcessRef) (*emptypb.Empty, error) {
+	return &emptypb.Empty{}, s.h.CloseStdin(r)
 }
 
-func (s *service) Update(req *UpdateRequest, _ *Empty) (err error) {
-	defer guard(&err)
-	return encodeError(s.h.Update(*req))
+func (s *service) Update(_ context.Context, r *api.UpdateRequest) (*emptypb.Empty, error) {
+	return &emptypb.Empty{}, s.h.Update(r)
 }
 
-func (s *service) Stats(req *Ref, r *Stats) (err error) {
-	defer guard(&err)
-	*r, err = s.h.Stats(*req)
-	return encodeError(err)
+func (s *service) Stats(_ context.Context, r *api.ProcessRef) (*api.ContainerStats, error) {
+	return s.h.Stats(r)
 }
 
-func (s *service) List(req *PodRequest, r *[]State) (err error) {
-	defer guard(&err)
-	*r = s.h.List(req.Pod)
-	return nil
+func (s *service) List(_ context.Context, r *api.PodRef) (*api.ListResponse, error) {
+	return &api.ListResponse{Processes: s.h.List(r.GetPod())}, nil
 }
 
-func (s *service) ReleasePod(req *PodRequest, _ *Empty) (err error) {
-	defer guard(&err)
-	return encodeError(s.h.ReleasePod(req.Pod))
+func (s *service) ReleasePod(_ context.Context, r *api.PodRef) (*emptypb.Empty, error) {
+	return &emptypb.Empty{}, s.h.ReleasePod(r.GetPod())
 }
 
-func (s *service) HostStats(_ *Empty, r *HostStats) (err error) {
-	defer guard(&err)
-	*r = s.h.HostStats()
-	return nil
+func (s *service) HostStats(context.Context, *emptypb.Empty) (*api.HostStatsResponse, error) {
+	return s.h.HostStats(), nil
 }

@@ -3,7 +3,12 @@ package wasmhost
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
+	"math"
+	"strings"
 	"time"
+
+	"github.com/containerd/errdefs"
 
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/api"
@@ -12,7 +17,9 @@ import (
 )
 
 // instantiateWASI provides WASI preview 1 to every module of rt: wazero's
-// implementation, with poll_oneoff replaced by pollOneoff.
+// implementation, with poll_oneoff replaced by pollOneoff, and environ_get
+// and environ_sizes_get by the host's own, which serve the process's
+// environment as it was built once (see environ).
 func instantiateWASI(ctx context.Context, rt wazero.Runtime) error {
 	b := rt.NewHostModuleBuilder(wasi_snapshot_preview1.ModuleName)
 	wasi_snapshot_preview1.NewFunctionExporter().ExportFunctions(b)
@@ -21,8 +28,123 @@ func instantiateWASI(ctx context.Context, rt wazero.Runtime) error {
 		WithGoModuleFunction(api.GoModuleFunc(pollOneoff), []api.ValueType{i32, i32, i32, i32}, []api.ValueType{i32}).
 		WithParameterNames("in", "out", "nsubscriptions", "result.nevents").
 		Export("poll_oneoff")
+	b.NewFunctionBuilder().
+		WithGoModuleFunction(api.GoModuleFunc(environSizesGet), []api.ValueType{i32, i32}, []api.ValueType{i32}).
+		WithParameterNames("result.environc", "result.environv_len").
+		Export("environ_sizes_get")
+	b.NewFunctionBuilder().
+		WithGoModuleFunction(api.GoModuleFunc(environGet), []api.ValueType{i32, i32}, []api.ValueType{i32}).
+		WithParameterNames("environ", "environ_buf").
+		Export("environ_get")
 	_, err := b.Instantiate(ctx)
 	return err
+}
+
+// environ is a process's environment as WASI hands it to the module:
+// "key=value" entries, each NUL-terminated in the module's memory.
+type environ struct {
+	entries [][]byte
+	size    uint64 // bytes of every entry and its NUL
+}
+
+// environCheckEvery is how many variables newEnviron handles between two
+// looks at its context.
+const environCheckEvery = 1024
+
+// newEnviron builds a process's environment in time linear in its size:
+// later values of a name replace earlier ones (in the earlier one's
+// place), entries without "=" are left out, and PWD is the working
+// directory unless set (WASI has no working directory; its toolchains, Go's
+// among them, take it from PWD, as a shell would set it). It stops once
+// ctx is done.
+func newEnviron(ctx context.Context, env []string, cwd string) (*environ, error) {
+	e := &environ{entries: make([][]byte, 0, len(env)+1)}
+	index := make(map[string]int, len(env))
+	add := func(k, v string) {
+		entry := []byte(k + "=" + v)
+		if i, ok := index[k]; ok {
+			e.size -= uint64(len(e.entries[i])) + 1
+			e.entries[i] = entry
+		} else {
+			index[k] = len(e.entries)
+			e.entries = append(e.entries, entry)
+		}
+		e.size += uint64(len(entry)) + 1
+	}
+	for i, kv := range env {
+		if i%environCheckEvery == 0 {
+			if err := ctx.Err(); err != nil {
+				return nil, fmt.Errorf("building the environment: %w", err)
+			}
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			continue
+		}
+		if k == "" || strings.IndexByte(kv, 0) >= 0 {
+			return nil, fmt.Errorf("environment variable %q: an empty name or a NUL byte: %w", firstN(kv, 64), errdefs.ErrInvalidArgument)
+		}
+		add(k, v)
+	}
+	if _, ok := index["PWD"]; !ok {
+		if cwd == "" {
+			cwd = "/"
+		}
+		add("PWD", cwd)
+	}
+	if e.size > math.MaxUint32 || uint64(len(e.entries))*4 > math.MaxUint32 {
+		return nil, fmt.Errorf("the environment is too large for a WebAssembly module (%d bytes): %w", e.size, errdefs.ErrInvalidArgument)
+	}
+	return e, nil
+}
+
+func firstN(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// processEnviron is the environment of the process calling a host
+// function (none outside a process).
+func processEnviron(ctx context.Context) *environ {
+	if p, _ := ctx.Value(processKey{}).(*process); p != nil && p.env != nil {
+		return p.env
+	}
+	return &environ{}
+}
+
+// environSizesGet is WASI's environ_sizes_get.
+func environSizesGet(ctx context.Context, mod api.Module, stack []uint64) {
+	e := processEnviron(ctx)
+	mem := mod.Memory()
+	count, size := uint32(stack[0]), uint32(stack[1])
+	if !mem.WriteUint32Le(count, uint32(len(e.entries))) || !mem.WriteUint32Le(size, uint32(e.size)) {
+		stack[0] = errnoFault
+		return
+	}
+	stack[0] = errnoSuccess
+}
+
+// environGet is WASI's environ_get: offsets of the entries at environ,
+// the NUL-terminated entries at buf.
+func environGet(ctx context.Context, mod api.Module, stack []uint64) {
+	e := processEnviron(ctx)
+	mem := mod.Memory()
+	offsets, buf := uint32(stack[0]), uint32(stack[1])
+	if uint64(offsets)+4*uint64(len(e.entries)) > uint64(mem.Size()) || uint64(buf)+e.size > uint64(mem.Size()) {
+		stack[0] = errnoFault
+		return
+	}
+	at := buf
+	for i, entry := range e.entries {
+		if !mem.WriteUint32Le(offsets+4*uint32(i), at) || !mem.Write(at, entry) || !mem.WriteByte(at+uint32(len(entry)), 0) {
+			stack[0] = errnoFault
+			return
+		}
+		at += uint32(len(entry)) + 1
+	}
+	stack[0] = errnoSuccess
 }
 
 type processKey struct{}
