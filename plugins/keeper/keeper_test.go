@@ -448,7 +448,7 @@ func TestIdleExitWaitsForAcks(t *testing.T) {
 	c, sock := startKeeper(t)
 	ctx := context.Background()
 	pid := c.KeeperPid
-	orphan := spawnOrphan(t, c, "exit 0")
+	orphan := spawnOrphan(t, c, "sleep 0.2; exit 0")
 	if _, err := c.Wait(ctx, orphan, false); err != nil {
 		t.Fatal(err)
 	}

@@ -63,17 +63,23 @@ func (sameUser) Handshake(_ context.Context, c net.Conn) (net.Conn, any, error) 
 	return c, nil, nil
 }
 
-// Serve serves srv on l until ctx is done, then closes srv and l.
+// Serve serves srv on l until ctx is done. It returns once srv is closed,
+// its listener and every client connection with it.
 func Serve(ctx context.Context, srv *ttrpc.Server, l net.Listener) error {
-	go func() {
-		<-ctx.Done()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, l) }()
+	select {
+	case <-ctx.Done():
 		srv.Close()
-	}()
-	err := srv.Serve(ctx, l)
-	if errors.Is(err, ttrpc.ErrServerClosed) || ctx.Err() != nil {
+		<-served
 		return nil
+	case err := <-served:
+		srv.Close()
+		if errors.Is(err, ttrpc.ErrServerClosed) {
+			return nil
+		}
+		return err
 	}
-	return err
 }
 
 // Dial connects a ttrpc client to a helper's socket; onClose runs once the
