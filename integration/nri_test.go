@@ -14,6 +14,8 @@ import (
 	"github.com/containerd/nri/pkg/api"
 	"github.com/containerd/nri/pkg/stub"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/integration/images"
 )
 
 // nriPlugin is a real NRI plugin (containerd's nri stub): it records what
@@ -84,9 +86,9 @@ func startNRIPlugin(t *testing.T, d *Daemon) *nriPlugin {
 }
 
 // TestNRI: with NRI enabled (containerd 2.x's default), a real NRI plugin
-// sees kuasar-runc pods with their namespaces and containers with their
-// pids, as it sees stock ones, and can adjust their containers; the daemon
-// logs no failure to read their sandbox spec.
+// sees kuasar-runc and kuasar-wasm pods with their namespaces and
+// containers with their pids, as it sees stock ones, and can adjust their
+// containers; the daemon logs no failure to read their sandbox spec.
 func TestNRI(t *testing.T) {
 	d := startDaemon(t, daemonOptions{})
 	type podOf struct {
@@ -95,10 +97,15 @@ func TestNRI(t *testing.T) {
 		ctr         string
 	}
 	var pods []*podOf
-	for _, h := range []string{kuasarRunc, stockRunc} {
+	d.pull(t, images.WasmLayer)
+	for _, h := range []string{kuasarRunc, stockRunc, kuasarWasm} {
 		p := &podOf{handler: h, cfg: d.podConfig("nri-" + strings.ReplaceAll(h, "-", ""))}
 		p.id = d.runPod(t, h, p.cfg)
-		p.ctr = d.run(t, p.id, p.cfg, ctrConfig("before", "sleep", "3600"))
+		cfg := ctrConfig("before", "sleep", "3600")
+		if h == kuasarWasm {
+			cfg = wasmConfig("before", images.WasmLayer, "sleep", "3600")
+		}
+		p.ctr = d.run(t, p.id, p.cfg, cfg)
 		pods = append(pods, p)
 	}
 	plugin := startNRIPlugin(t, d)
@@ -128,8 +135,15 @@ func TestNRI(t *testing.T) {
 	}
 	plugin.mu.Unlock()
 
-	// The plugin adjusts new containers of both handlers alike.
+	// The plugin adjusts new containers of every handler alike.
 	for _, p := range pods {
+		if p.handler == kuasarWasm {
+			c := d.run(t, p.id, p.cfg, wasmConfig("adjusted", images.WasmLayer, "env"))
+			if st, log := d.finished(t, c); st.ExitCode != 0 || !strings.Contains(log, nriEnv+"=by-"+p.handler) {
+				t.Errorf("%s: NRI's adjustment not applied (exit %d):\n%s", p.handler, st.ExitCode, log)
+			}
+			continue
+		}
 		c := d.run(t, p.id, p.cfg, ctrConfig("adjusted", "sleep", "3600"))
 		out, _, code := d.execSync(t, c, "sh", "-c", "echo $"+nriEnv)
 		if code != 0 || out != "by-"+p.handler+"\n" {
@@ -137,7 +151,7 @@ func TestNRI(t *testing.T) {
 		}
 	}
 	plugin.mu.Lock()
-	if len(plugin.created) != 2 {
+	if len(plugin.created) != 3 {
 		t.Errorf("NRI CreateContainer calls: %v", plugin.created)
 	}
 	plugin.mu.Unlock()

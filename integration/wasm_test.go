@@ -30,7 +30,27 @@ func wasmPod(t *testing.T, name string) (*Daemon, string, *runtimeapi.PodSandbox
 		d.pull(t, img)
 	}
 	cfg := d.podConfig(name)
+	cfg.DnsConfig = &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10"}, Searches: []string{"e2e.svc.cluster.local"}}
 	return d, d.runPod(t, kuasarWasm, cfg), cfg
+}
+
+// checkWasmPodFiles runs a module that prints the pod's files: it must see
+// the pod's hostname, DNS and hosts, as a container of any handler does.
+func checkWasmPodFiles(t *testing.T, d *Daemon, pod string, podCfg *runtimeapi.PodSandboxConfig, when string) {
+	t.Helper()
+	for _, tc := range []struct{ file, want string }{
+		{"/etc/hostname", podCfg.Hostname + "\n"},
+		{"/etc/resolv.conf", "nameserver 10.96.0.10"},
+		{"/etc/resolv.conf", "search e2e.svc.cluster.local"},
+		{"/etc/hosts", "localhost"},
+	} {
+		c := d.run(t, pod, podCfg, wasmConfig("files-"+randHex(3), images.WasmLayer, "cat", tc.file))
+		st, log := d.finished(t, c)
+		if st.ExitCode != 0 || !strings.Contains(log, strings.TrimSuffix(tc.want, "\n")) {
+			t.Errorf("%s: a module reading %s: exit %d\n%s", when, tc.file, st.ExitCode, log)
+		}
+		d.stopRemove(t, c, 0)
+	}
 }
 
 // exited waits for a container to exit and returns its status and log.
@@ -368,6 +388,7 @@ func TestWasmRestart(t *testing.T) {
 			if out, _, code := d.execSync(t, ticker, "/app.wasm", "echo", "alive"); code != 0 || out != "alive\n" {
 				t.Fatalf("exec after restart: %q %d", out, code)
 			}
+			checkWasmPodFiles(t, d, pod, podCfg, "new container after restart")
 			d.restart(syscall.SIGTERM)
 			d.stopRemove(t, ticker, 2)
 			d.stopRemove(t, late, 2)

@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/anypb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -46,13 +47,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 	if !p.sb.HostNetwork() && p.sb.NetNSPath == "" {
 		return fmt.Errorf("pod has no network namespace from CRI: %w", errdefs.ErrInvalidArgument)
 	}
-	if err := p.applySysctls(); err != nil {
-		return err
-	}
-	if err := sandbox.WritePodFiles(p.sb); err != nil {
-		return err
-	}
-	return nil
+	return p.applySysctls()
 }
 
 // applySysctls sets the pod's network sysctls in its network namespace.
@@ -85,13 +80,20 @@ func (p *pod) Runtime() task.Runtime { return &containers{pod: p, k: p.k} }
 // Stop has nothing to end: the framework killed the containers.
 func (p *pod) Stop(context.Context) error { return nil }
 
-// Shutdown releases whatever the host still holds of the pod, and CRI's
-// pod files.
+// Shutdown releases whatever the host still holds of the pod.
 func (p *pod) Shutdown(ctx context.Context) error {
 	if err := p.k.host.ReleasePod(ctx, p.key()); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", p.sb.ID).Warn("releasing the pod in the wasm host")
 	}
-	return sandbox.RemovePodFiles(p.sb)
+	return nil
+}
+
+// PodNamespaces: a Wasm pod's only namespace on the node is its network.
+func (p *pod) PodNamespaces() []specs.LinuxNamespace {
+	if p.sb.HostNetwork() {
+		return nil
+	}
+	return []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: p.sb.NetNSPath}}
 }
 
 // track records a container of the pod and the boot of its host ("" for
