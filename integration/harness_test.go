@@ -60,6 +60,10 @@ func testMain(m *testing.M) int {
 		cache = filepath.Join(os.TempDir(), "kuasar-e2e-cache")
 	}
 	images.CacheDir = filepath.Join(cache, "images")
+	if err := sharedNetnsDir(); err != nil {
+		fmt.Fprintln(os.Stderr, "preparing /run/netns:", err)
+		return 2
+	}
 	ctx := context.Background()
 	reg, err := images.StartRegistry(ctx, registry, filepath.Join(cache, "registry"))
 	if err != nil {
@@ -415,6 +419,31 @@ func (d *Daemon) keeperIO() []string {
 
 func (d *Daemon) keeperSocket() string {
 	return filepath.Join(d.Dir, "state", "io.containerd.kuasar.monitor.v1.keeper", fmt.Sprintf("keeper-v%d.sock", keeper.ProtocolVersion))
+}
+
+// sharedNetnsDir makes /run/netns a shared mount of its own, as iproute2's
+// `ip netns add` does the first time it runs, before any daemon pins a
+// network namespace there. Done later, by a test or another tool on the
+// machine, it would hide the namespaces already mounted on the directory
+// beneath it, and their removal would fail with EBUSY.
+func sharedNetnsDir() error {
+	const dir = "/run/netns"
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
+			return syscall.Mount("", dir, "", syscall.MS_SHARED|syscall.MS_REC, "")
+		}
+	}
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return err
+	}
+	return syscall.Mount("", dir, "", syscall.MS_SHARED|syscall.MS_REC, "")
 }
 
 func listNetns() map[string]bool {
