@@ -62,8 +62,14 @@ var runtimeServiceType = reflect.TypeFor[runtime.RuntimeServiceServer]()
 
 // interposeRuntimeService replaces, in the CRI plugin's instance, the
 // RuntimeServiceServer field of the struct it is (or embeds, through
-// pointers) with wrap's result.
-func interposeRuntimeService(inst any, wrap func(runtime.RuntimeServiceServer) runtime.RuntimeServiceServer) error {
+// pointers) with wrap's result. It never panics: an instance of another
+// shape is an error.
+func interposeRuntimeService(inst any, wrap func(runtime.RuntimeServiceServer) runtime.RuntimeServiceServer) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("CRI plugin instance of type %T: %v", inst, r)
+		}
+	}()
 	v := reflect.ValueOf(inst)
 	for depth := 0; depth < 4; depth++ {
 		if v.Kind() == reflect.Pointer {
@@ -78,13 +84,21 @@ func interposeRuntimeService(inst any, wrap func(runtime.RuntimeServiceServer) r
 		if v.Kind() != reflect.Struct {
 			break
 		}
-		if f := v.FieldByName("RuntimeServiceServer"); f.IsValid() && f.Type() == runtimeServiceType && f.CanSet() {
-			cur, _ := f.Interface().(runtime.RuntimeServiceServer)
-			if cur == nil {
-				return errors.New("CRI's runtime service is not set")
+		// Fields of this struct itself, not promoted ones (which may go
+		// through nil pointers).
+		for i := 0; i < v.NumField(); i++ {
+			if f := v.Type().Field(i); f.Name == "RuntimeServiceServer" && f.Type == runtimeServiceType {
+				fv := v.Field(i)
+				if !fv.CanSet() {
+					return fmt.Errorf("CRI plugin instance of type %T: its runtime service cannot be set", inst)
+				}
+				cur, _ := fv.Interface().(runtime.RuntimeServiceServer)
+				if cur == nil {
+					return errors.New("CRI's runtime service is not set")
+				}
+				fv.Set(reflect.ValueOf(wrap(cur)))
+				return nil
 			}
-			f.Set(reflect.ValueOf(wrap(cur)))
-			return nil
 		}
 		if v.NumField() == 0 || !v.Type().Field(0).Anonymous {
 			break

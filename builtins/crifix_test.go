@@ -84,7 +84,16 @@ func TestRecoveredCreatedAt(t *testing.T) {
 			}
 		})
 	}
-	if err := interposeRuntimeService(struct{ x int }{}, nil); err == nil {
-		t.Fatal("an instance of another shape was accepted")
+	for _, other := range []any{struct{ x int }{}, nilEmbedded{}, (*fakeCRIServer)(nil), nil} {
+		if err := interposeRuntimeService(other, func(rs runtime.RuntimeServiceServer) runtime.RuntimeServiceServer { return rs }); err == nil {
+			t.Fatalf("an instance of another shape (%T) was accepted", other)
+		}
 	}
+}
+
+// nilEmbedded would have reflection's FieldByName panic: the field is
+// promoted through a nil pointer.
+type nilEmbedded struct {
+	*fakeCRIServer
+	x int
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
@@ -96,4 +97,76 @@ func startPodUnchecked(d *Daemon, name string, i int) {
 		return
 	}
 	_, _ = d.RS.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: cr.ContainerId, Cmd: []string{"true"}, Timeout: 5})
+}
+
+// TestHolderDiesWhileDown: the init of a shared-PID pod dies while the
+// daemon is down. The daemon starts (again and again), reports the pod
+// ended, and removes it with nothing left.
+func TestHolderDiesWhileDown(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	podCfg := d.podConfig("holderdies")
+	podCfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_POD
+	pod := d.runPod(t, kuasarRunc, podCfg)
+	cfg := ctrConfig("c", "sleep", "3600")
+	cfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_POD
+	c := d.run(t, pod, podCfg, cfg)
+	holder := podInitPid(t, c, d)
+	d.kill(syscall.SIGKILL)
+	if err := syscall.Kill(holder, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		d.start() // fails the test if the daemon does not come up
+		if st := d.podState(t, pod); st != runtimeapi.PodSandboxState_SANDBOX_NOTREADY {
+			t.Fatalf("start %d: pod whose init died is %v", i, st)
+		}
+		d.kill(syscall.SIGKILL)
+	}
+	d.start()
+	d.stopRemove(t, c, 2)
+	d.removePod(t, pod)
+}
+
+// TestKeeperMissingAtRestart: the keeper was killed with the daemon and
+// cannot be started when the daemon comes back (its binary is gone).
+// Pods stay, their containers keep running and are watched; once the
+// keeper can run again, stopping and removing them ends every process.
+func TestKeeperMissingAtRestart(t *testing.T) {
+	keeperCopy := filepath.Join(t.TempDir(), "kuasar-keeper")
+	b, err := os.ReadFile(filepath.Join(binDir, "kuasar-keeper"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keeperCopy, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, daemonOptions{extraConfig: fmt.Sprintf("\n[plugins.'io.containerd.kuasar.monitor.v1.keeper']\n  keeper_path = %q\n", keeperCopy)})
+	podCfg := d.podConfig("nokeeper")
+	podCfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_POD
+	pod := d.runPod(t, kuasarRunc, podCfg)
+	cfg := ctrConfig("c", "sleep", "4343")
+	cfg.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_POD
+	c := d.run(t, pod, podCfg, cfg)
+	d.kill(syscall.SIGKILL)
+	_ = syscall.Kill(d.keeperPid, syscall.SIGKILL)
+	d.keeperPid = 0
+	if err := os.Rename(keeperCopy, keeperCopy+".away"); err != nil {
+		t.Fatal(err)
+	}
+	d.start()
+	if st := d.podState(t, pod); st != runtimeapi.PodSandboxState_SANDBOX_READY {
+		t.Errorf("pod %v with its keeper missing", st)
+	}
+	if st := d.status(t, c); st.State != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		t.Errorf("container %v with its keeper missing", st.State)
+	}
+	if err := os.Rename(keeperCopy+".away", keeperCopy); err != nil {
+		t.Fatal(err)
+	}
+	d.stopRemove(t, c, 2)
+	d.removePod(t, pod)
+	d.recordKeeper()
+	if pids := processesMentioning("sleep 4343"); len(pids) > 0 {
+		t.Errorf("the container still runs after its pod was removed: %v", pids)
+	}
 }

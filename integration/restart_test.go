@@ -3,11 +3,13 @@
 package integration
 
 import (
+	"io"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/creack/pty"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -173,4 +175,41 @@ func hasExecStreams(keys []string) bool {
 func countLines(t *testing.T, d *Daemon, id string) int {
 	t.Helper()
 	return len(readLog(t, d.logPath(t, id)))
+}
+
+// TestTerminalAcrossRestart: a container with a terminal and stdin takes
+// input through `crictl attach` before a daemon restart (SIGKILL) and after
+// it, on kuasar-runc as on stock runc.
+func TestTerminalAcrossRestart(t *testing.T) {
+	for _, handler := range []string{kuasarRunc, stockRunc} {
+		t.Run(handler, func(t *testing.T) {
+			d := startDaemon(t, daemonOptions{})
+			podCfg := d.podConfig("ttyrestart")
+			pod := d.runPod(t, handler, podCfg)
+			cfg := ctrConfig("shell", "sh", "-c", `while read -r line; do eval "$line"; done`)
+			cfg.Stdin, cfg.Tty = true, true
+			c := d.run(t, pod, podCfg, cfg)
+			d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_RUNNING, 10*time.Second)
+
+			// The first session goes with the daemon.
+			first := d.crictl("attach", "-it", c)
+			f, err := pty.Start(first)
+			if err != nil {
+				t.Fatal(err)
+			}
+			go io.Copy(io.Discard, f)
+			time.Sleep(500 * time.Millisecond)
+			io.WriteString(f, "echo before-$((2+3))\n")
+			d.waitLog(t, c, "before-5", 10*time.Second)
+			d.restart(syscall.SIGKILL)
+			first.Wait()
+			f.Close()
+
+			out := ptyRun(t, d.crictl("attach", "-it", c), "echo after-$((2+4))\nexit 4\n", 30*time.Second)
+			d.waitLog(t, c, "after-6", 10*time.Second)
+			if st := d.waitState(t, c, runtimeapi.ContainerState_CONTAINER_EXITED, 10*time.Second); st.ExitCode != 4 {
+				t.Fatalf("exit %d after the restart, want 4 (attach showed %q)", st.ExitCode, out)
+			}
+		})
+	}
 }

@@ -42,7 +42,7 @@ type heldIO struct {
 	consoleCh chan consoleResult
 
 	mu        sync.Mutex
-	stdinKeep *os.File // no terminal: keeps stdin from seeing EOF
+	stdinKeep *os.File // keeps stdin from seeing EOF until CloseStdin
 	console   console.Console
 	stdinSrc  io.Closer
 	outDone   chan struct{}
@@ -183,8 +183,17 @@ func (h *heldIO) attach(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("opening stdin: %w", err)
 		}
+		// A writer of our own keeps the copy from seeing EOF when the
+		// daemon (CRI's writer) goes, until CloseStdin. (Read-write: a
+		// FIFO opens so without waiting for the other side; nothing reads
+		// through it.)
+		keep, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			in.Close()
+			return fmt.Errorf("opening stdin for keep-alive: %w", err)
+		}
 		h.mu.Lock()
-		h.stdinSrc = in
+		h.stdinSrc, h.stdinKeep = in, keep
 		h.mu.Unlock()
 		go func() {
 			n, err := io.Copy(r.c, in)

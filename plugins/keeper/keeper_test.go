@@ -474,3 +474,30 @@ func TestIdleExitWaitsForAcks(t *testing.T) {
 		}
 	}
 }
+
+// Orphans of a host-PID container, reparented to the keeper, are processes
+// nobody asked about: their exits go to a small bounded ring, not to the
+// records (a container forking in a loop cannot grow the keeper).
+func TestUnknownExitsBounded(t *testing.T) {
+	s := NewServer(0)
+	for pid := 1; pid <= 3*recentExits; pid++ {
+		s.mu.Lock()
+		s.recordLocked(Exit{Process: ProcessRef{Pid: 100000 + pid, StartTime: 1}, At: time.Now()})
+		s.mu.Unlock()
+	}
+	if len(s.exits) != 0 || len(s.recent) != recentExits {
+		t.Fatalf("exits kept: %d recorded, %d recent (bound %d)", len(s.exits), len(s.recent), recentExits)
+	}
+	// A pid file read just after its process ended still finds it.
+	last := ProcessRef{Pid: 100000 + 3*recentExits, StartTime: 1}
+	ref, err := s.childRef(last.Pid, time.Now().Add(-time.Minute))
+	if err != nil || ref != last {
+		t.Fatalf("childRef of a process that just ended: %v %v", ref, err)
+	}
+	if _, ok := s.exits[last]; !ok {
+		t.Fatal("the named process's exit is not kept for its waiter")
+	}
+	if _, err := s.childRef(1, time.Now()); err == nil {
+		t.Fatal("a pid that is neither a child nor a recent exit was named")
+	}
+}

@@ -69,10 +69,24 @@ type Server struct {
 	dying map[ProcessRef]bool
 	// adopted are processes that are not children, watched through pidfds.
 	adopted map[ProcessRef]bool
-	ios     map[string]*heldIO
-	conns   int
-	busyAt  time.Time
+	// known are the processes the keeper was asked about (spawned, named
+	// by a pid file, waited for): their exits are recorded. The exits of
+	// other processes it reaps (orphans of host-PID containers) go to
+	// recent, a small ring, where a pid file read just after its process
+	// ended still finds them.
+	known  map[ProcessRef]bool
+	recent []exitRecord
+	ios    map[string]*heldIO
+	conns  int
+	busyAt time.Time
 }
+
+// recentExits bounds the exits of unknown processes kept, and recentTTL
+// how long.
+const (
+	recentExits = 256
+	recentTTL   = time.Minute
+)
 
 type exitRecord struct {
 	exit Exit
@@ -98,6 +112,7 @@ func NewServer(idle time.Duration) *Server {
 		unwanted: map[ProcessRef]bool{},
 		dying:    map[ProcessRef]bool{},
 		adopted:  map[ProcessRef]bool{},
+		known:    map[ProcessRef]bool{},
 		ios:      map[string]*heldIO{},
 		busyAt:   time.Now(),
 	}
@@ -267,15 +282,23 @@ func (s *Server) routeLocked(e Exit) {
 }
 
 // recordLocked keeps an exit until it is acknowledged (or expires, when
-// nobody waited for it) and wakes its waiters.
+// nobody waited for it) and wakes its waiters. The exit of a process the
+// keeper was never asked about only goes to the bounded recent ring.
 func (s *Server) recordLocked(e Exit) {
 	ref := e.Process
 	delete(s.adopted, ref)
-	if s.unwanted[ref] {
+	switch {
+	case s.unwanted[ref]:
 		delete(s.unwanted, ref)
 		delete(s.wanted, ref)
-	} else {
+		delete(s.known, ref)
+	case s.known[ref] || s.wanted[ref]:
 		s.exits[ref] = &exitRecord{exit: e, at: time.Now()}
+	default:
+		if len(s.recent) >= recentExits {
+			s.recent = s.recent[1:]
+		}
+		s.recent = append(s.recent, exitRecord{exit: e, at: time.Now()})
 	}
 	if ch, ok := s.waits[ref]; ok {
 		close(ch)
@@ -294,8 +317,25 @@ func (s *Server) expire() {
 	for ref, r := range s.exits {
 		if !s.wanted[ref] && time.Since(r.at) > unwantedTTL {
 			delete(s.exits, ref)
+			delete(s.known, ref)
 		}
 	}
+	for len(s.recent) > 0 && time.Since(s.recent[0].at) > recentTTL {
+		s.recent = s.recent[1:]
+	}
+}
+
+// takeRecentLocked moves the exit of ref from the recent ring to the
+// records, when it is there.
+func (s *Server) takeRecentLocked(ref ProcessRef) (*exitRecord, bool) {
+	for i, r := range s.recent {
+		if r.exit.Process == ref {
+			s.recent = append(s.recent[:i:i], s.recent[i+1:]...)
+			s.exits[ref] = &r
+			return &r, true
+		}
+	}
+	return nil, false
 }
 
 func (s *Server) idleWatch(ctx context.Context, stop func()) {
@@ -400,9 +440,12 @@ func (s *Server) Spawn(ctx context.Context, req *api.SpawnRequest) (_ *api.Spawn
 		if req.GetWait() {
 			wait = make(chan Exit, 1)
 			s.commands[pid] = wait
+		} else {
+			s.known[ref] = true
 		}
 	}
 	s.busyAt = time.Now()
+	started := time.Now()
 	s.mu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("starting %s: %w", req.GetPath(), err)
@@ -443,7 +486,9 @@ func (s *Server) Spawn(ctx context.Context, req *api.SpawnRequest) (_ *api.Spawn
 		if err != nil || p <= 0 {
 			return nil, fmt.Errorf("bad pid file %s: %q", req.GetPidFile(), b)
 		}
-		owner = s.childRef(p)
+		if owner, err = s.childRef(p, started); err != nil {
+			return nil, err
+		}
 		resp.Child = owner.toAPI()
 	}
 	if io.key == "" {
@@ -459,29 +504,45 @@ func (s *Server) Spawn(ctx context.Context, req *api.SpawnRequest) (_ *api.Spawn
 	return resp, nil
 }
 
-// childRef names the process with pid now, or, if it has already exited
-// and been reaped, the last process with that pid whose exit is recorded.
-func (s *Server) childRef(pid int) ProcessRef {
+// childRef names the process a pid file of a command started at since
+// named: a process of that pid the keeper is now the parent of (runc has
+// exited, its process is reparented to the keeper), or, if it ended
+// already, the one with that pid whose exit the keeper reaped since. The
+// keeper knows it from now on: its exit will be kept.
+func (s *Server) childRef(pid int, since time.Time) (ProcessRef, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if ref := RefOf(pid); ref.StartTime != 0 {
-		return ref
+	for ref := range s.dying {
+		if ref.Pid == pid {
+			s.known[ref] = true
+			return ref, nil
+		}
+	}
+	if st, err := proc.ReadStat(pid); err == nil && st.PPid == s.pid {
+		ref := ProcessRef{Pid: pid, StartTime: st.StartTime}
+		s.known[ref] = true
+		return ref, nil
 	}
 	var last *exitRecord
-	for ref, r := range s.exits {
-		if ref.Pid == pid && (last == nil || r.at.After(last.at)) {
+	for _, r := range s.exits {
+		if r.exit.Process.Pid == pid && !r.at.Before(since) && (last == nil || r.at.After(last.at)) {
 			last = r
 		}
 	}
-	if last != nil {
-		return last.exit.Process
-	}
-	for ref := range s.dying {
-		if ref.Pid == pid {
-			return ref
+	for i := range s.recent {
+		if r := &s.recent[i]; r.exit.Process.Pid == pid && !r.at.Before(since) && (last == nil || r.at.After(last.at)) {
+			last = r
 		}
 	}
-	return ProcessRef{Pid: pid}
+	if last == nil {
+		return ProcessRef{}, fmt.Errorf("process %d named by the pid file is not the keeper's child, and no exit of it is known: %w", pid, errdefs.ErrNotFound)
+	}
+	ref := last.exit.Process
+	s.known[ref] = true
+	if _, ok := s.exits[ref]; !ok {
+		s.takeRecentLocked(ref)
+	}
+	return ref, nil
 }
 
 // holdIO keeps io for the process owner: its terminal copied, its stdin
@@ -534,7 +595,11 @@ func (s *Server) Wait(ctx context.Context, req *api.WaitRequest) (*api.WaitRespo
 		return nil, fmt.Errorf("wait for pid %d: %w", ref.Pid, errdefs.ErrInvalidArgument)
 	}
 	s.mu.Lock()
-	if r, ok := s.exits[ref]; ok {
+	r, ok := s.exits[ref]
+	if !ok {
+		r, ok = s.takeRecentLocked(ref)
+	}
+	if ok {
 		s.wanted[ref] = true
 		s.mu.Unlock()
 		return &api.WaitResponse{Exit: r.exit.toAPI()}, nil
@@ -571,7 +636,7 @@ func (s *Server) Wait(ctx context.Context, req *api.WaitRequest) (*api.WaitRespo
 		return nil, ctx.Err()
 	}
 	s.mu.Lock()
-	r, ok := s.exits[ref]
+	r, ok = s.exits[ref]
 	s.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("exit of %s was acknowledged meanwhile: %w", ref, errdefs.ErrNotFound)
@@ -606,8 +671,11 @@ func (s *Server) Ack(ctx context.Context, r *api.ProcessRef) (*emptypb.Empty, er
 	delete(s.wanted, ref)
 	if _, ok := s.exits[ref]; ok {
 		delete(s.exits, ref)
+		delete(s.known, ref)
 	} else if ref.Alive() || s.dying[ref] {
 		s.unwanted[ref] = true
+	} else {
+		delete(s.known, ref)
 	}
 	s.busyAt = time.Now()
 	return &emptypb.Empty{}, nil

@@ -11,7 +11,6 @@ package monitor
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -36,9 +35,18 @@ const callTimeout = 30 * time.Second
 // that went away.
 const retryBackoff = 200 * time.Millisecond
 
+// connectTimeout bounds reaching (or starting) the keeper.
+const connectTimeout = 15 * time.Second
+
 // Monitor spawns processes through the keeper and reports their exits.
 type Monitor struct {
 	launch keeper.Launch
+	// find resolves the keeper binary when launch names none, at each
+	// start of a keeper, so that installing it needs no daemon restart.
+	find func() (string, error)
+
+	// dialMu makes one connect at a time; mu is never held across one.
+	dialMu sync.Mutex
 
 	mu       sync.Mutex
 	client   *keeper.Client
@@ -65,8 +73,8 @@ func FindKeeper(configured string) (string, error) {
 	return launch.Find(configured, "kuasar-keeper")
 }
 
-// conn returns a live keeper connection, starting the keeper if needed.
-func (m *Monitor) conn(ctx context.Context) (*keeper.Client, error) {
+// current returns the live connection, if there is one.
+func (m *Monitor) current() (*keeper.Client, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -80,12 +88,38 @@ func (m *Monitor) conn(ctx context.Context) (*keeper.Client, error) {
 			return m.client, nil
 		}
 	}
-	if m.launch.Binary == "" {
-		return nil, fmt.Errorf("no kuasar-keeper binary: install it beside containerd-kuasar or set keeper_path: %w", errdefs.ErrFailedPrecondition)
+	return nil, nil
+}
+
+// conn returns a live keeper connection, starting the keeper if needed.
+func (m *Monitor) conn(ctx context.Context) (*keeper.Client, error) {
+	if c, err := m.current(); c != nil || err != nil {
+		return c, err
 	}
-	c, err := keeper.Connect(ctx, m.launch)
+	m.dialMu.Lock()
+	defer m.dialMu.Unlock()
+	if c, err := m.current(); c != nil || err != nil {
+		return c, err
+	}
+	l := m.launch
+	if bin, err := m.binary(); err == nil {
+		l.Binary = bin
+	} else if c, derr := keeper.Dial(ctx, l.Socket); derr == nil {
+		c.Close() // a keeper runs; only a new one could not be started
+	} else {
+		return nil, fmt.Errorf("%w (install it beside containerd-kuasar or set keeper_path): %w", err, errdefs.ErrFailedPrecondition)
+	}
+	cctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	c, err := keeper.Connect(cctx, l)
 	if err != nil {
-		return nil, fmt.Errorf("connecting to the process keeper: %w", err)
+		return nil, fmt.Errorf("connecting to the process keeper: %w: %w", err, errdefs.ErrUnavailable)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		c.Close()
+		return nil, fmt.Errorf("monitor closed: %w", errdefs.ErrUnavailable)
 	}
 	if m.boot != "" && m.boot != c.Boot {
 		// The processes the previous keeper parented are orphans of init
@@ -108,47 +142,56 @@ func (m *Monitor) Connect(ctx context.Context) error {
 // what it needs by then). A process the keeper does not know (gone with no
 // exit kept) is reported with LostStatus.
 func (m *Monitor) Watch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) {
-	wctx := m.register(ref)
-	go m.watch(wctx, ref, fn)
+	wctx, w := m.register(ref)
+	go m.watch(wctx, w, ref, fn)
 }
 
 // Rewatch is Watch for a process recorded before a restart: an exit the
 // keeper kept meanwhile is delivered before Rewatch returns, so that the
-// process is known to have exited before anyone asks about it.
+// process is known to have exited before anyone asks about it. When the
+// keeper cannot be asked now, the process is watched as with Watch: its
+// exit is reported once the keeper is back.
 func (m *Monitor) Rewatch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) error {
 	c, err := m.conn(ctx)
-	if err != nil {
-		return err
+	if err == nil {
+		cctx, cancel := context.WithTimeout(ctx, callTimeout)
+		var e *keeper.Exit
+		e, err = c.Wait(cctx, ref, true)
+		cancel()
+		switch {
+		case errdefs.IsNotFound(err):
+			m.deliver(ref, nil, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
+			return nil
+		case err == nil && e != nil:
+			m.deliver(ref, nil, *e, fn)
+			return nil
+		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	e, err := c.Wait(cctx, ref, true)
-	switch {
-	case errdefs.IsNotFound(err):
-		m.deliver(ref, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
-		return nil
-	case err != nil:
-		return fmt.Errorf("asking the keeper for %s: %w", ref, err)
-	case e != nil:
-		m.deliver(ref, *e, fn)
-		return nil
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("process", ref).Warn("the keeper cannot tell now whether a process exited while the daemon was down; watching it")
 	}
 	m.Watch(ctx, ref, fn)
 	return nil
 }
 
-func (m *Monitor) register(ref keeper.ProcessRef) context.Context {
+func (m *Monitor) register(ref keeper.ProcessRef) (context.Context, *watcher) {
 	ctx, cancel := context.WithCancel(context.Background())
+	w := &watcher{cancel: cancel}
 	m.mu.Lock()
 	if old, ok := m.watchers[ref]; ok {
 		old.cancel()
 	}
-	m.watchers[ref] = &watcher{cancel: cancel}
+	m.watchers[ref] = w
 	m.mu.Unlock()
-	return ctx
+	return ctx, w
 }
 
-func (m *Monitor) watch(ctx context.Context, ref keeper.ProcessRef, fn func(keeper.Exit)) {
+// maxBackoff bounds the wait between two attempts to reach a keeper that
+// is gone.
+const maxBackoff = 5 * time.Second
+
+func (m *Monitor) watch(ctx context.Context, w *watcher, ref keeper.ProcessRef, fn func(keeper.Exit)) {
+	backoff, warned := retryBackoff, false
 	for {
 		c, err := m.conn(ctx)
 		if err == nil {
@@ -156,36 +199,41 @@ func (m *Monitor) watch(ctx context.Context, ref keeper.ProcessRef, fn func(keep
 			e, err = c.Wait(ctx, ref, false)
 			switch {
 			case err == nil && e != nil:
-				m.deliver(ref, *e, fn)
+				m.deliver(ref, w, *e, fn)
 				return
 			case errdefs.IsNotFound(err):
 				log.G(ctx).WithField("process", ref).Warn("process ended with no exit status kept")
-				m.deliver(ref, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
+				m.deliver(ref, w, keeper.Exit{Process: ref, Status: LostStatus, At: time.Now(), Lost: true}, fn)
 				return
 			}
 		}
 		if ctx.Err() != nil {
 			return // unwatched, or the monitor closed
 		}
-		if err != nil && !unixsock.IsClosed(err) && !errors.Is(err, context.DeadlineExceeded) {
-			log.G(ctx).WithError(err).WithField("process", ref).Warn("waiting for a process through the keeper")
+		if !warned && err != nil && !unixsock.IsClosed(err) {
+			log.G(ctx).WithError(err).WithField("process", ref).Warn("waiting for a process through the keeper; retrying")
+			warned = true
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(retryBackoff):
+		case <-time.After(backoff):
 		}
+		backoff = min(2*backoff, maxBackoff)
 	}
 }
 
-// deliver reports an exit once and acknowledges it.
-func (m *Monitor) deliver(ref keeper.ProcessRef, e keeper.Exit, fn func(keeper.Exit)) {
-	m.mu.Lock()
-	if w, ok := m.watchers[ref]; ok {
+// deliver reports an exit once and acknowledges it; w is the watcher that
+// saw it (nil: none was registered).
+func (m *Monitor) deliver(ref keeper.ProcessRef, w *watcher, e keeper.Exit, fn func(keeper.Exit)) {
+	if w != nil {
+		m.mu.Lock()
+		if m.watchers[ref] == w {
+			delete(m.watchers, ref)
+		}
+		m.mu.Unlock()
 		w.cancel()
-		delete(m.watchers, ref)
 	}
-	m.mu.Unlock()
 	fn(e)
 	m.ack(ref)
 }
@@ -294,5 +342,19 @@ func (m *Monitor) Close() error {
 	return nil
 }
 
-// KeeperBinary is the kuasar-keeper executable ("" if none was found).
-func (m *Monitor) KeeperBinary() string { return m.launch.Binary }
+// binary resolves the kuasar-keeper executable.
+func (m *Monitor) binary() (string, error) {
+	if m.launch.Binary != "" {
+		return m.launch.Binary, nil
+	}
+	if m.find != nil {
+		return m.find()
+	}
+	return "", fmt.Errorf("no kuasar-keeper binary: %w", errdefs.ErrNotFound)
+}
+
+// KeeperBinary is the kuasar-keeper executable ("" if none is found).
+func (m *Monitor) KeeperBinary() string {
+	bin, _ := m.binary()
+	return bin
+}

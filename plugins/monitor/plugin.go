@@ -41,20 +41,21 @@ func init() {
 			if err := os.MkdirAll(state, 0o700); err != nil {
 				return nil, err
 			}
-			bin, err := FindKeeper(cfg.KeeperPath)
-			if err != nil {
-				// Not fatal here: sandboxes report it when they need it.
-				log.G(ic.Context).WithError(err).Warn("kuasar-keeper not found; Kuasar sandboxes that run processes will fail")
+			if _, err := FindKeeper(cfg.KeeperPath); err != nil {
+				// Not fatal here: sandboxes report it when they need it,
+				// and it is looked for again at each start of the keeper.
+				log.G(ic.Context).WithError(err).Warn("kuasar-keeper not found; Kuasar sandboxes that run processes will fail until it is installed")
 			}
 			sock := cfg.Socket
 			if sock == "" {
 				sock = filepath.Join(state, fmt.Sprintf("keeper-v%d.sock", keeper.ProtocolVersion))
 			}
-			return New(keeper.Launch{
-				Binary:  bin,
+			m := New(keeper.Launch{
 				Socket:  sock,
 				LogPath: filepath.Join(state, "keeper.log"),
-			}), nil
+			})
+			m.find = func() (string, error) { return FindKeeper(cfg.KeeperPath) }
+			return m, nil
 		},
 	})
 }

@@ -167,16 +167,25 @@ func (p *pod) startHolder(ctx context.Context) (retErr error) {
 	p.st.HolderSystemd = rc.systemd
 	pidFile := filepath.Join(bundle, "init.pid")
 	r := &containers{pod: p, k: p.k}
-	holder, err := r.spawn(ctx, rc, bundle, id, "", task.IO{}, []string{"create", "--bundle", bundle, "--pid-file", pidFile}, pidFile)
-	if err != nil {
-		return fmt.Errorf("creating the pod's PID namespace holder: %w", err)
-	}
-	p.st.HolderID, p.st.HolderPid, p.st.HolderStart = id, holder.Pid, holder.StartTime
+	p.st.HolderID = id
 	defer func() {
 		if retErr != nil {
 			p.release(context.WithoutCancel(ctx))
 		}
 	}()
+	holder, err := r.spawn(ctx, rc, bundle, id, "", task.IO{}, []string{"create", "--bundle", bundle, "--pid-file", pidFile}, pidFile)
+	if err != nil {
+		return fmt.Errorf("creating the pod's PID namespace holder: %w", err)
+	}
+	p.st.HolderPid, p.st.HolderStart = holder.Pid, holder.StartTime
+	// Containers join the namespace through a file of the pod's, never
+	// through /proc/<pid>, which a reused pid could make someone else's.
+	pin := filepath.Join(p.sb.Dir, "ns", string(nsutil.PID))
+	if err := nsutil.PinOf(holder.Pid, holder.StartTime, nsutil.PID, pin); err != nil {
+		return fmt.Errorf("pinning the pod's PID namespace: %w", err)
+	}
+	p.st.Namespaces[nsutil.PID] = pin
+	p.st.Pinned = append(p.st.Pinned, pin)
 	if err := startInProcess(rc.execFifo(id), holder.Pid, holder.StartTime); err != nil {
 		if !errors.Is(err, errNoExecFifo) {
 			return fmt.Errorf("starting the pod's PID namespace holder: %w", err)

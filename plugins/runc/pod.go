@@ -252,7 +252,14 @@ func (p *pod) joinNamespace(t specs.LinuxNamespaceType) (path string, host bool,
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if t == specs.PIDNamespace {
-		if p.st.HolderPid != 0 {
+		switch {
+		case p.st.HolderPid == 0 && opts.GetPid() == runtime.NamespaceMode_POD && p.st.HolderID != "":
+			return "", false, fmt.Errorf("the init of the pod's shared PID namespace has exited: %w", errdefs.ErrFailedPrecondition)
+		case p.st.HolderPid == 0:
+		case p.st.Namespaces[nsutil.PID] != "":
+			return p.st.Namespaces[nsutil.PID], false, nil
+		default:
+			// Recorded by an older daemon, which did not pin it.
 			return nsutil.ProcPath(p.st.HolderPid, "pid"), false, nil
 		}
 	} else if path, ok := p.st.Namespaces[kind]; ok {

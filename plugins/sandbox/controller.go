@@ -67,6 +67,15 @@ type entry struct {
 	exitStatus uint32
 	exitedAt   time.Time
 	exited     chan struct{}
+	exitOnce   sync.Once
+	// lost is set for a sandbox its kind could not recover: it is not
+	// the kind's any more (Reconcile removes what is left of it).
+	lost bool
+}
+
+// closeExited releases Wait; it may be called more than once.
+func (e *entry) closeExited() {
+	e.exitOnce.Do(func() { close(e.exited) })
 }
 
 // NewController returns the controller of kind, registered as id.
@@ -271,10 +280,12 @@ func (c *Controller) markExited(e *entry, status uint32) {
 	e.state = stateNotReady
 	e.exitStatus = status
 	e.exitedAt = time.Now().UTC()
-	close(e.exited)
+	// Recorded before anyone is told, so that a restart cannot find the
+	// sandbox ready again.
 	if err := c.save(e); err != nil {
 		log.L.WithError(err).WithField("sandbox", e.sb.ID).Warn("saving sandbox record")
 	}
+	e.closeExited()
 }
 
 func (c *Controller) exitedOnItsOwn(e *entry, status uint32) {

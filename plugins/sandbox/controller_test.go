@@ -327,3 +327,47 @@ func TestRecoverFailureReleasesSandbox(t *testing.T) {
 		t.Fatalf("sandbox dir left: %v", err)
 	}
 }
+
+// exitingKind recovers a sandbox that ended while the daemon was down: its
+// Recover reports the exit (as kuasar-runc's holder watch does) before it
+// returns.
+type exitingKind struct{ fakeKind }
+
+func (k *exitingKind) Recover(ctx context.Context, sb *Sandbox) (Instance, error) {
+	sb.Exited(137)
+	time.Sleep(time.Millisecond) // the acknowledgement to the keeper
+	return &fakeInstance{}, nil
+}
+
+// A sandbox that ended while the daemon was down is recovered ended, once,
+// and stays ended across later restarts (it once panicked closing its
+// exit twice, at every start).
+func TestRecoverSandboxEndedWhileDown(t *testing.T) {
+	paths := testPaths(t)
+	c := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	createStart(t, c, "sb1")
+	e, _ := c.get("sb1")
+	e.endpoint.Close()
+	for restart := 0; restart < 2; restart++ {
+		c2 := NewController("kuasar-test", &exitingKind{}, paths, nopPublisher{})
+		if err := c2.Recover(nsCtx()); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(nsCtx(), 5*time.Second)
+		es, err := c2.Wait(ctx, "sb1")
+		cancel()
+		if err != nil || es.ExitStatus != 137 {
+			t.Fatalf("restart %d: wait %+v %v, want 137", restart, es, err)
+		}
+		if st, _ := c2.Status(nsCtx(), "sb1", false); st.State != "SANDBOX_NOTREADY" {
+			t.Fatalf("restart %d: %s", restart, st.State)
+		}
+		c2.mu.Lock()
+		for _, e := range c2.sandboxes {
+			if e.endpoint != nil {
+				e.endpoint.Close()
+			}
+		}
+		c2.mu.Unlock()
+	}
+}

@@ -78,18 +78,21 @@ func (c *Controller) Recover(ctx context.Context) error {
 			if errors.Is(err, errNotRecorded) {
 				// Left by a Create interrupted by a crash: nothing started.
 				log.G(ctx).WithField("dir", dir).Warn("removing a sandbox directory without record")
-				if err := removeDir(dir); err != nil {
-					log.G(ctx).WithError(err).WithField("dir", dir).Error("removing a sandbox directory without record")
-				}
-				continue
+			} else {
+				log.G(ctx).WithError(err).WithField("dir", dir).Error("could not recover sandbox; removing it")
 			}
-			log.G(ctx).WithError(err).WithField("dir", dir).Error("could not recover sandbox")
+			if err := removeDir(dir); err != nil {
+				log.G(ctx).WithError(err).WithField("dir", dir).Error("removing a sandbox directory")
+			}
 		}
 	}
 	if r, ok := c.kind.(Reconciler); ok {
 		owned := Owned{Containers: map[string][]*task.Container{}}
 		c.mu.Lock()
 		for _, e := range c.sandboxes {
+			if e.lost {
+				continue
+			}
 			owned.Sandboxes = append(owned.Sandboxes, e.sb)
 			owned.Containers[e.sb.ID] = e.tasks.Containers()
 		}
@@ -102,53 +105,63 @@ func (c *Controller) Recover(ctx context.Context) error {
 }
 
 func (c *Controller) recoverOne(ctx context.Context, dir string) error {
-	b, err := os.ReadFile(filepath.Join(dir, recordFile))
-	if errors.Is(err, os.ErrNotExist) {
-		return errNotRecorded
-	}
-	if err != nil {
+	r, err := readRecord(dir)
+	if errors.Is(err, errNotRecorded) {
 		return err
 	}
-	var r record
-	if err := json.Unmarshal(b, &r); err != nil || r.Sandbox == nil {
-		return fmt.Errorf("decoding sandbox record: %v", err)
+	e := &entry{exited: make(chan struct{})}
+	// Held until the entry is whole: an exit the kind or its containers
+	// report while they recover (a PID-namespace init that ended while the
+	// daemon was down) is applied after that.
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var sb *Sandbox
+	var inst Instance
+	if err != nil {
+		// A record that cannot be read: the sandbox, named by its
+		// directory, is lost.
+		log.G(ctx).WithError(err).WithField("dir", dir).Errorf("%s sandbox record unreadable; reporting the sandbox ended", c.id)
+		sb = &Sandbox{ID: filepath.Base(dir), Dir: dir, Config: &runtime.PodSandboxConfig{}}
+		r = &record{Sandbox: sb}
+	} else {
+		sb = r.Sandbox
 	}
-	sb := r.Sandbox
-	sb.Config = &runtime.PodSandboxConfig{}
-	if err := proto.Unmarshal(r.Config, sb.Config); err != nil {
-		return fmt.Errorf("decoding pod config: %w", err)
-	}
-	e := &entry{sb: sb, state: r.State, exitStatus: r.ExitStatus, exitedAt: r.ExitedAt, exited: make(chan struct{})}
+	e.sb, e.state, e.exitStatus, e.exitedAt = sb, r.State, r.ExitStatus, r.ExitedAt
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
-	if !sb.hasPodFiles() {
-		// Written by an older daemon where CRI removes them.
-		if err := WritePodFiles(sb); err != nil {
-			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("rewriting the pod's files")
+	if err == nil {
+		if !sb.hasPodFiles() {
+			// Written by an older daemon where CRI removes them.
+			if err := WritePodFiles(sb); err != nil {
+				log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("rewriting the pod's files")
+			}
+		}
+		inst, err = c.kind.Recover(ctx, sb)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Errorf("%s sandbox could not be recovered; reporting it ended", c.id)
 		}
 	}
-	inst, err := c.kind.Recover(ctx, sb)
 	if err != nil {
-		// What the kind could not take back is gone: the sandbox and its
-		// containers are reported ended, and can be removed.
-		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Errorf("%s sandbox could not be recovered; reporting it ended", c.id)
+		// What the kind could not take back is not its any more: the
+		// sandbox and its containers are reported ended, what it held on
+		// the node is released (Reconcile removes its processes), and it
+		// can be removed.
 		if err := removeMounts(sb.Dir); err != nil {
 			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("unmounting what the sandbox held")
 		}
-		inst = &lostInstance{reason: err.Error()}
+		inst, e.lost = &lostInstance{reason: err.Error()}, true
 		if e.state != stateNotReady {
 			e.state, e.exitStatus, e.exitedAt = stateNotReady, lostStatus, time.Now().UTC()
 		}
-		r.Started = r.Started || e.state != ""
 	}
 	if e.state == stateNotReady {
-		close(e.exited)
+		e.closeExited()
 	}
 	tasks, err := c.newTasks(sb, inst)
 	if err != nil {
 		return err
 	}
 	e.inst, e.tasks = inst, tasks
-	if r.Started {
+	if r.Started && sb.Namespace != "" {
 		ep, err := task.Listen(ctx, c.socketPath(sb.Namespace, sb.ID), tasks)
 		if err != nil {
 			return err
@@ -161,13 +174,31 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	if err := tasks.Recover(ctx); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Error("recovering containers")
 	}
-	e.mu.Lock()
 	if err := c.save(e); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("saving sandbox record")
 	}
-	e.mu.Unlock()
 	log.G(ctx).WithField("sandbox", sb.ID).WithField("state", e.state).Info("recovered sandbox")
 	return nil
+}
+
+// readRecord reads a sandbox's record from its directory.
+func readRecord(dir string) (*record, error) {
+	b, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, errNotRecorded
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r record
+	if err := json.Unmarshal(b, &r); err != nil || r.Sandbox == nil {
+		return nil, fmt.Errorf("decoding sandbox record: %v", err)
+	}
+	r.Sandbox.Config = &runtime.PodSandboxConfig{}
+	if err := proto.Unmarshal(r.Config, r.Sandbox.Config); err != nil {
+		return nil, fmt.Errorf("decoding pod config: %w", err)
+	}
+	return &r, nil
 }
 
 // lostStatus is the exit status of a sandbox that could not be recovered.

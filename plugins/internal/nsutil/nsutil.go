@@ -13,6 +13,8 @@ import (
 	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 )
 
 // Kind names a namespace type as in /proc/PID/ns.
@@ -23,6 +25,7 @@ const (
 	IPC Kind = "ipc"
 	UTS Kind = "uts"
 	Net Kind = "net"
+	PID Kind = "pid"
 )
 
 var cloneFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET}
@@ -101,6 +104,22 @@ func Pin(src, target string) error {
 		return fmt.Errorf("pinning %s at %s: %w", src, target, err)
 	}
 	return nil
+}
+
+// PinOf pins the namespace of kind k of the process pid, if it is still
+// the process that started at start (clock ticks since boot), at target:
+// the namespace is opened first and the process checked after, so that a
+// pid reused meanwhile cannot hand over someone else's namespace.
+func PinOf(pid int, start uint64, k Kind, target string) error {
+	f, err := os.Open(ProcPath(pid, string(k)))
+	if err != nil {
+		return fmt.Errorf("opening the %s namespace of %d: %w", k, pid, err)
+	}
+	defer f.Close()
+	if st, err := proc.ReadStat(pid); err != nil || st.StartTime != start {
+		return fmt.Errorf("process %d is gone: %w", pid, unix.ESRCH)
+	}
+	return Pin(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), target)
 }
 
 // Release unmounts a pinned namespace file and removes it. A missing or

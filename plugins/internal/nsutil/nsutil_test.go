@@ -1,12 +1,15 @@
 package nsutil
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 )
 
 func TestSysctlNamespace(t *testing.T) {
@@ -107,5 +110,33 @@ func TestCreatePinsNamespaces(t *testing.T) {
 	}
 	if now, _ := os.Readlink("/proc/self/ns/uts"); now != self {
 		t.Fatal("the calling thread's namespace changed")
+	}
+}
+
+func TestPinOf(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to bind-mount namespace files")
+	}
+	dir := t.TempDir()
+	self := os.Getpid()
+	st, err := proc.ReadStat(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(dir, "pid")
+	if err := PinOf(self, st.StartTime+1, PID, target); !errors.Is(err, unix.ESRCH) {
+		t.Fatalf("pinning with a wrong start time: %v", err)
+	}
+	if err := PinOf(self, st.StartTime, PID, target); err != nil {
+		t.Fatal(err)
+	}
+	defer Release(target)
+	want, _ := os.Readlink(ProcPath(self, "pid"))
+	var a, b unix.Stat_t
+	if err := unix.Stat(target, &a); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(ProcPath(self, "pid"), &b); err != nil || a.Ino != b.Ino {
+		t.Fatalf("pinned %d, want the namespace %s (%d): %v", a.Ino, want, b.Ino, err)
 	}
 }
