@@ -81,9 +81,18 @@ const (
 // KVMDevice is where KVM is.
 const KVMDevice = "/dev/kvm"
 
-// KVMUsable reports why KVM cannot be used, or nil.
+// KVMUsable reports why KVM cannot run the guest, or nil. Having a
+// /dev/kvm is not enough: some cloud VMs offer KVM without hardware
+// virtualisation (kvm-pvm, which only runs guests whose kernel is built for
+// it), so the CPU must also have VMX or SVM.
 func KVMUsable() error {
-	f, err := os.OpenFile(KVMDevice, os.O_RDWR, 0)
+	cpuinfo, _ := os.ReadFile("/proc/cpuinfo")
+	_, pvm := os.Stat("/sys/module/kvm_pvm")
+	return kvmUsable(KVMDevice, cpuinfo, pvm == nil)
+}
+
+func kvmUsable(dev string, cpuinfo []byte, pvm bool) error {
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
 	if err != nil {
 		return err
 	}
@@ -91,12 +100,34 @@ func KVMUsable() error {
 	// KVM_GET_API_VERSION; 12 is the only stable API there has ever been.
 	v, err := unix.IoctlRetInt(int(f.Fd()), 0xAE00)
 	if err != nil {
-		return fmt.Errorf("%s: KVM_GET_API_VERSION: %w", KVMDevice, err)
+		return fmt.Errorf("%s: KVM_GET_API_VERSION: %w", dev, err)
 	}
 	if v != 12 {
-		return fmt.Errorf("%s: KVM API version %d, want 12", KVMDevice, v)
+		return fmt.Errorf("%s: KVM API version %d, want 12", dev, v)
+	}
+	if !hasCPUFlag(cpuinfo, "vmx") && !hasCPUFlag(cpuinfo, "svm") {
+		if pvm {
+			return fmt.Errorf("%s is kvm-pvm (no VMX/SVM on this CPU): it runs only PVM-enabled guest kernels", dev)
+		}
+		return fmt.Errorf("%s is there but the CPU has no hardware virtualisation (VMX/SVM)", dev)
 	}
 	return nil
+}
+
+// hasCPUFlag reports whether the first CPU of /proc/cpuinfo has flag.
+func hasCPUFlag(cpuinfo []byte, flag string) bool {
+	for _, l := range strings.Split(string(cpuinfo), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.TrimSpace(k) == "flags" {
+			for _, f := range strings.Fields(v) {
+				if f == flag {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	return false
 }
 
 // ResolveAccel turns the configured accelerator ("auto", "kvm", "tcg" or

@@ -2,6 +2,8 @@ package hypervisor
 
 import (
 	"errors"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -58,5 +60,28 @@ func TestValidate(t *testing.T) {
 		if tc.bad != (err != nil) || (err != nil && !errdefs.IsInvalidArgument(err)) {
 			t.Errorf("%s: %v", tc.name, err)
 		}
+	}
+}
+
+func TestKVMUsable(t *testing.T) {
+	withVMX := []byte("processor\t: 0\nflags\t\t: fpu vme vmx sse\n\nprocessor\t: 1\nflags\t\t: fpu vme vmx sse\n")
+	noVirt := []byte("processor\t: 0\nflags\t\t: fpu vme sse hypervisor\n")
+	if hasCPUFlag(noVirt, "vmx") || !hasCPUFlag(withVMX, "vmx") || hasCPUFlag(withVMX, "vm") {
+		t.Error("hasCPUFlag")
+	}
+	// /dev/null answers no KVM ioctl; a missing device fails to open.
+	if err := kvmUsable("/nonexistent/kvm", withVMX, false); err == nil {
+		t.Error("missing device usable")
+	}
+	if err := kvmUsable("/dev/null", withVMX, false); err == nil {
+		t.Error("/dev/null usable as KVM")
+	}
+	if _, err := os.Stat(KVMDevice); err == nil {
+		err := kvmUsable(KVMDevice, noVirt, true)
+		if err == nil || !strings.Contains(err.Error(), "kvm-pvm") {
+			t.Errorf("KVM without VMX/SVM: %v", err)
+		}
+	} else {
+		t.Logf("no %s here: the check of a KVM without VMX/SVM is not exercised", KVMDevice)
 	}
 }
