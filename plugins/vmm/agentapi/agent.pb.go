@@ -447,6 +447,255 @@ func (x *ShutdownRequest) GetReboot() bool {
 	return false
 }
 
+type Interface struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// mac finds the guest's NIC (the host gave the NIC the pod
+	// interface's MAC).
+	Mac string `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	// name the NIC gets in the guest (eth0).
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Mtu  uint32 `protobuf:"varint,3,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// addresses in CIDR notation (10.1.2.3/24, fd00::3/64); they replace
+	// what the NIC had, link-local addresses aside.
+	Addresses     []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Interface) Reset() {
+	*x = Interface{}
+	mi := &file_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Interface) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Interface) ProtoMessage() {}
+
+func (x *Interface) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Interface.ProtoReflect.Descriptor instead.
+func (*Interface) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Interface) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *Interface) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Interface) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+func (x *Interface) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+type Route struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// destination in CIDR notation; empty for the default route.
+	Destination string `protobuf:"bytes,1,opt,name=destination,proto3" json:"destination,omitempty"`
+	Gateway     string `protobuf:"bytes,2,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	Source      string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
+	// device is the name of an interface of the request.
+	Device string `protobuf:"bytes,4,opt,name=device,proto3" json:"device,omitempty"`
+	// link: the destination is on the link (no gateway).
+	Link          bool   `protobuf:"varint,5,opt,name=link,proto3" json:"link,omitempty"`
+	Metric        uint32 `protobuf:"varint,6,opt,name=metric,proto3" json:"metric,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Route) Reset() {
+	*x = Route{}
+	mi := &file_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Route) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Route) ProtoMessage() {}
+
+func (x *Route) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Route.ProtoReflect.Descriptor instead.
+func (*Route) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Route) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *Route) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *Route) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *Route) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *Route) GetLink() bool {
+	if x != nil {
+		return x.Link
+	}
+	return false
+}
+
+func (x *Route) GetMetric() uint32 {
+	if x != nil {
+		return x.Metric
+	}
+	return 0
+}
+
+type SetupNetworkRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Interfaces []*Interface           `protobuf:"bytes,1,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	// routes are added (replaced) after every interface is up.
+	Routes        []*Route `protobuf:"bytes,2,rep,name=routes,proto3" json:"routes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetupNetworkRequest) Reset() {
+	*x = SetupNetworkRequest{}
+	mi := &file_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetupNetworkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetupNetworkRequest) ProtoMessage() {}
+
+func (x *SetupNetworkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetupNetworkRequest.ProtoReflect.Descriptor instead.
+func (*SetupNetworkRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SetupNetworkRequest) GetInterfaces() []*Interface {
+	if x != nil {
+		return x.Interfaces
+	}
+	return nil
+}
+
+func (x *SetupNetworkRequest) GetRoutes() []*Route {
+	if x != nil {
+		return x.Routes
+	}
+	return nil
+}
+
+type SetupNetworkResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetupNetworkResponse) Reset() {
+	*x = SetupNetworkResponse{}
+	mi := &file_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetupNetworkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetupNetworkResponse) ProtoMessage() {}
+
+func (x *SetupNetworkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetupNetworkResponse.ProtoReflect.Descriptor instead.
+func (*SetupNetworkResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{10}
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -479,12 +728,31 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"guest_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\tguestTime\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
-	"\x06reboot\x18\x01 \x01(\bR\x06reboot2\xcd\x02\n" +
+	"\x06reboot\x18\x01 \x01(\bR\x06reboot\"a\n" +
+	"\tInterface\x12\x10\n" +
+	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
+	"\x03mtu\x18\x03 \x01(\rR\x03mtu\x12\x1c\n" +
+	"\taddresses\x18\x04 \x03(\tR\taddresses\"\x9f\x01\n" +
+	"\x05Route\x12 \n" +
+	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
+	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +
+	"\x06source\x18\x03 \x01(\tR\x06source\x12\x16\n" +
+	"\x06device\x18\x04 \x01(\tR\x06device\x12\x12\n" +
+	"\x04link\x18\x05 \x01(\bR\x04link\x12\x16\n" +
+	"\x06metric\x18\x06 \x01(\rR\x06metric\"\x89\x01\n" +
+	"\x13SetupNetworkRequest\x12>\n" +
+	"\n" +
+	"interfaces\x18\x01 \x03(\v2\x1e.kuasar.vmm.agent.v1.InterfaceR\n" +
+	"interfaces\x122\n" +
+	"\x06routes\x18\x02 \x03(\v2\x1a.kuasar.vmm.agent.v1.RouteR\x06routes\"\x16\n" +
+	"\x14SetupNetworkResponse2\xb2\x03\n" +
 	"\x05Agent\x12N\n" +
 	"\x05Hello\x12!.kuasar.vmm.agent.v1.HelloRequest\x1a\".kuasar.vmm.agent.v1.HelloResponse\x12N\n" +
 	"\x05Check\x12!.kuasar.vmm.agent.v1.CheckRequest\x1a\".kuasar.vmm.agent.v1.CheckResponse\x12Z\n" +
 	"\tSyncClock\x12%.kuasar.vmm.agent.v1.SyncClockRequest\x1a&.kuasar.vmm.agent.v1.SyncClockResponse\x12H\n" +
-	"\bShutdown\x12$.kuasar.vmm.agent.v1.ShutdownRequest\x1a\x16.google.protobuf.EmptyBFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
+	"\bShutdown\x12$.kuasar.vmm.agent.v1.ShutdownRequest\x1a\x16.google.protobuf.Empty\x12c\n" +
+	"\fSetupNetwork\x12(.kuasar.vmm.agent.v1.SetupNetworkRequest\x1a).kuasar.vmm.agent.v1.SetupNetworkResponseBFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -498,7 +766,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_agent_proto_goTypes = []any{
 	(*HelloRequest)(nil),          // 0: kuasar.vmm.agent.v1.HelloRequest
 	(*HelloResponse)(nil),         // 1: kuasar.vmm.agent.v1.HelloResponse
@@ -507,27 +775,35 @@ var file_agent_proto_goTypes = []any{
 	(*SyncClockRequest)(nil),      // 4: kuasar.vmm.agent.v1.SyncClockRequest
 	(*SyncClockResponse)(nil),     // 5: kuasar.vmm.agent.v1.SyncClockResponse
 	(*ShutdownRequest)(nil),       // 6: kuasar.vmm.agent.v1.ShutdownRequest
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 8: google.protobuf.Empty
+	(*Interface)(nil),             // 7: kuasar.vmm.agent.v1.Interface
+	(*Route)(nil),                 // 8: kuasar.vmm.agent.v1.Route
+	(*SetupNetworkRequest)(nil),   // 9: kuasar.vmm.agent.v1.SetupNetworkRequest
+	(*SetupNetworkResponse)(nil),  // 10: kuasar.vmm.agent.v1.SetupNetworkResponse
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 12: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	7, // 0: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
-	7, // 1: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
-	7, // 2: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
-	7, // 3: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
-	0, // 4: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
-	2, // 5: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
-	4, // 6: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
-	6, // 7: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
-	1, // 8: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
-	3, // 9: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
-	5, // 10: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
-	8, // 11: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	8, // [8:12] is the sub-list for method output_type
-	4, // [4:8] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	11, // 0: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
+	11, // 1: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
+	11, // 2: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
+	11, // 3: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
+	7,  // 4: kuasar.vmm.agent.v1.SetupNetworkRequest.interfaces:type_name -> kuasar.vmm.agent.v1.Interface
+	8,  // 5: kuasar.vmm.agent.v1.SetupNetworkRequest.routes:type_name -> kuasar.vmm.agent.v1.Route
+	0,  // 6: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
+	2,  // 7: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
+	4,  // 8: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
+	6,  // 9: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
+	9,  // 10: kuasar.vmm.agent.v1.Agent.SetupNetwork:input_type -> kuasar.vmm.agent.v1.SetupNetworkRequest
+	1,  // 11: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
+	3,  // 12: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
+	5,  // 13: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
+	12, // 14: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	10, // 15: kuasar.vmm.agent.v1.Agent.SetupNetwork:output_type -> kuasar.vmm.agent.v1.SetupNetworkResponse
+	11, // [11:16] is the sub-list for method output_type
+	6,  // [6:11] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -541,7 +817,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

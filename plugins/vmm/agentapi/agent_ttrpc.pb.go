@@ -13,6 +13,7 @@ type AgentService interface {
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	SyncClock(context.Context, *SyncClockRequest) (*SyncClockResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*emptypb.Empty, error)
+	SetupNetwork(context.Context, *SetupNetworkRequest) (*SetupNetworkResponse, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -45,6 +46,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Shutdown(ctx, &req)
+			},
+			"SetupNetwork": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req SetupNetworkRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.SetupNetwork(ctx, &req)
 			},
 		},
 	})
@@ -87,6 +95,14 @@ func (c *agentClient) SyncClock(ctx context.Context, req *SyncClockRequest) (*Sy
 func (c *agentClient) Shutdown(ctx context.Context, req *ShutdownRequest) (*emptypb.Empty, error) {
 	var resp emptypb.Empty
 	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "Shutdown", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) SetupNetwork(ctx context.Context, req *SetupNetworkRequest) (*SetupNetworkResponse, error) {
+	var resp SetupNetworkResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "SetupNetwork", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

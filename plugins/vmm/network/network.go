@@ -27,6 +27,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 )
 
 // Interface is a network interface of the pod, as the guest must set it
@@ -292,4 +294,36 @@ func createTap(name string) (*os.File, error) {
 		return nil, fmt.Errorf("TUNSETIFF: %w", err)
 	}
 	return os.NewFile(uintptr(fd), "/dev/net/tun:"+name), nil
+}
+
+// SetupRequest is the agent call that gives the guest's NICs the pod
+// interfaces' addresses and routes (each NIC found by its MAC, which the
+// hypervisor gave it from the interface). Routes the kernel adds by itself
+// with an address are left to the guest's kernel.
+func SetupRequest(ifaces ...Interface) *agentapi.SetupNetworkRequest {
+	req := &agentapi.SetupNetworkRequest{}
+	for _, ifc := range ifaces {
+		ai := &agentapi.Interface{Mac: ifc.MAC, Name: ifc.Name, Mtu: uint32(ifc.MTU)}
+		for _, a := range ifc.Addrs {
+			ai.Addresses = append(ai.Addresses, a.String())
+		}
+		req.Interfaces = append(req.Interfaces, ai)
+		for _, r := range ifc.Routes {
+			if r.Kernel {
+				continue
+			}
+			ar := &agentapi.Route{Device: ifc.Name, Link: r.Link, Metric: uint32(r.Metric)}
+			if r.Dst.IsValid() {
+				ar.Destination = r.Dst.String()
+			}
+			if r.Gateway.IsValid() {
+				ar.Gateway = r.Gateway.String()
+			}
+			if r.Src.IsValid() {
+				ar.Source = r.Src.String()
+			}
+			req.Routes = append(req.Routes, ar)
+		}
+	}
+	return req
 }

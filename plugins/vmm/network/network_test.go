@@ -125,6 +125,11 @@ func TestAttach(t *testing.T) {
 	if !dflt || !subnet {
 		t.Errorf("routes %+v", ifc.Routes)
 	}
+	req := SetupRequest(ifc)
+	if len(req.Interfaces) != 1 || req.Interfaces[0].Mac != ifc.MAC || req.Interfaces[0].Addresses[0] != "10.99.0.2/24" ||
+		len(req.Routes) != 1 || req.Routes[0].Gateway != "10.99.0.1" || req.Routes[0].Destination != "" || req.Routes[0].Device != "eth0" {
+		t.Errorf("agent request %v", req)
+	}
 	tap, err := pod.LinkByName(att.TapName)
 	if err != nil {
 		t.Fatal(err)
