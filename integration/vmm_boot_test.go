@@ -56,6 +56,9 @@ func TestVMMBoot(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
 			b := bootVM(ctx, t, img, accel, memMiB, tbMiB)
+			if b.hello == 0 {
+				t.Fatal("the session started without the agent's hello")
+			}
 			toHello = append(toHello, b.hello)
 			toReady = append(toReady, b.ready)
 
@@ -87,48 +90,62 @@ func TestVMMBoot(t *testing.T) {
 
 // bootedVM is a VM of the test and what reaches it.
 type bootedVM struct {
-	st     hypervisor.State
-	vm     *qemu.VM
-	cmd    *exec.Cmd
-	conn   net.Conn
-	client *ttrpc.Client
-	agent  agentapi.AgentService
-	hello  time.Duration // exec to the first channel hello
-	ready  time.Duration // exec to Hello's reply
-	reaped chan struct{}
+	st      hypervisor.State
+	vm      *qemu.VM
+	cmd     *exec.Cmd
+	conn    net.Conn
+	client  *ttrpc.Client
+	agent   agentapi.AgentService
+	hello   time.Duration // exec to the first channel hello (0: none heard)
+	ready   time.Duration // exec to Hello's reply
+	started time.Time
+	reaped  chan struct{}
 }
 
 func bootVM(ctx context.Context, t *testing.T, img *guest.Image, accel hypervisor.Accel, memMiB, tbMiB int) *bootedVM {
 	t.Helper()
+	b := spawnVM(ctx, t, vmConfig(t, img, accel, memMiB, tbMiB))
+	b.dialAgent(ctx, t)
+	return b
+}
+
+// vmConfig is the test's VM, in a run directory of its own.
+func vmConfig(t *testing.T, img *guest.Image, accel hypervisor.Accel, memMiB, tbMiB int) hypervisor.Config {
 	// A short run directory: Unix socket paths are limited to 107 bytes.
 	runDir, err := os.MkdirTemp("", "kv-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := hypervisor.Config{
+	t.Cleanup(func() { os.RemoveAll(runDir) })
+	return hypervisor.Config{
 		ID: filepath.Base(runDir), RunDir: runDir, Kernel: img.Kernel, Initrd: img.Initrd,
 		VCPUs: 1, MemoryMiB: memMiB, Accel: accel, TBSizeMiB: tbMiB, HotplugSlots: 1,
 	}
+}
+
+// spawnVM prepares and starts QEMU (as the test's child; the keeper's in
+// the daemon) and attaches to it.
+func spawnVM(ctx context.Context, t *testing.T, cfg hypervisor.Config) *bootedVM {
+	t.Helper()
 	launch, st, err := qemu.Driver{}.Prepare(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(launch.Path, launch.Args...)
 	cmd.Dir = launch.Dir
-	out, err := os.Create(filepath.Join(runDir, "qemu.out"))
+	out, err := os.Create(filepath.Join(cfg.RunDir, "qemu.out"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer out.Close()
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	start := time.Now()
+	b := &bootedVM{st: st, cmd: cmd, reaped: make(chan struct{}), started: time.Now()}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	b := &bootedVM{st: st, cmd: cmd, reaped: make(chan struct{})}
 	go func() { cmd.Wait(); close(b.reaped) }()
-	t.Cleanup(func() { b.kill(t); os.RemoveAll(runDir) })
+	t.Cleanup(func() { b.kill(t) })
 
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
@@ -138,21 +155,25 @@ func bootVM(ctx context.Context, t *testing.T, img *guest.Image, accel hyperviso
 	if b.st.Pid != cmd.Process.Pid {
 		t.Errorf("pid file says %d, QEMU is %d", b.st.Pid, cmd.Process.Pid)
 	}
-	conn, err := vm.DialAgent(ctx)
+	return b
+}
+
+// dialAgent starts a session with the agent and says Hello, timing both
+// from QEMU's exec.
+func (b *bootedVM) dialAgent(ctx context.Context, t *testing.T) {
+	t.Helper()
+	conn, err := b.vm.DialAgent(ctx)
 	if err != nil {
 		t.Fatalf("agent channel: %v%s", err, b.logs())
 	}
-	_, helloAt := conn.(*channel.Conn).Hello()
-	if helloAt.IsZero() {
-		t.Fatal("the session started without the agent's hello")
+	if _, helloAt := conn.(*channel.Conn).Hello(); !helloAt.IsZero() {
+		b.hello = helloAt.Sub(b.started)
 	}
-	b.hello = helloAt.Sub(start)
 	b.connect(conn)
 	if _, err := b.agent.Hello(ctx, &agentapi.HelloRequest{Version: agentapi.ProtocolVersion}); err != nil {
 		t.Fatalf("Hello: %v%s", err, b.logs())
 	}
-	b.ready = time.Since(start)
-	return b
+	b.ready = time.Since(b.started)
 }
 
 func (b *bootedVM) connect(conn net.Conn) {

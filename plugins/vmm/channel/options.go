@@ -16,7 +16,7 @@ type options struct {
 func defaults(opts []Option) options {
 	o := options{
 		retryMin: 50 * time.Millisecond, retryMax: time.Second,
-		pollMin: 2 * time.Millisecond, pollMax: 100 * time.Millisecond,
+		pollMin: 2 * time.Millisecond, pollMax: 25 * time.Millisecond,
 		helloInterval: 500 * time.Millisecond,
 	}
 	for _, opt := range opts {
