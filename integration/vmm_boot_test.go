@@ -4,6 +4,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -66,6 +67,7 @@ func TestVMMBoot(t *testing.T) {
 			if i == 0 {
 				checkAgent(ctx, t, b)
 				checkReconnect(ctx, t, b)
+				checkReattach(ctx, t, b)
 				pss := waitModulesThenPSS(ctx, t, b)
 				t.Logf("QEMU PSS with the agent idle, modules loaded: %.1f MiB", float64(pss)/1024)
 				// Stop through the agent: the guest powers off, QEMU exits.
@@ -133,7 +135,7 @@ func spawnVM(ctx context.Context, t *testing.T, cfg hypervisor.Config) *bootedVM
 	}
 	cmd := exec.Command(launch.Path, launch.Args...)
 	cmd.Dir = launch.Dir
-	out, err := os.Create(filepath.Join(cfg.RunDir, "qemu.out"))
+	out, err := os.Create(launch.Log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +190,7 @@ func (b *bootedVM) connect(conn net.Conn) {
 // logs returns QEMU's output and the guest console, for failures.
 func (b *bootedVM) logs() string {
 	var s strings.Builder
-	for _, f := range []string{filepath.Join(b.st.RunDir, "qemu.out"), b.st.ConsoleLog} {
+	for _, f := range []string{filepath.Join(b.st.RunDir, "qemu.log"), b.st.ConsoleLog} {
 		if data, err := os.ReadFile(f); err == nil && len(data) > 0 {
 			fmt.Fprintf(&s, "\n--- %s:\n%s", f, data[max(0, len(data)-4000):])
 		}
@@ -324,6 +326,38 @@ func checkReconnect(ctx context.Context, t *testing.T, b *bootedVM) {
 		t.Fatalf("Check on the new session: %v", err)
 	}
 	t.Logf("reconnected after a cut frame in %v", time.Since(start))
+}
+
+// checkReattach does what a restarted daemon does: it drops its handle on
+// the VM, attaches again from the JSON record alone, and reaches the agent.
+func checkReattach(ctx context.Context, t *testing.T, b *bootedVM) {
+	rec, err := json.Marshal(b.vm.State())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.client.Close()
+	b.vm.Close()
+	var st hypervisor.State
+	if err := json.Unmarshal(rec, &st); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := qemu.Attach(ctx, st)
+	if err != nil {
+		t.Fatalf("attaching again from %s: %v", rec, err)
+	}
+	b.vm = vm
+	if s, err := vm.QMP().QueryStatus(ctx); err != nil || !s.Running {
+		t.Fatalf("status after attaching again: %+v %v", s, err)
+	}
+	conn, err := vm.DialAgent(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.connect(conn)
+	if _, err := b.agent.Hello(ctx, &agentapi.HelloRequest{}); err != nil {
+		t.Fatalf("Hello after attaching again: %v", err)
+	}
+	t.Logf("attached again from a %d-byte record", len(rec))
 }
 
 // cutConn passes writes through until armed, then lets n bytes of the

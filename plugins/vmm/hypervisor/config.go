@@ -185,6 +185,9 @@ type Launch struct {
 	Args []string // without Path
 	Env  []string
 	Dir  string
+	// Log is where the VMM's own output (stdout and stderr) should go;
+	// the guest's console is State.ConsoleLog.
+	Log string
 }
 
 // State is a VM's record: enough for any later daemon to attach to it

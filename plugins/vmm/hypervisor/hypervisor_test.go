@@ -1,6 +1,7 @@
 package hypervisor
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"strings"
@@ -83,5 +84,18 @@ func TestKVMUsable(t *testing.T) {
 		}
 	} else {
 		t.Logf("no %s here: the check of a KVM without VMX/SVM is not exercised", KVMDevice)
+	}
+}
+
+func TestStateJSON(t *testing.T) {
+	st := State{Hypervisor: "qemu", ID: "p", Pid: 42, StartTime: 7, RunDir: "/run/x", PidFile: "/run/x/qemu.pid",
+		ControlSocket: "/run/x/qmp.sock", ConsoleLog: "/run/x/console.log", Channel: ChannelSerial, ChannelSocket: "/run/x/agent.sock", Accel: AccelTCG}
+	b, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got State
+	if err := json.Unmarshal(b, &got); err != nil || got != st {
+		t.Fatalf("round trip: %+v %v (%s)", got, err, b)
 	}
 }

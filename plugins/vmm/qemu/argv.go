@@ -16,6 +16,7 @@ const (
 	qmpSocketName  = "qmp.sock"
 	agentSocket    = "agent.sock"
 	consoleLogName = "console.log"
+	logName        = "qemu.log"
 )
 
 // memoryID is the id of the guest RAM backend. It names the RAM block in

@@ -80,7 +80,8 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 		return nil, hypervisor.State{}, fmt.Errorf("vm run directory: %w", err)
 	}
 	st := stateOf(cfg)
-	for _, f := range []string{st.PidFile, st.ControlSocket, st.ChannelSocket, st.ConsoleLog} {
+	logPath := filepath.Join(cfg.RunDir, logName)
+	for _, f := range []string{st.PidFile, st.ControlSocket, st.ChannelSocket, st.ConsoleLog, logPath} {
 		if f != "" {
 			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return nil, hypervisor.State{}, err
@@ -88,7 +89,7 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 		}
 	}
 	log.G(ctx).WithField("vm", cfg.ID).WithField("accel", cfg.Accel).Debug("qemu prepared")
-	return &hypervisor.Launch{Path: bin, Args: Argv(cfg), Dir: cfg.RunDir}, st, nil
+	return &hypervisor.Launch{Path: bin, Args: Argv(cfg), Dir: cfg.RunDir, Log: logPath}, st, nil
 }
 
 func stateOf(cfg hypervisor.Config) hypervisor.State {
