@@ -331,3 +331,38 @@ func TestTTRPC(t *testing.T) {
 		client.Close()
 	}
 }
+
+// TestHelloRace: a guest that is about to say hello when a session
+// starts must not say it after acknowledging the session (the host would
+// take it for a restart).
+func TestHelloRace(t *testing.T) {
+	lk := newLink()
+	opts := []Option{WithRetry(time.Millisecond, 5*time.Millisecond), WithPoll(time.Millisecond, 2*time.Millisecond), WithHello([]byte("hi"), time.Millisecond)}
+	l := Listen(lk.open(), opts...)
+	defer l.Close()
+	// Once a hello is decided, give a session that starts meanwhile the
+	// time to be acknowledged before the hello goes.
+	l.mu.Lock()
+	l.afterIdle = func() {
+		for deadline := time.Now().Add(20 * time.Millisecond); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			l.mu.Lock()
+			started := l.cur != nil
+			l.mu.Unlock()
+			if started {
+				time.Sleep(5 * time.Millisecond)
+				return
+			}
+		}
+	}
+	l.mu.Unlock()
+	for range 20 {
+		host, err := Client(testCtx(t), lk.connect(), opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		guest := accept(t, l)
+		time.Sleep(5 * time.Millisecond)
+		roundTrip(t, host, guest, 10)
+		host.Close()
+	}
+}

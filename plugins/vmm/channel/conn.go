@@ -44,6 +44,14 @@ type deadliner interface{ SetWriteDeadline(time.Time) error }
 
 // write writes one frame, preceded by the sync filler when sync is set.
 func (w *writer) write(typ byte, session uint32, payload []byte, sync bool, deadline time.Time) error {
+	_, err := w.writeIf(nil, typ, session, payload, sync, deadline)
+	return err
+}
+
+// writeIf is write, done only if cond (unless nil) holds once the writer
+// is taken: what cond checks cannot change between the check and the
+// frame unless it changes by a write. It reports whether it wrote.
+func (w *writer) writeIf(cond func() bool, typ byte, session uint32, payload []byte, sync bool, deadline time.Time) (bool, error) {
 	if deadline.IsZero() {
 		<-w.sem
 	} else {
@@ -52,10 +60,13 @@ func (w *writer) write(typ byte, session uint32, payload []byte, sync bool, dead
 		case <-w.sem:
 			t.Stop()
 		case <-t.C:
-			return os.ErrDeadlineExceeded
+			return false, os.ErrDeadlineExceeded
 		}
 	}
 	defer func() { w.sem <- struct{}{} }()
+	if cond != nil && !cond() {
+		return false, nil
+	}
 	w.b = w.b[:0]
 	if sync {
 		w.b = append(w.b, make([]byte, syncLen)...)
@@ -63,14 +74,14 @@ func (w *writer) write(typ byte, session uint32, payload []byte, sync bool, dead
 	w.b = appendFrame(w.b, typ, session, payload)
 	if d, ok := w.w.(deadliner); ok {
 		if err := d.SetWriteDeadline(deadline); err != nil && !errors.Is(err, os.ErrNoDeadline) {
-			return err
+			return false, err
 		}
 	}
 	_, err := w.w.Write(w.b)
 	if len(w.b) > 4*syncLen {
 		w.b = nil // do not keep a large buffer
 	}
-	return err
+	return true, err
 }
 
 // Conn is one session of a channel: a reliable, ordered byte stream as a

@@ -34,6 +34,8 @@ type Listener struct {
 	wake    chan struct{}
 	done    chan struct{}
 	closed  bool
+	// afterIdle, in tests, runs once a hello is decided, before it goes.
+	afterIdle func()
 }
 
 // Listen serves sessions over port until Close. The Listener owns port.
@@ -220,12 +222,11 @@ func (l *Listener) hellos() {
 		case <-t.C:
 		case <-l.wake:
 		}
-		l.mu.Lock()
-		idle := l.cur == nil
-		l.mu.Unlock()
-		if idle {
-			_ = l.w.write(typeHello, 0, l.o.hello, false, time.Time{})
-		}
+		// Idle is checked with the writer held: a session that starts
+		// meanwhile writes its acknowledgement after this hello, never
+		// before it (a hello after the acknowledgement would tell the host
+		// that the guest lost its session).
+		_, _ = l.w.writeIf(l.idle, typeHello, 0, l.o.hello, false, time.Time{})
 		if !t.Stop() {
 			select {
 			case <-t.C:
@@ -234,4 +235,15 @@ func (l *Listener) hellos() {
 		}
 		t.Reset(l.o.helloInterval)
 	}
+}
+
+// idle reports whether the guest has no session.
+func (l *Listener) idle() bool {
+	l.mu.Lock()
+	idle, hook := l.cur == nil, l.afterIdle
+	l.mu.Unlock()
+	if idle && hook != nil {
+		hook()
+	}
+	return idle
 }
