@@ -439,13 +439,6 @@ func guestImage(t *testing.T) *guest.Image {
 	return img
 }
 
-func envInt(name string, def int) int {
-	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
-		return v
-	}
-	return def
-}
-
 func p50(ds []time.Duration) time.Duration {
 	if len(ds) == 0 {
 		return 0

@@ -63,10 +63,11 @@ func TestVMMNetwork(t *testing.T) {
 	if err != nil {
 		t.Fatalf("AddNIC: %v%s", err, b.logs())
 	}
+	added := time.Since(start)
 	if _, err := b.agent.SetupNetwork(ctx, network.SetupRequest(att.Interface)); err != nil {
 		t.Fatalf("SetupNetwork: %v%s", err, b.logs())
 	}
-	t.Logf("NIC hotplugged and configured in %v", time.Since(start))
+	t.Logf("NIC hotplugged (QMP) in %v, seen and configured by the guest %v later", added.Round(time.Millisecond), (time.Since(start) - added).Round(time.Millisecond))
 	rtt, err := ping(peerPath, "10.98.0.2", 30*time.Second)
 	if err != nil {
 		t.Fatalf("ping from the peer to the guest: %v%s", err, b.logs())

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -160,6 +161,14 @@ func TestAttachGone(t *testing.T) {
 	st := hypervisor.State{Hypervisor: Name, ID: "x", Pid: 1 << 22, StartTime: 1, ControlSocket: "/nonexistent"}
 	if _, err := (Driver{}).Attach(context.Background(), st); !errdefs.IsNotFound(err) {
 		t.Fatalf("attach to a gone VM: %v", err)
+	}
+	// A pid file naming a process that is not this VM's QEMU.
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "qemu.pid")
+	os.WriteFile(pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
+	st = hypervisor.State{Hypervisor: Name, ID: "x", PidFile: pidFile, ControlSocket: filepath.Join(dir, "qmp.sock")}
+	if _, err := (Driver{}).Attach(context.Background(), st); !errdefs.IsNotFound(err) {
+		t.Fatalf("attach to a pid that is not QEMU: %v", err)
 	}
 	st.Hypervisor = "firecracker"
 	if _, err := (Driver{}).Attach(context.Background(), st); !errdefs.IsInvalidArgument(err) {

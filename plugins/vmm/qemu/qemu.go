@@ -131,6 +131,11 @@ func Attach(ctx context.Context, st hypervisor.State) (*VM, error) {
 		st.Pid = pid
 	}
 	if st.StartTime == 0 {
+		// First attach: make sure the pid is this VM's QEMU (a pid file
+		// can outlive its process, and the pid be reused), then pin it.
+		if !isQEMUOf(st.Pid, st.ControlSocket) {
+			return nil, fmt.Errorf("pid %d (from %s) is not the QEMU of vm %s: %w", st.Pid, st.PidFile, st.ID, errdefs.ErrNotFound)
+		}
 		st.StartTime = proc.StartTime(st.Pid)
 	}
 	fd, err := proc.OpenPidfd(st.Pid, st.StartTime)
@@ -171,6 +176,12 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Cli
 		}
 	}
 	return q, err
+}
+
+// isQEMUOf reports whether pid's command line names the QMP socket.
+func isQEMUOf(pid int, qmpSocket string) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return err == nil && strings.Contains(string(b), "path="+escape(qmpSocket)+",")
 }
 
 // waitPidFile waits for QEMU to write its pid file (it does so early,
