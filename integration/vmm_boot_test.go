@@ -119,9 +119,16 @@ func vmConfig(t *testing.T, img *guest.Image, accel hypervisor.Accel, memMiB, tb
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(runDir) })
+	// A shared directory as the pod's will be (9p): QEMU must take it; the
+	// guest does not mount it yet.
+	share := filepath.Join(runDir, "shared")
+	if err := os.Mkdir(share, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	return hypervisor.Config{
 		ID: filepath.Base(runDir), RunDir: runDir, Kernel: img.Kernel, Initrd: img.Initrd,
 		VCPUs: 1, MemoryMiB: memMiB, Accel: accel, TBSizeMiB: tbMiB, HotplugSlots: 1,
+		Shares: []hypervisor.Share{{Tag: "kuasar", Path: share}},
 	}
 }
 
