@@ -36,11 +36,16 @@ GOBUILD := go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
 
 # Debian packages the daemon, the tests and the demo use.
 DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static \
-	iproute2 procps psmisc gcc libc6-dev util-linux
+	iproute2 procps psmisc gcc libc6-dev util-linux qemu-system-x86 xz-utils
 
 BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host
 
-.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos FORCE
+# The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
+# it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
+GUEST_OUT := $(OUT)/guest
+GUEST_FILES := vmlinux initramfs.cpio guest.json
+
+.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos guest FORCE
 
 all: build tools
 
@@ -70,6 +75,19 @@ $(BIN)/kuasar-keeper: FORCE
 $(BIN)/kuasar-wasm-host: FORCE
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-wasm-host
+
+$(BIN)/kuasar-vmm-agent: FORCE
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-vmm-agent
+
+## guest: the kuasar-vmm guest image: Debian's kernel (apt-get download of
+## linux-image-amd64) as vmlinux, and an initramfs holding kuasar-vmm-agent as
+## /init, the kernel modules it needs, and runc with its libraries. Reproducible
+## and cached under $(CACHE)/guest (keyed by every input: a rebuild with nothing
+## changed takes milliseconds); linked into $(GUEST_OUT)
+guest: $(BIN)/kuasar-vmm-agent
+	go build -trimpath -o $(BIN)/kuasar-guest-build ./contrib/guest
+	$(BIN)/kuasar-guest-build -cache $(CACHE)/guest -agent $(BIN)/kuasar-vmm-agent -out $(GUEST_OUT)
 
 ## tools: crictl, critest (cri-tools v1.34.0), test image builder, stock baseline
 tools: stock
@@ -117,8 +135,8 @@ unit:
 
 ## e2e: end-to-end tests against a real daemon (needs root)
 E2E_FLAGS ?=
-e2e: build tools
-	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
+e2e: build tools guest
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) KUASAR_GUEST_DIR=$(GUEST_OUT) \
 		go test -count=1 -tags e2e -timeout 30m -v ./integration/ $(E2E_FLAGS) 2>&1 | tee $(OUT)/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
@@ -135,10 +153,12 @@ run: deps build
 demo: deps build tools
 	KUASAR_BIN_DIR=$(BIN) KUASAR_CACHE_DIR=$(CACHE) integration/demo.sh
 
-## install: binaries, node config and systemd unit (honours DESTDIR, PREFIX)
-install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/containerd $(DESTDIR)/etc/systemd/system
+## install: binaries, the kuasar-vmm guest image (under $(PREFIX)/share/kuasar/guest),
+## node config and systemd unit (honours DESTDIR, PREFIX)
+install: build guest
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/kuasar/guest $(DESTDIR)/etc/containerd $(DESTDIR)/etc/systemd/system
 	install -m 0755 $(BINARIES) $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(addprefix $(GUEST_OUT)/,$(GUEST_FILES)) $(DESTDIR)$(PREFIX)/share/kuasar/guest/
 	@if [ -n "$(DESTDIR)" ] || [ ! -e /etc/containerd/config.toml ]; then \
 		install -m 0644 contrib/config.toml $(DESTDIR)/etc/containerd/config.toml; \
 	else echo "keeping existing /etc/containerd/config.toml (see contrib/config.toml)"; fi

@@ -103,13 +103,6 @@ type Report struct {
 	Ratios   map[string]float64 `json:"ratios_kuasar_over_stock"`
 }
 
-func envInt(name string, def int) int {
-	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
-		return v
-	}
-	return def
-}
-
 func TestBench(t *testing.T) {
 	n := envInt("KUASAR_BENCH_PODS", 50)
 	outDir := os.Getenv("KUASAR_BENCH_OUT")

@@ -591,3 +591,11 @@ func waitPort(addr string, d time.Duration) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// envInt reads a positive integer setting from the environment.
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}

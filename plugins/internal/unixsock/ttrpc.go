@@ -19,20 +19,25 @@ import (
 // errors cross the wire with their errdefs class (errgrpc codes), and a
 // panic in a call is that call's error, not the end of the server.
 func NewServer(name string) (*ttrpc.Server, error) {
-	return ttrpc.NewServer(
-		ttrpc.WithServerHandshaker(sameUser{}),
-		ttrpc.WithUnaryServerInterceptor(func(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (resp any, err error) {
-			defer func() {
-				if r := recover(); r != nil {
-					log.G(ctx).WithField("panic", r).WithField("method", info.FullMethod).
-						WithField("stack", string(debug.Stack())).Error(name + " call panicked")
-					resp, err = nil, errgrpc.ToGRPC(fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal))
-				}
-			}()
-			resp, err = method(ctx, unmarshal)
-			return resp, errgrpc.ToGRPC(err)
-		}),
-	)
+	return ttrpc.NewServer(ttrpc.WithServerHandshaker(sameUser{}), CallInterceptor(name))
+}
+
+// CallInterceptor makes a ttrpc server send errors with their errdefs class
+// and turn a panic in a call into that call's error (Internal). NewServer
+// uses it; a server on a transport without Unix credentials (the kuasar-vmm
+// agent's channel) uses it alone.
+func CallInterceptor(name string) ttrpc.ServerOpt {
+	return ttrpc.WithUnaryServerInterceptor(func(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (resp any, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				log.G(ctx).WithField("panic", r).WithField("method", info.FullMethod).
+					WithField("stack", string(debug.Stack())).Error(name + " call panicked")
+				resp, err = nil, errgrpc.ToGRPC(fmt.Errorf("%s internal error in %s: %v: %w", name, info.FullMethod, r, errdefs.ErrInternal))
+			}
+		}()
+		resp, err = method(ctx, unmarshal)
+		return resp, errgrpc.ToGRPC(err)
+	})
 }
 
 // sameUser admits clients of the server's own user only (CheckPeer), on
@@ -91,11 +96,18 @@ func Dial(ctx context.Context, socket string, onClose func()) (*ttrpc.Client, er
 	if err != nil {
 		return nil, err
 	}
+	return NewClient(c, onClose), nil
+}
+
+// NewClient makes a ttrpc client on an established connection (a socket,
+// or a kuasar-vmm channel session); onClose runs once it is gone. Errors of
+// calls carry grpc codes: Native turns them back into errdefs classes.
+func NewClient(c net.Conn, onClose func()) *ttrpc.Client {
 	var opts []ttrpc.ClientOpts
 	if onClose != nil {
 		opts = append(opts, ttrpc.WithOnClose(onClose))
 	}
-	return ttrpc.NewClient(c, opts...), nil
+	return ttrpc.NewClient(c, opts...)
 }
 
 // Native returns the error of a ttrpc call with its errdefs class restored.
