@@ -22,6 +22,14 @@ export PATH       := $(BIN):/usr/local/go/bin:$(PATH)
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
+# Where `make install` puts each kind of file (the packages use PREFIX=/usr).
+BINDIR     ?= $(PREFIX)/bin
+LIBEXECDIR ?= $(PREFIX)/libexec
+DATADIR    ?= $(PREFIX)/share
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/systemd/system,/etc/systemd/system)
+# 0: no kuasar-vmm guest image and agent
+WITH_VMM   ?= 1
 
 MODULE             := github.com/kuasar-io/containerd-kuasar
 VERSION            ?= $(shell git describe --tags --match 'v*' --dirty 2>/dev/null || echo v0.1.0-dev)
@@ -40,12 +48,17 @@ DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static 
 
 BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host
 
+# containerd's own commands, built from the containerd release of go.mod with
+# the same flags, shipped beside the daemon as containerd's package ships them.
+STOCK_TOOLS := $(STOCK_BIN)/ctr $(STOCK_BIN)/containerd-shim-runc-v2 $(STOCK_BIN)/containerd-stress
+
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
 GUEST_OUT := $(OUT)/guest
 GUEST_FILES := vmlinux initramfs.cpio guest.json
 
-.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos guest FORCE
+.PHONY: all build deps tools stock stock-tools agent lint unit e2e test demo run install install-files clean bench conformance protos check-protos guest \
+	pkg-deps rpm-sources rpm srpm deb package-test FORCE
 
 all: build tools
 
@@ -80,6 +93,9 @@ $(BIN)/kuasar-vmm-agent: FORCE
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-vmm-agent
 
+## agent: the kuasar-vmm guest agent
+agent: $(BIN)/kuasar-vmm-agent
+
 ## guest: the kuasar-vmm guest image: Debian's kernel (apt-get download of
 ## linux-image-amd64) as vmlinux, and an initramfs holding kuasar-vmm-agent as
 ## /init, the kernel modules it needs, and runc with its libraries. Reproducible
@@ -96,12 +112,16 @@ tools: stock
 	cd integration/tools && go test -c -trimpath -o $(BIN)/critest sigs.k8s.io/cri-tools/cmd/critest
 	go build -trimpath -o $(BIN)/testimages ./integration/cmd/testimages
 
-## stock: stock containerd, its runc shim and ctr, same version and flags
-stock:
+## stock: stock containerd, its runc shim, ctr and containerd-stress, same
+## version and flags
+stock: $(STOCK_BIN)/containerd stock-tools
+
+## stock-tools: containerd's commands that ship beside containerd-kuasar
+stock-tools: $(STOCK_TOOLS)
+
+$(STOCK_BIN)/%: FORCE
 	@mkdir -p $(STOCK_BIN)
-	$(GOBUILD) -o $(STOCK_BIN)/containerd github.com/containerd/containerd/v2/cmd/containerd
-	$(GOBUILD) -o $(STOCK_BIN)/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
-	$(GOBUILD) -o $(STOCK_BIN)/ctr github.com/containerd/containerd/v2/cmd/ctr
+	$(GOBUILD) -o $@ github.com/containerd/containerd/v2/cmd/$*
 
 ## protos: regenerate the ttrpc APIs between our processes (*.proto -> *.pb.go,
 ## committed); needs protoc (Debian protobuf-compiler), the Go plugins are tools
@@ -141,7 +161,7 @@ e2e: build tools guest
 		exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
-test: deps lint unit e2e conformance
+test: deps lint unit e2e conformance package-test
 
 ## run: the daemon in the foreground on the scratch config
 SCRATCH ?= /tmp/containerd-kuasar
@@ -153,16 +173,103 @@ run: deps build
 demo: deps build tools
 	KUASAR_BIN_DIR=$(BIN) KUASAR_CACHE_DIR=$(CACHE) integration/demo.sh
 
-## install: binaries, the kuasar-vmm guest image (under $(PREFIX)/share/kuasar/guest),
-## node config and systemd unit (honours DESTDIR, PREFIX)
-install: build guest
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/kuasar/guest $(DESTDIR)/etc/containerd $(DESTDIR)/etc/systemd/system
-	install -m 0755 $(BINARIES) $(DESTDIR)$(PREFIX)/bin/
-	install -m 0644 $(addprefix $(GUEST_OUT)/,$(GUEST_FILES)) $(DESTDIR)$(PREFIX)/share/kuasar/guest/
-	@if [ -n "$(DESTDIR)" ] || [ ! -e /etc/containerd/config.toml ]; then \
-		install -m 0644 contrib/config.toml $(DESTDIR)/etc/containerd/config.toml; \
-	else echo "keeping existing /etc/containerd/config.toml (see contrib/config.toml)"; fi
-	sed 's#@BINDIR@#$(PREFIX)/bin#g' contrib/systemd/containerd.service > $(DESTDIR)/etc/systemd/system/containerd.service
+## install: the daemon (also as containerd), its helpers, containerd's ctr,
+## containerd-shim-runc-v2 and containerd-stress of the same release, the
+## kuasar-vmm guest image and agent, node config, systemd unit, RuntimeClasses,
+## docs and licences (honours DESTDIR, PREFIX and the *DIR variables above)
+install: build stock-tools $(if $(filter 1,$(WITH_VMM)),agent guest)
+	@$(MAKE) --no-print-directory install-files
+
+## install-files: install what the build made, building nothing (the RPM's
+## %install); the file list is the packages' (make package-test checks it)
+install-files:
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSCONFDIR)/containerd $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(DATADIR)/containerd-kuasar $(DESTDIR)$(DATADIR)/doc/containerd-kuasar $(DESTDIR)$(DATADIR)/licenses/containerd-kuasar
+	install -m 0755 $(BINARIES) $(STOCK_TOOLS) $(DESTDIR)$(BINDIR)/
+	ln -sfn containerd-kuasar $(DESTDIR)$(BINDIR)/containerd
+	@if [ -n "$(DESTDIR)" ] || [ ! -e $(SYSCONFDIR)/containerd/config.toml ]; then \
+		echo "install -m 0644 contrib/config.toml $(DESTDIR)$(SYSCONFDIR)/containerd/config.toml"; \
+		install -m 0644 contrib/config.toml $(DESTDIR)$(SYSCONFDIR)/containerd/config.toml; \
+	else echo "keeping existing $(SYSCONFDIR)/containerd/config.toml (see contrib/config.toml)"; fi
+	sed 's#@BINDIR@#$(BINDIR)#g' contrib/systemd/containerd.service > $(DESTDIR)$(UNITDIR)/containerd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/containerd.service
+	install -m 0644 contrib/kubernetes/runtimeclasses.yaml $(DESTDIR)$(DATADIR)/containerd-kuasar/
+	install -m 0644 README.md RELEASES.md $(DESTDIR)$(DATADIR)/doc/containerd-kuasar/
+	install -m 0644 LICENSE NOTICE $(DESTDIR)$(DATADIR)/licenses/containerd-kuasar/
+ifeq ($(WITH_VMM),1)
+	install -d $(DESTDIR)$(LIBEXECDIR)/kuasar $(DESTDIR)$(DATADIR)/kuasar/guest $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-vmm
+	install -m 0755 $(BIN)/kuasar-vmm-agent $(DESTDIR)$(LIBEXECDIR)/kuasar/
+	install -m 0644 plugins/vmm/README.md $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-vmm/
+	install -m 0644 $(addprefix $(GUEST_OUT)/,$(GUEST_FILES)) $(DESTDIR)$(DATADIR)/kuasar/guest/
+endif
+
+## ---- packages: RPM (contrib/rpm) and deb (contrib/deb), from this tree, offline
+SPEC         := contrib/rpm/containerd-kuasar.spec
+PKG_VERSION  := $(shell awk '$$1 == "Version:" {print $$2; exit}' $(SPEC))
+PKG_RELEASE  ?= 1
+PKG_OUT      := $(OUT)/pkg
+RPM_TOP      := $(PKG_OUT)/rpmbuild
+RPM_DIR      := $(RPM_TOP)/RPMS/x86_64
+PKG_TREE     := $(PKG_OUT)/tree
+DEB_DIR      := $(PKG_OUT)/deb
+PKG_SOURCE   := $(RPM_TOP)/SOURCES/containerd-kuasar-$(PKG_VERSION).tar.gz
+PKG_GUEST    := $(RPM_TOP)/SOURCES/kuasar-guest-$(PKG_VERSION).tar
+# Debian has no RPM database of its packages, so rpmbuild cannot check
+# BuildRequires here (--nodeps); the payload is compressed fast for CI.
+RPMBUILD_FLAGS ?= --define "_binary_payload w3.zstdio"
+PKG_DEB_PACKAGES := rpm rpmlint
+
+## pkg-deps: rpmbuild and rpmlint (Debian's rpm and rpmlint), if missing
+pkg-deps:
+	@missing=$$(for p in $(PKG_DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## rpm-sources: Source0 (the tree: tracked and new files, not ignored ones)
+## and Source1 (the kuasar-vmm guest image) of the spec
+rpm-sources: guest
+	@mkdir -p $(RPM_TOP)/SOURCES
+	git ls-files -z --cached --others --exclude-standard | \
+		tar --null -T - --ignore-failed-read --warning=no-failed-read --sort=name \
+			--transform 's,^,containerd-kuasar-$(PKG_VERSION)/,' -czf $(PKG_SOURCE)
+	tar -chf $(PKG_GUEST) -C $(GUEST_OUT) --transform 's,^,guest/,' $(GUEST_FILES)
+
+## rpm: containerd-kuasar and containerd-kuasar-vmm RPMs (PKG_RELEASE=N) in
+## $(RPM_DIR); rpmbuild builds from Source0, offline (the Go module cache is
+## filled by building here first)
+rpm: pkg-deps build stock-tools agent rpm-sources
+	GOPROXY=off rpmbuild -bb --nodeps \
+		--define "_topdir $(RPM_TOP)" \
+		--define "pkg_release $(PKG_RELEASE)" \
+		--define "commit $(REVISION)" \
+		$(if $(wildcard contrib/gvisor/go.mod),--with gvisor) \
+		$(RPMBUILD_FLAGS) $(SPEC)
+
+## srpm: the source RPM (with the guest image as Source1)
+srpm: pkg-deps rpm-sources
+	rpmbuild -bs --nodeps --define "_topdir $(RPM_TOP)" --define "pkg_release $(PKG_RELEASE)" $(SPEC)
+
+## deb: containerd-kuasar and containerd-kuasar-vmm .debs in $(DEB_DIR), made
+## with dpkg-deb from what `make install DESTDIR=$(PKG_TREE) PREFIX=/usr` puts down
+deb: build stock-tools agent guest
+	rm -rf $(PKG_TREE)
+	@$(MAKE) --no-print-directory install-files DESTDIR=$(PKG_TREE) PREFIX=/usr
+	contrib/deb/mkdeb.sh $(PKG_TREE) $(DEB_DIR) $(PKG_VERSION)-$(PKG_RELEASE) $(CONTAINERD_VERSION:v%=%)
+
+## package-test: the packages' file lists against the install tree, rpmlint,
+## the systemd unit (systemd-analyze verify), and the daemon run from the RPM
+## installed in a scratch root: a pod of every handler, kept running across
+## an upgrade to the next release (built here too)
+PKG_NEXT_RELEASE = $(shell echo $$(( $(PKG_RELEASE) + 1 )))
+package-test: deps pkg-deps tools rpm deb
+	@$(MAKE) --no-print-directory rpm PKG_RELEASE=$(PKG_NEXT_RELEASE)
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
+	KUASAR_RPM_DIR=$(RPM_DIR) KUASAR_DEB_DIR=$(DEB_DIR) KUASAR_PKG_TREE=$(PKG_TREE) \
+	KUASAR_PKG_VERSION=$(PKG_VERSION) KUASAR_PKG_RELEASE=$(PKG_RELEASE) KUASAR_PKG_NEXT_RELEASE=$(PKG_NEXT_RELEASE) \
+		go test -count=1 -tags pkg -timeout 20m -run TestPackage -v ./integration/ 2>&1 | tee $(OUT)/package-test.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
 
 clean:
 	rm -rf $(OUT)

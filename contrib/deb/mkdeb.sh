@@ -1,0 +1,155 @@
+#!/bin/bash
+# mkdeb.sh TREE OUTDIR VERSION CONTAINERD_VERSION
+#
+# Makes the .deb packages of containerd-kuasar with dpkg-deb from TREE, what
+# `make install DESTDIR=TREE PREFIX=/usr` put down, split as the RPM spec
+# splits it (contrib/rpm/containerd-kuasar.spec):
+#
+#   containerd-kuasar         everything not below
+#   containerd-kuasar-vmm     usr/libexec/kuasar/, usr/share/kuasar/ (guest image and agent),
+#                             usr/share/doc/containerd-kuasar-vmm/
+#   containerd-kuasar-gvisor  usr/bin/runsc, when the tree has it
+#
+# Compressed with gzip (DEB_COMPRESS=xz for smaller, much slower packages).
+# Each package also gets usr/share/doc/<package>/copyright, as Debian asks.
+# `make deb` runs it; `make package-test` checks the result against TREE.
+set -euo pipefail
+
+tree=$1 out=$2 version=$3 containerd_version=$4
+here=$(cd "$(dirname "$0")" && pwd)
+arch=$(dpkg --print-architecture)
+maintainer="containerd-kuasar maintainers <containerd-kuasar@users.noreply.github.com>"
+homepage=https://github.com/kuasar-io/containerd-kuasar
+compress=${DEB_COMPRESS:-gzip}
+
+[ -d "$tree/usr/bin" ] || { echo "mkdeb: $tree is not an install tree" >&2; exit 1; }
+rm -rf "$out" && mkdir -p "$out"
+stage=$(mktemp -d "$out/.stage.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+
+# package_of PATH: the package a file of the tree belongs to.
+package_of() {
+	case "$1" in
+	usr/libexec/kuasar/* | usr/share/kuasar/* | usr/share/doc/containerd-kuasar-vmm/*) echo containerd-kuasar-vmm ;;
+	usr/bin/runsc) echo containerd-kuasar-gvisor ;;
+	*) echo containerd-kuasar ;;
+	esac
+}
+
+# Copy every file and symlink of the tree into its package's staging root.
+(cd "$tree" && find . \( -type f -o -type l \) -printf '%P\n' | sort) | while read -r f; do
+	p=$(package_of "$f")
+	mkdir -p "$stage/$p/$(dirname "$f")"
+	cp -a "$tree/$f" "$stage/$p/$f"
+done
+
+# glibc_depends ROOT: "libc6 (>= X)" for the newest GLIBC_ symbol version the
+# package's dynamically linked programs need, or nothing.
+glibc_depends() {
+	local need
+	need=$(find "$1" -type f -perm -u+x -exec sh -c 'readelf -h "$1" >/dev/null 2>&1 && objdump -T "$1" 2>/dev/null' _ {} \; |
+		grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+	[ -n "$need" ] && echo "libc6 (>= $need)"
+	return 0
+}
+
+copyright() {
+	cat <<EOF
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: containerd-kuasar
+Source: $homepage
+
+Files: *
+Copyright: The containerd-kuasar Authors; The containerd Authors; the authors
+ of the Go modules compiled into the binaries (see NOTICE)
+License: Apache-2.0 AND BSD-2-Clause AND BSD-3-Clause AND MIT AND MPL-2.0
+Comment: containerd-kuasar is containerd $containerd_version with the Kuasar
+ sandbox controllers compiled in. The notices of the code the binaries carry
+ are in /usr/share/licenses/containerd-kuasar/NOTICE; 'go version -m' lists
+ every module of a binary. The licence texts: Apache-2.0, BSD and MPL-2.0 in
+ /usr/share/common-licenses/, MIT in each module's source.
+EOF
+	if [ "$1" = containerd-kuasar-vmm ]; then
+		cat <<EOF
+
+Files: usr/share/kuasar/guest/*
+Copyright: the Linux kernel, runc, GNU C library and libseccomp authors
+License: GPL-2.0-only AND Apache-2.0 AND LGPL-2.1-or-later AND LGPL-2.1-only
+Comment: The guest image is made from Debian's packages, unmodified
+ (guest.json names the kernel package and version); their sources are
+ Debian's source packages of those versions. /init is kuasar-vmm-agent.
+ The licence texts are in /usr/share/common-licenses/.
+EOF
+	fi
+}
+
+for dir in "$stage"/*/; do
+	p=$(basename "$dir")
+	root="$stage/$p"
+	mkdir -p "$root/DEBIAN" "$root/usr/share/doc/$p"
+	copyright "$p" > "$root/usr/share/doc/$p/copyright"
+	chmod 0644 "$root/usr/share/doc/$p/copyright"
+
+	depends=$(glibc_depends "$root")
+	extra=
+	case "$p" in
+	containerd-kuasar)
+		summary="container runtime: containerd with Kuasar sandboxes built in"
+		depends="${depends:+$depends, }runc (>= 1.1)"
+		# A drop-in replacement for Debian's containerd and Docker's
+		# containerd.io: the same files, so never beside either.
+		extra="Recommends: containernetworking-plugins
+Provides: containerd (= $containerd_version), containerd.io (= $containerd_version)
+Conflicts: containerd, containerd.io
+Replaces: containerd, containerd.io"
+		description=" containerd-kuasar is containerd $containerd_version, unmodified, with every stock
+ plugin and command, plus the Kuasar sandbox controllers compiled in. A pod
+ picks its isolation through its RuntimeClass (the CRI runtime handler):
+ runc (stock: pause container and a shim per pod), kuasar-runc (namespaces
+ and cgroups with no pause container and no shim) and kuasar-wasm
+ (WebAssembly modules from OCI images). It replaces containerd:
+ /usr/bin/containerd, containerd.service and /etc/containerd/config.toml
+ are where they were, and ctr and containerd-shim-runc-v2 come from the
+ same containerd release."
+		for s in postinst prerm postrm; do
+			install -m 0755 "$here/containerd-kuasar.$s" "$root/DEBIAN/$s"
+		done
+		(cd "$root" && find etc -type f -printf '/%p\n' | sort) > "$root/DEBIAN/conffiles"
+		;;
+	containerd-kuasar-vmm)
+		summary="pods in QEMU microVMs for containerd-kuasar (kuasar-vmm)"
+		depends="${depends:+$depends, }containerd-kuasar (= $version), qemu-system-x86"
+		description=" The guest image (kernel and initramfs) and the guest agent of the
+ kuasar-vmm handler of containerd-kuasar, which runs each pod in a QEMU
+ microVM (KVM where the host has it, software emulation otherwise)."
+		;;
+	containerd-kuasar-gvisor)
+		summary="pods in gVisor application kernels for containerd-kuasar (kuasar-gvisor)"
+		depends="${depends:+$depends, }containerd-kuasar (= $version)"
+		extra="Conflicts: runsc
+Replaces: runsc"
+		description=" gVisor's runsc, built from source for the kuasar-gvisor handler of
+ containerd-kuasar, which runs each pod in a gVisor application kernel."
+		;;
+	esac
+
+	size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+	{
+		echo "Package: $p"
+		echo "Version: $version"
+		echo "Architecture: $arch"
+		echo "Maintainer: $maintainer"
+		echo "Installed-Size: $size"
+		echo "Depends: $depends"
+		[ -n "$extra" ] && echo "$extra"
+		echo "Section: admin"
+		echo "Priority: optional"
+		echo "Homepage: $homepage"
+		echo "Description: $summary"
+		echo "$description"
+	} > "$root/DEBIAN/control"
+	(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
+
+	dpkg-deb --root-owner-group -Z"$compress" --build "$root" "$out/${p}_${version}_${arch}.deb" >/dev/null
+	echo "mkdeb: $out/${p}_${version}_${arch}.deb"
+done
