@@ -147,7 +147,7 @@ check-protos: protos
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
-	go vet -tags "e2e conformance bench" ./integration/...
+	go vet -tags "e2e conformance bench pkg" ./integration/...
 
 ## unit: unit tests
 unit:
@@ -217,9 +217,11 @@ PKG_GUEST    := $(RPM_TOP)/SOURCES/kuasar-guest-$(PKG_VERSION).tar
 # Debian has no RPM database of its packages, so rpmbuild cannot check
 # BuildRequires here (--nodeps); the payload is compressed fast for CI.
 RPMBUILD_FLAGS ?= --define "_binary_payload w3.zstdio"
-PKG_DEB_PACKAGES := rpm rpmlint
+# systemd: systemd-analyze, for the unit check (nothing is started).
+PKG_DEB_PACKAGES := rpm rpmlint systemd
 
-## pkg-deps: rpmbuild and rpmlint (Debian's rpm and rpmlint), if missing
+## pkg-deps: rpmbuild, rpmlint and systemd-analyze (Debian's rpm, rpmlint and
+## systemd), if missing
 pkg-deps:
 	@missing=$$(for p in $(PKG_DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -228,24 +230,27 @@ pkg-deps:
 	fi
 
 ## rpm-sources: Source0 (the tree: tracked and new files, not ignored ones)
-## and Source1 (the kuasar-vmm guest image) of the spec
+## and Source1 (the kuasar-vmm guest image) of the spec, both reproducible
+## (sorted, no times or owners), so that `make rpm` can tell a tree it built
+REPRO_TAR := tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner
 rpm-sources: guest
 	@mkdir -p $(RPM_TOP)/SOURCES
 	git ls-files -z --cached --others --exclude-standard | \
-		tar --null -T - --ignore-failed-read --warning=no-failed-read --sort=name \
-			--transform 's,^,containerd-kuasar-$(PKG_VERSION)/,' -czf $(PKG_SOURCE)
-	tar -chf $(PKG_GUEST) -C $(GUEST_OUT) --transform 's,^,guest/,' $(GUEST_FILES)
+		$(REPRO_TAR) --null -T - --ignore-failed-read --warning=no-failed-read \
+			--transform 's,^,containerd-kuasar-$(PKG_VERSION)/,' -cf - | gzip -n > $(PKG_SOURCE)
+	$(REPRO_TAR) -chf $(PKG_GUEST) -C $(GUEST_OUT) --transform 's,^,guest/,' $(GUEST_FILES)
 
 ## rpm: containerd-kuasar and containerd-kuasar-vmm RPMs (PKG_RELEASE=N) in
 ## $(RPM_DIR); rpmbuild builds from Source0, offline (the Go module cache is
-## filled by building here first)
+## filled by building here first). The packages are kept in $(CACHE)/rpm,
+## keyed by every input (contrib/rpm/build.sh): the same tree again takes
+## a second
 rpm: pkg-deps build stock-tools agent rpm-sources
-	GOPROXY=off rpmbuild -bb --nodeps \
-		--define "_topdir $(RPM_TOP)" \
+	GOPROXY=off contrib/rpm/build.sh $(RPM_TOP) $(CACHE)/rpm $(SPEC) \
 		--define "pkg_release $(PKG_RELEASE)" \
 		--define "commit $(REVISION)" \
 		$(if $(wildcard contrib/gvisor/go.mod),--with gvisor) \
-		$(RPMBUILD_FLAGS) $(SPEC)
+		$(RPMBUILD_FLAGS)
 
 ## srpm: the source RPM (with the guest image as Source1)
 srpm: pkg-deps rpm-sources
@@ -253,10 +258,11 @@ srpm: pkg-deps rpm-sources
 
 ## deb: containerd-kuasar and containerd-kuasar-vmm .debs in $(DEB_DIR), made
 ## with dpkg-deb from what `make install DESTDIR=$(PKG_TREE) PREFIX=/usr` puts down
+## (kept in $(CACHE)/deb, keyed by the tree and the packaging)
 deb: build stock-tools agent guest
 	rm -rf $(PKG_TREE)
 	@$(MAKE) --no-print-directory install-files DESTDIR=$(PKG_TREE) PREFIX=/usr
-	contrib/deb/mkdeb.sh $(PKG_TREE) $(DEB_DIR) $(PKG_VERSION)-$(PKG_RELEASE) $(CONTAINERD_VERSION:v%=%)
+	DEB_CACHE=$(CACHE)/deb contrib/deb/mkdeb.sh $(PKG_TREE) $(DEB_DIR) $(PKG_VERSION)-$(PKG_RELEASE) $(CONTAINERD_VERSION:v%=%)
 
 ## package-test: the packages' file lists against the install tree, rpmlint,
 ## the systemd unit (systemd-analyze verify), and the daemon run from the RPM

@@ -1,4 +1,4 @@
-//go:build e2e || bench || conformance
+//go:build e2e || bench || conformance || pkg
 
 package integration
 
@@ -96,7 +96,8 @@ type Daemon struct {
 	conn      *grpc.ClientConn
 	netnsSeen map[string]bool
 	keeperPid int
-	wasmHost  int // pid of the node's Wasm host, once seen
+	wasmHost  int    // pid of the node's Wasm host, once seen
+	path      string // PATH of the daemon ("" for the build's)
 }
 
 type daemonOptions struct {
@@ -105,6 +106,12 @@ type daemonOptions struct {
 	defaultHandler string
 	portMap        bool // the portmap CNI plugin (host ports)
 	bigSubnet      bool // a /16 pod network (for more than 250 pods)
+	// An installed tree in place of the build's binaries (the package
+	// test): the daemon, the PATH it runs with, and a hook that may
+	// rewrite d.Config before the daemon first starts.
+	binary    string
+	path      string
+	configure func(t *testing.T, d *Daemon)
 }
 
 // subnet is a random pod network: a /24, or a /16.
@@ -143,6 +150,9 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 	if o.stock {
 		d.Binary = filepath.Join(stockBinDir, "containerd")
 	}
+	if o.binary != "" {
+		d.Binary, d.path = o.binary, o.path
+	}
 	layout, err := scratch.Write(scratch.Options{
 		Dir:            dir,
 		Bridge:         d.Bridge,
@@ -163,6 +173,9 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 		fmt.Fprintln(f, o.extraConfig)
 		f.Close()
 	}
+	if o.configure != nil {
+		o.configure(t, d)
+	}
 	t.Cleanup(d.cleanup)
 	d.start()
 	for _, img := range []string{images.Busybox, images.Pause} {
@@ -173,6 +186,9 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 
 func (d *Daemon) env() []string {
 	path := binDir + ":" + stockBinDir + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	if d.path != "" {
+		path = d.path
+	}
 	return []string{"PATH=" + path, "HOME=/root", "TMPDIR=/tmp"}
 }
 
