@@ -256,6 +256,7 @@ func TestPackage(t *testing.T) {
 	t.Run("FileList", func(t *testing.T) { testPackageFileList(t, e, rpms) })
 	t.Run("Metadata", func(t *testing.T) { testPackageMetadata(t, e, rpms) })
 	t.Run("Rpmlint", func(t *testing.T) { testRpmlint(t, rpms) })
+	t.Run("DebInstalled", func(t *testing.T) { testDebInstalled(t, e) })
 	t.Run("Installed", func(t *testing.T) { testInstalled(t, e, rpms, next) })
 }
 
@@ -1014,4 +1015,132 @@ func dig(t *testing.T, m map[string]any, keys ...string) map[string]any {
 		m = next
 	}
 	return m
+}
+
+// debRoot is a root directory for dpkg --root: an empty package database
+// and a shell for the maintainer scripts.
+func debRoot(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "kpkg-deb-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			os.RemoveAll(dir)
+		}
+	})
+	for _, d := range []string{"bin", "dev", "usr/bin", "var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"} {
+		must(t, os.MkdirAll(filepath.Join(dir, d), 0o755), "deb root")
+	}
+	for _, f := range []string{"var/lib/dpkg/status", "var/lib/dpkg/available"} {
+		must(t, os.WriteFile(filepath.Join(dir, f), nil, 0o644), "deb root")
+	}
+	must(t, syscall.Mknod(filepath.Join(dir, "dev/null"), syscall.S_IFCHR|0o666, int((1<<8)|3)), "mknod /dev/null")
+	must(t, os.Chmod(filepath.Join(dir, "dev/null"), 0o666), "chmod /dev/null")
+	busybox, err := exec.LookPath("busybox")
+	must(t, err, "busybox (Debian's busybox-static, make deps) runs the maintainer scripts")
+	b, err := os.ReadFile(busybox)
+	must(t, err, "reading busybox")
+	must(t, os.WriteFile(filepath.Join(dir, "bin/sh"), b, 0o755), "deb root /bin/sh")
+	return dir
+}
+
+// distroContainerdDeb builds a stand-in for Debian's containerd package:
+// its files at the same paths, config.toml a conffile.
+func distroContainerdDeb(t *testing.T) string {
+	t.Helper()
+	root := filepath.Join(t.TempDir(), "containerd")
+	for _, d := range []string{"DEBIAN", "usr/bin", "etc/containerd", "lib/systemd/system"} {
+		must(t, os.MkdirAll(filepath.Join(root, d), 0o755), "stand-in deb")
+	}
+	for _, b := range []string{"containerd", "ctr", "containerd-shim-runc-v2"} {
+		must(t, os.WriteFile(filepath.Join(root, "usr/bin", b), []byte("#!/bin/sh\necho distribution "+b+"\n"), 0o755), "stand-in deb")
+	}
+	must(t, os.WriteFile(filepath.Join(root, "etc/containerd/config.toml"), []byte("version = 2\n"), 0o644), "stand-in deb")
+	must(t, os.WriteFile(filepath.Join(root, "lib/systemd/system/containerd.service"), []byte("[Service]\nExecStart=/usr/bin/containerd\n"), 0o644), "stand-in deb")
+	must(t, os.WriteFile(filepath.Join(root, "DEBIAN/conffiles"), []byte("/etc/containerd/config.toml\n"), 0o644), "stand-in deb")
+	must(t, os.WriteFile(filepath.Join(root, "DEBIAN/control"), []byte(`Package: containerd
+Version: 1.6.20~ds1-1
+Architecture: amd64
+Maintainer: Stand-in <stand-in@example.invalid>
+Description: stand-in for Debian's containerd
+ The files of Debian's containerd, at the same paths.
+`), 0o644), "stand-in deb")
+	deb := root + ".deb"
+	runTool(t, "dpkg-deb", "--root-owner-group", "--build", root, deb)
+	return deb
+}
+
+// The .debs install with dpkg over Debian's containerd (Conflicts and
+// Replaces take it out), keep the operator's config.toml, and install
+// what the tree holds.
+func testDebInstalled(t *testing.T, e pkgEnv) {
+	debs, _ := filepath.Glob(filepath.Join(e.debDir, "*.deb"))
+	root := debRoot(t)
+	dpkg := func(args ...string) string {
+		t.Helper()
+		return runTool(t, "dpkg", append([]string{"--root=" + root}, args...)...)
+	}
+	dpkg("-i", distroContainerdDeb(t))
+	operatorConfig := "# the node operator's configuration\nversion = 2\n"
+	must(t, os.WriteFile(filepath.Join(root, "etc/containerd/config.toml"), []byte(operatorConfig), 0o644), "editing the distribution's config")
+	// --force-depends: the root has no libc, runc or QEMU packages;
+	// --force-confold: what apt's Dpkg::Options give a non-interactive
+	// upgrade (dpkg would ask about the edited conffile).
+	var out string
+	step(t, "dpkg -i (over Debian's containerd)", func() {
+		out = dpkg(append([]string{"--force-depends", "--force-confold", "-i"}, debs...)...)
+	})
+	status := dpkg("-l")
+	for _, want := range []string{"ii  containerd-kuasar ", "ii  containerd-kuasar-vmm "} {
+		if strings.Contains(strings.Join(debs, " "), strings.TrimSpace(strings.TrimPrefix(want, "ii  "))+"_") && !strings.Contains(status, want) {
+			t.Errorf("not installed (%q):\n%s\n%s", want, status, out)
+		}
+	}
+	if strings.Contains(status, "ii  containerd ") {
+		t.Errorf("Debian's containerd is still installed beside containerd-kuasar:\n%s", status)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/containerd/config.toml")); string(b) != operatorConfig {
+		t.Errorf("dpkg replaced the operator's config.toml:\n%s", b)
+	}
+	if l, err := os.Readlink(filepath.Join(root, "usr/bin/containerd")); err != nil || l != "containerd-kuasar" {
+		t.Errorf("/usr/bin/containerd is not containerd-kuasar: %q %v", l, err)
+	}
+	// Every file of the tree is installed, unchanged.
+	tree, installed := treeFiles(t, e.tree), treeFiles(t, root)
+	listed := map[string]bool{}
+	for _, p := range []string{"containerd-kuasar", "containerd-kuasar-vmm", "containerd-kuasar-gvisor"} {
+		if !strings.Contains(status, "ii  "+p+" ") {
+			continue
+		}
+		for _, f := range strings.Split(strings.TrimSpace(dpkg("-L", p)), "\n") {
+			listed[f] = true
+		}
+	}
+	for _, path := range sortedKeys(tree) {
+		want := tree[path]
+		if want.kind() == "directory" {
+			continue
+		}
+		if !listed[path] {
+			t.Errorf("%s is not installed by the .debs", path)
+			continue
+		}
+		if path == "/etc/containerd/config.toml" {
+			continue
+		}
+		got := installed[path]
+		if got.kind() != want.kind() || got.Mode != want.Mode || got.SHA256 != want.SHA256 || got.Link != want.Link {
+			t.Errorf("installed %s differs from the tree's", path)
+		}
+	}
+	// dpkg --verify: nothing changed but the operator's conffile.
+	v, _ := exec.Command("dpkg", "--root="+root, "--verify").CombinedOutput()
+	for _, l := range strings.Split(strings.TrimSpace(string(v)), "\n") {
+		if l != "" && !strings.HasSuffix(l, " c /etc/containerd/config.toml") {
+			t.Errorf("dpkg --verify: %s", l)
+		}
+	}
+	t.Logf("dpkg -l:\n%s", status)
 }
