@@ -1017,8 +1017,9 @@ func dig(t *testing.T, m map[string]any, keys ...string) map[string]any {
 	return m
 }
 
-// debRoot is a root directory for dpkg --root: an empty package database
-// and a shell for the maintainer scripts.
+// debRoot is a root directory for dpkg --root, laid out as Debian 12 and
+// later are (merged /usr: /bin, /sbin and /lib link into /usr), with an
+// empty package database and a shell for the maintainer scripts.
 func debRoot(t *testing.T) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "kpkg-deb-")
@@ -1030,8 +1031,11 @@ func debRoot(t *testing.T) string {
 			os.RemoveAll(dir)
 		}
 	})
-	for _, d := range []string{"bin", "dev", "usr/bin", "var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"} {
+	for _, d := range []string{"dev", "usr/bin", "usr/sbin", "usr/lib", "var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"} {
 		must(t, os.MkdirAll(filepath.Join(dir, d), 0o755), "deb root")
+	}
+	for _, l := range []string{"bin", "sbin", "lib"} {
+		must(t, os.Symlink("usr/"+l, filepath.Join(dir, l)), "deb root")
 	}
 	for _, f := range []string{"var/lib/dpkg/status", "var/lib/dpkg/available"} {
 		must(t, os.WriteFile(filepath.Join(dir, f), nil, 0o644), "deb root")
@@ -1042,12 +1046,18 @@ func debRoot(t *testing.T) string {
 	must(t, err, "busybox (Debian's busybox-static, make deps) runs the maintainer scripts")
 	b, err := os.ReadFile(busybox)
 	must(t, err, "reading busybox")
-	must(t, os.WriteFile(filepath.Join(dir, "bin/sh"), b, 0o755), "deb root /bin/sh")
+	must(t, os.WriteFile(filepath.Join(dir, "usr/bin/sh"), b, 0o755), "deb root /bin/sh")
+	// The essential commands the maintainer scripts use, as busybox
+	// applets.
+	for _, c := range []string{"cat", "chmod", "mkdir", "rm"} {
+		must(t, os.Symlink("sh", filepath.Join(dir, "usr/bin", c)), "deb root /bin/%s", c)
+	}
 	return dir
 }
 
-// distroContainerdDeb builds a stand-in for Debian's containerd package:
-// its files at the same paths, config.toml a conffile.
+// distroContainerdDeb builds a stand-in for Debian 12's containerd
+// package: its files at the same paths (the unit in /lib, as debhelper put
+// it then), config.toml a conffile.
 func distroContainerdDeb(t *testing.T) string {
 	t.Helper()
 	root := filepath.Join(t.TempDir(), "containerd")
@@ -1074,7 +1084,9 @@ Description: stand-in for Debian's containerd
 
 // The .debs install with dpkg over Debian's containerd (Conflicts and
 // Replaces take it out), keep the operator's config.toml, and install
-// what the tree holds.
+// what the tree holds. The unit survives the removal of Debian's, which
+// ships it as /lib/systemd/system/containerd.service: on merged /usr the
+// same file (the postinst puts it back).
 func testDebInstalled(t *testing.T, e pkgEnv) {
 	debs, _ := filepath.Glob(filepath.Join(e.debDir, "*.deb"))
 	root := debRoot(t)

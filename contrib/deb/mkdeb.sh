@@ -137,6 +137,23 @@ Replaces: containerd, containerd.io"
 		for s in postinst prerm postrm; do
 			install -m 0755 "$here/containerd-kuasar.$s" "$root/DEBIAN/$s"
 		done
+		# postinst carries the unit, to put it back if the package it
+		# replaced took it away (see the postinst).
+		unit=usr/lib/systemd/system/containerd.service
+		[ -f "$root/$unit" ] || { echo "mkdeb: the tree has no /$unit" >&2; exit 1; }
+		grep -q '^#@UNIT@$' "$root/DEBIAN/postinst" || { echo "mkdeb: postinst has no #@UNIT@ line" >&2; exit 1; }
+		if grep -qx 'EOF_UNIT' "$root/$unit"; then echo "mkdeb: /$unit has an EOF_UNIT line" >&2; exit 1; fi
+		{
+			sed '/^#@UNIT@$/,$d' "$root/DEBIAN/postinst"
+			echo "restore_unit() {"
+			echo "	cat > \"\$1\" <<'EOF_UNIT'"
+			cat "$root/$unit"
+			echo "EOF_UNIT"
+			echo "}"
+			sed '1,/^#@UNIT@$/d' "$root/DEBIAN/postinst"
+		} > "$root/DEBIAN/postinst.new"
+		mv "$root/DEBIAN/postinst.new" "$root/DEBIAN/postinst"
+		chmod 0755 "$root/DEBIAN/postinst"
 		(cd "$root" && find etc -type f -printf '/%p\n' | sort) > "$root/DEBIAN/conffiles"
 		;;
 	containerd-kuasar-vmm)
