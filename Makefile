@@ -26,6 +26,7 @@ DESTDIR ?=
 BINDIR     ?= $(PREFIX)/bin
 LIBEXECDIR ?= $(PREFIX)/libexec
 DATADIR    ?= $(PREFIX)/share
+MANDIR     ?= $(DATADIR)/man
 SYSCONFDIR ?= /etc
 UNITDIR    ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/systemd/system,/etc/systemd/system)
 # 0: no kuasar-vmm guest image and agent
@@ -52,12 +53,18 @@ BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kua
 # the same flags, shipped beside the daemon as containerd's package ships them.
 STOCK_TOOLS := $(STOCK_BIN)/ctr $(STOCK_BIN)/containerd-shim-runc-v2 $(STOCK_BIN)/containerd-stress
 
+# containerd's manual pages and ctr's shell completions, as containerd's
+# packages ship them, made from the containerd module of go.mod.
+MAN_OUT   := $(OUT)/man
+MAN_PAGES := man8/containerd.8 man8/ctr.8 man8/containerd-config.8 man5/containerd-config.toml.5
+CONTAINERD_DIR = $(shell go list -m -f '{{.Dir}}' github.com/containerd/containerd/v2 2>/dev/null)
+
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
 GUEST_OUT := $(OUT)/guest
 GUEST_FILES := vmlinux initramfs.cpio guest.json
 
-.PHONY: all build deps tools stock stock-tools agent lint unit e2e test demo run install install-files clean bench conformance protos check-protos guest \
+.PHONY: all build deps tools stock stock-tools agent man lint unit e2e test demo run install install-files clean bench conformance protos check-protos guest \
 	pkg-deps rpm-sources rpm srpm deb package-test FORCE
 
 all: build tools
@@ -123,6 +130,18 @@ $(STOCK_BIN)/%: FORCE
 	@mkdir -p $(STOCK_BIN)
 	$(GOBUILD) -o $@ github.com/containerd/containerd/v2/cmd/$*
 
+## man: containerd's manual pages (containerd.8, ctr.8, containerd-config.8,
+## containerd-config.toml.5) in $(MAN_OUT), generated from the containerd
+## release of go.mod as containerd's build does (its gen-manpages, and
+## go-md2man for the Markdown ones; both tools of go.mod)
+man:
+	@test -d "$(CONTAINERD_DIR)/docs/man" || { echo "man: no source of github.com/containerd/containerd/v2 in the module cache (go mod download)"; exit 1; }
+	@mkdir -p $(MAN_OUT)/man5 $(MAN_OUT)/man8
+	go tool gen-manpages containerd.8 $(MAN_OUT)/man8
+	go tool gen-manpages ctr.8 $(MAN_OUT)/man8
+	go tool go-md2man -in $(CONTAINERD_DIR)/docs/man/containerd-config.8.md -out $(MAN_OUT)/man8/containerd-config.8
+	go tool go-md2man -in $(CONTAINERD_DIR)/docs/man/containerd-config.toml.5.md -out $(MAN_OUT)/man5/containerd-config.toml.5
+
 ## protos: regenerate the ttrpc APIs between our processes (*.proto -> *.pb.go,
 ## committed); needs protoc (Debian protobuf-compiler), the Go plugins are tools
 ## of go.mod
@@ -174,10 +193,11 @@ demo: deps build tools
 	KUASAR_BIN_DIR=$(BIN) KUASAR_CACHE_DIR=$(CACHE) integration/demo.sh
 
 ## install: the daemon (also as containerd), its helpers, containerd's ctr,
-## containerd-shim-runc-v2 and containerd-stress of the same release, the
+## containerd-shim-runc-v2 and containerd-stress of the same release, its
+## manual pages and ctr's bash and zsh completions, the
 ## kuasar-vmm guest image and agent, node config, systemd unit, RuntimeClasses,
 ## docs and licences (honours DESTDIR, PREFIX and the *DIR variables above)
-install: build stock-tools $(if $(filter 1,$(WITH_VMM)),agent guest)
+install: build stock-tools man $(if $(filter 1,$(WITH_VMM)),agent guest)
 	@$(MAKE) --no-print-directory install-files
 
 ## install-files: install what the build made, building nothing (the RPM's
@@ -196,6 +216,11 @@ install-files:
 	install -m 0644 contrib/kubernetes/runtimeclasses.yaml $(DESTDIR)$(DATADIR)/containerd-kuasar/
 	install -m 0644 README.md RELEASES.md $(DESTDIR)$(DATADIR)/doc/containerd-kuasar/
 	install -m 0644 LICENSE NOTICE $(DESTDIR)$(DATADIR)/licenses/containerd-kuasar/
+	install -d $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(DATADIR)/bash-completion/completions $(DESTDIR)$(DATADIR)/zsh/site-functions
+	for p in $(MAN_PAGES); do gzip -9n < $(MAN_OUT)/$$p > $(DESTDIR)$(MANDIR)/$$p.gz && chmod 0644 $(DESTDIR)$(MANDIR)/$$p.gz || exit 1; done
+	install -m 0644 $(CONTAINERD_DIR)/contrib/autocomplete/ctr $(DESTDIR)$(DATADIR)/bash-completion/completions/ctr
+	install -m 0644 $(CONTAINERD_DIR)/contrib/autocomplete/zsh_autocomplete $(DESTDIR)$(DATADIR)/zsh/site-functions/_ctr
 ifeq ($(WITH_VMM),1)
 	install -d $(DESTDIR)$(LIBEXECDIR)/kuasar $(DESTDIR)$(DATADIR)/kuasar/guest $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-vmm
 	install -m 0755 $(BIN)/kuasar-vmm-agent $(DESTDIR)$(LIBEXECDIR)/kuasar/
@@ -245,7 +270,7 @@ rpm-sources: guest
 ## filled by building here first). The packages are kept in $(CACHE)/rpm,
 ## keyed by every input (contrib/rpm/build.sh): the same tree again takes
 ## a second
-rpm: pkg-deps build stock-tools agent rpm-sources
+rpm: pkg-deps build stock-tools man agent rpm-sources
 	GOPROXY=off contrib/rpm/build.sh $(RPM_TOP) $(CACHE)/rpm $(SPEC) \
 		--define "pkg_release $(PKG_RELEASE)" \
 		--define "commit $(REVISION)" \
@@ -259,7 +284,7 @@ srpm: pkg-deps rpm-sources
 ## deb: containerd-kuasar and containerd-kuasar-vmm .debs in $(DEB_DIR), made
 ## with dpkg-deb from what `make install DESTDIR=$(PKG_TREE) PREFIX=/usr` puts down
 ## (kept in $(CACHE)/deb, keyed by the tree and the packaging)
-deb: build stock-tools agent guest
+deb: build stock-tools man agent guest
 	rm -rf $(PKG_TREE)
 	@$(MAKE) --no-print-directory install-files DESTDIR=$(PKG_TREE) PREFIX=/usr
 	DEB_CACHE=$(CACHE)/deb contrib/deb/mkdeb.sh $(PKG_TREE) $(DEB_DIR) $(PKG_VERSION)-$(PKG_RELEASE) $(CONTAINERD_VERSION:v%=%)

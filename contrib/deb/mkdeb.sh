@@ -59,11 +59,21 @@ package_of() {
 	esac
 }
 
+# deb_path PATH: where Debian keeps a file of the tree: zsh completions in
+# vendor-completions (Debian's zsh does not look in site-functions).
+deb_path() {
+	case "$1" in
+	usr/share/zsh/site-functions/*) echo "usr/share/zsh/vendor-completions/${1#usr/share/zsh/site-functions/}" ;;
+	*) echo "$1" ;;
+	esac
+}
+
 # Copy every file and symlink of the tree into its package's staging root.
 (cd "$tree" && find . \( -type f -o -type l \) -printf '%P\n' | sort) | while read -r f; do
 	p=$(package_of "$f")
-	mkdir -p "$stage/$p/$(dirname "$f")"
-	cp -a "$tree/$f" "$stage/$p/$f"
+	d=$(deb_path "$f")
+	mkdir -p "$stage/$p/$(dirname "$d")"
+	cp -a "$tree/$f" "$stage/$p/$d"
 done
 
 # glibc_depends ROOT: "libc6 (>= X)" for the newest GLIBC_ symbol version the
