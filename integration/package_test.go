@@ -538,12 +538,12 @@ func (r *scratchRoot) systemctlLog() string {
 // distroContainerd builds a stand-in for a distribution's containerd
 // package (its files at the same paths, a config file the operator edited)
 // to swap from.
-func distroContainerd(t *testing.T) string {
+func distroContainerd(t *testing.T, version string) string {
 	t.Helper()
 	top := t.TempDir()
 	spec := filepath.Join(top, "containerd.spec")
 	must(t, os.WriteFile(spec, []byte(`Name: containerd
-Version: 1.6.20
+Version: `+version+`
 Release: 1
 Summary: Stand-in for a distribution's containerd package
 License: Apache-2.0
@@ -554,7 +554,7 @@ The files of a distribution's containerd, at the same paths.
 %install
 mkdir -p %{buildroot}/usr/bin %{buildroot}/etc/containerd %{buildroot}/usr/lib/systemd/system
 for b in containerd ctr containerd-shim containerd-shim-runc-v2; do
-	printf '#!/bin/sh\necho distribution %s 1.6.20\n' $b > %{buildroot}/usr/bin/$b
+	printf '#!/bin/sh\necho distribution %s %{version}\n' $b > %{buildroot}/usr/bin/$b
 	chmod 0755 %{buildroot}/usr/bin/$b
 done
 printf 'version = 2\n' > %{buildroot}/etc/containerd/config.toml
@@ -569,7 +569,7 @@ printf '[Unit]\nDescription=containerd\n[Service]\nExecStart=/usr/bin/containerd
 /usr/lib/systemd/system/containerd.service
 `), 0o644), "distribution spec")
 	runTool(t, "rpmbuild", "-bb", "--nodeps", "--quiet", "--define", "_topdir "+top, "--target", "x86_64", spec)
-	rpm := filepath.Join(top, "RPMS/x86_64/containerd-1.6.20-1.x86_64.rpm")
+	rpm := filepath.Join(top, "RPMS/x86_64/containerd-"+version+"-1.x86_64.rpm")
 	if _, err := os.Stat(rpm); err != nil {
 		t.Fatalf("the stand-in distribution package: %v", err)
 	}
@@ -598,10 +598,24 @@ func testInstalled(t *testing.T, e pkgEnv, rpms, next map[string]string) {
 
 	// A node with the distribution's containerd, whose operator edited
 	// /etc/containerd/config.toml.
-	distro := distroContainerd(t)
+	distro := distroContainerd(t, "1.6.20")
 	r.rpm(t, "-i", "--nodeps", distro)
 	operatorConfig := "# the node operator's configuration\nversion = 2\n"
 	must(t, os.WriteFile(r.path("etc/containerd/config.toml"), []byte(operatorConfig), 0o644), "editing the distribution's config")
+
+	// With dependencies checked, the swap is refused only for what the
+	// scratch root lacks (a libc, a shell, runc, QEMU): the package does
+	// not conflict with the containerd it obsoletes, nor with itself.
+	out, err := exec.Command("rpm", append([]string{"--root", r.dir, "--dbpath", "/var/lib/rpm", "-U", "--test"}, paths(rpms)...)...).CombinedOutput()
+	if err == nil {
+		t.Error("rpm -U --test succeeded in a root without libc or runc")
+	}
+	lacking := regexp.MustCompile(`^\s+(libc\.so\.6\S*|rtld\(GNU_HASH\)|/bin/sh|runc >= 1\.1|\(/usr/bin/qemu-system-x86_64 or .*\)) is needed by containerd-kuasar`)
+	for _, l := range strings.Split(toolStderr(string(out)), "\n") {
+		if l != "" && l != "error: Failed dependencies:" && !lacking.MatchString(l) {
+			t.Errorf("rpm -U --test: %s", l)
+		}
+	}
 
 	// The swap: rpm -U takes the distribution's package out (Obsoletes).
 	// rpm --nodeps: the scratch root has none of the distribution's
@@ -619,6 +633,11 @@ func testInstalled(t *testing.T, e pkgEnv, rpms, next map[string]string) {
 	}
 	if contains(installed, "containerd-1.6.20-1") {
 		t.Errorf("the distribution's containerd is still installed after the swap: %v", installed)
+	}
+	// A containerd it does not obsolete (newer) cannot go beside it.
+	out, _ = exec.Command("rpm", "--root", r.dir, "--dbpath", "/var/lib/rpm", "-i", "--test", distroContainerd(t, "9.0.0")).CombinedOutput()
+	if !strings.Contains(string(out), "conflicts with (installed) containerd-kuasar-") {
+		t.Errorf("a newer containerd installs beside containerd-kuasar (no conflict):\n%s", toolStderr(string(out)))
 	}
 	if log := r.systemctlLog(); !strings.Contains(log, "preset containerd.service") {
 		t.Errorf("the first install did not preset containerd.service: systemctl calls %q", log)
