@@ -59,6 +59,10 @@ MAN_OUT   := $(OUT)/man
 MAN_PAGES := man8/containerd.8 man8/ctr.8 man8/containerd-config.8 man5/containerd-config.toml.5
 CONTAINERD_DIR = $(shell go list -m -f '{{.Dir}}' github.com/containerd/containerd/v2 2>/dev/null)
 
+# gVisor's licence and README go with runsc, kuasar-gvisor's (from the
+# gVisor module contrib/gvisor pins, in the module cache once runsc is built).
+GVISOR_DOC_DIR = $(if $(wildcard contrib/gvisor/go.mod),$(shell cd contrib/gvisor && go list -m -f '{{.Dir}}' gvisor.dev/gvisor 2>/dev/null))
+
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
 GUEST_OUT := $(OUT)/guest
@@ -221,6 +225,12 @@ install-files:
 	for p in $(MAN_PAGES); do gzip -9n < $(MAN_OUT)/$$p > $(DESTDIR)$(MANDIR)/$$p.gz && chmod 0644 $(DESTDIR)$(MANDIR)/$$p.gz || exit 1; done
 	install -m 0644 $(CONTAINERD_DIR)/contrib/autocomplete/ctr $(DESTDIR)$(DATADIR)/bash-completion/completions/ctr
 	install -m 0644 $(CONTAINERD_DIR)/contrib/autocomplete/zsh_autocomplete $(DESTDIR)$(DATADIR)/zsh/site-functions/_ctr
+ifneq ($(wildcard contrib/gvisor/go.mod),)
+	@test -f "$(GVISOR_DOC_DIR)/LICENSE" || { echo "install: gVisor's module is not in the module cache (make build fetches it)"; exit 1; }
+	install -d $(DESTDIR)$(DATADIR)/licenses/containerd-kuasar-gvisor $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-gvisor
+	install -m 0644 $(GVISOR_DOC_DIR)/LICENSE $(DESTDIR)$(DATADIR)/licenses/containerd-kuasar-gvisor/
+	install -m 0644 $(GVISOR_DOC_DIR)/README.md $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-gvisor/
+endif
 ifeq ($(WITH_VMM),1)
 	install -d $(DESTDIR)$(LIBEXECDIR)/kuasar $(DESTDIR)$(DATADIR)/kuasar/guest $(DESTDIR)$(DATADIR)/doc/containerd-kuasar-vmm
 	install -m 0755 $(BIN)/kuasar-vmm-agent $(DESTDIR)$(LIBEXECDIR)/kuasar/

@@ -242,7 +242,8 @@ func subPackage(path string) string {
 	case strings.HasPrefix(path, "/usr/libexec/kuasar"), strings.HasPrefix(path, "/usr/share/kuasar"),
 		strings.HasPrefix(path, "/usr/share/doc/containerd-kuasar-vmm"):
 		return "containerd-kuasar-vmm"
-	case path == "/usr/bin/runsc":
+	case path == "/usr/bin/runsc", strings.HasPrefix(path, "/usr/share/licenses/containerd-kuasar-gvisor"),
+		strings.HasPrefix(path, "/usr/share/doc/containerd-kuasar-gvisor"):
 		return "containerd-kuasar-gvisor"
 	}
 	return "containerd-kuasar"

@@ -8,7 +8,7 @@
 #   containerd-kuasar         everything not below
 #   containerd-kuasar-vmm     usr/libexec/kuasar/, usr/share/kuasar/ (guest image and agent),
 #                             usr/share/doc/containerd-kuasar-vmm/
-#   containerd-kuasar-gvisor  usr/bin/runsc, when the tree has it
+#   containerd-kuasar-gvisor  usr/bin/runsc, gVisor's LICENSE and README, when the tree has them
 #
 # Compressed with gzip at level 6 (DEB_COMPRESS=xz or DEB_COMPRESS_LEVEL=9
 # for smaller, much slower packages: level 9 takes three times as long for
@@ -54,7 +54,7 @@ trap 'rm -rf "$stage"' EXIT
 package_of() {
 	case "$1" in
 	usr/libexec/kuasar/* | usr/share/kuasar/* | usr/share/doc/containerd-kuasar-vmm/*) echo containerd-kuasar-vmm ;;
-	usr/bin/runsc) echo containerd-kuasar-gvisor ;;
+	usr/bin/runsc | usr/share/licenses/containerd-kuasar-gvisor/* | usr/share/doc/containerd-kuasar-gvisor/*) echo containerd-kuasar-gvisor ;;
 	*) echo containerd-kuasar ;;
 	esac
 }
