@@ -383,14 +383,14 @@ func testPackageMetadata(t *testing.T, e pkgEnv, rpms map[string]string) {
 		}
 		return false
 	}
-	main := rpms["containerd-kuasar"]
+	mainRPM := rpms["containerd-kuasar"]
 	for what, wants := range map[string][]string{
 		"provides":  {"containerd = " + e.containerd, "containerd.io = " + e.containerd},
 		"obsoletes": {"containerd < " + e.containerd, "containerd.io < " + e.containerd},
 		"conflicts": {"containerd", "containerd.io"},
 		"requires":  {"runc >= 1.1"},
 	} {
-		got := query(main, what)
+		got := query(mainRPM, what)
 		for _, w := range wants {
 			if !has(got, w) {
 				t.Errorf("containerd-kuasar %s %v, want %q among them", what, got, w)
@@ -412,7 +412,7 @@ func testPackageMetadata(t *testing.T, e pkgEnv, rpms map[string]string) {
 			t.Errorf("containerd-kuasar-gvisor requires %v, want %q", req, self)
 		}
 	}
-	files := rpmFiles(t, main)
+	files := rpmFiles(t, mainRPM)
 	if !files["/etc/containerd/config.toml"].Config {
 		t.Errorf("/etc/containerd/config.toml is not a %%config file")
 	}
@@ -428,7 +428,7 @@ func testPackageMetadata(t *testing.T, e pkgEnv, rpms map[string]string) {
 			t.Errorf("containerd-kuasar has no %s", f)
 		}
 	}
-	if flags := runTool(t, "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", main); !strings.Contains(flags, "/etc/containerd/config.toml cn") {
+	if flags := runTool(t, "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", mainRPM); !strings.Contains(flags, "/etc/containerd/config.toml cn") {
 		t.Errorf("/etc/containerd/config.toml is not %%config(noreplace):\n%s", flags)
 	}
 
@@ -919,13 +919,15 @@ func testInstalledPods(t *testing.T, e pkgEnv, r *scratchRoot, next map[string]s
 	t.Logf("crictl pods:\n%s", d.crictlOut(t, "pods"))
 	helpers := helperProcs(r, d)
 	t.Logf("processes serving the pods: %v", helpers)
+	repo, err := filepath.Abs("..")
+	must(t, err, "the tree's path")
 	for pid, exe := range helpers {
 		if strings.HasPrefix(exe, r.dir+"/") {
 			continue
 		}
 		// Anything else serving the pods runs a program of the host's
-		// own packages (runc, QEMU), never of the build tree.
-		if strings.HasPrefix(exe, "/work/") || strings.Contains(exe, "/_output/") {
+		// own packages (QEMU), never one of the build tree.
+		if strings.HasPrefix(exe, repo+"/") || strings.HasPrefix(exe, binDir+"/") || (stockBinDir != "" && strings.HasPrefix(exe, stockBinDir+"/")) {
 			t.Errorf("process %d serving the pods runs %s, not a program of the installed tree", pid, exe)
 		}
 	}
