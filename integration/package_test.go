@@ -529,6 +529,22 @@ func (r *scratchRoot) rpm(t *testing.T, args ...string) string {
 	return runTool(t, "rpm", append([]string{"--root", r.dir, "--dbpath", "/var/lib/rpm"}, args...)...)
 }
 
+// verify runs rpm -V on every package: nothing of them changed on disk
+// but the operator's config (dependencies aside: the scratch root has no
+// libc or runc of its own).
+func (r *scratchRoot) verify(t *testing.T, when string) {
+	t.Helper()
+	out, err := exec.Command("rpm", "--root", r.dir, "--dbpath", "/var/lib/rpm", "-Va", "--nodeps", "--noscripts").CombinedOutput()
+	if err == nil {
+		return
+	}
+	for _, l := range strings.Split(toolStderr(string(out)), "\n") {
+		if l != "" && !strings.HasSuffix(l, " /etc/containerd/config.toml") {
+			t.Errorf("rpm -V %s: %s", when, l)
+		}
+	}
+}
+
 // systemctlLog returns and clears what the scriptlets asked of systemctl.
 func (r *scratchRoot) systemctlLog() string {
 	b, _ := os.ReadFile(r.path("systemctl.log"))
@@ -653,17 +669,7 @@ func testInstalled(t *testing.T, e pkgEnv, rpms, next map[string]string) {
 	if l, err := os.Readlink(r.path("usr/bin/containerd")); err != nil || l != "containerd-kuasar" {
 		t.Errorf("/usr/bin/containerd is not containerd-kuasar: %q %v", l, err)
 	}
-	// Nothing of the package changed on disk (dependencies aside: the
-	// scratch root has no libc or runc of its own).
-	if out, err := exec.Command("rpm", "--root", r.dir, "--dbpath", "/var/lib/rpm", "-Va", "--nodeps", "--noscripts").CombinedOutput(); err != nil {
-		// The operator's config is reported (it differs from ours): that
-		// is expected; anything else is not.
-		for _, l := range strings.Split(toolStderr(string(out)), "\n") {
-			if l != "" && !strings.HasSuffix(l, " /etc/containerd/config.toml") {
-				t.Errorf("rpm -V: %s", l)
-			}
-		}
-	}
+	r.verify(t, "after the swap")
 
 	t.Run("Versions", func(t *testing.T) { testInstalledVersions(t, e, r) })
 	t.Run("SystemdUnit", func(t *testing.T) { testInstalledUnit(t, r) })
@@ -959,6 +965,7 @@ func testInstalledPods(t *testing.T, e pkgEnv, r *scratchRoot, next map[string]s
 	if _, err := os.Stat(config + ".rpmnew"); err == nil {
 		t.Error("the upgrade wrote a config.toml.rpmnew: the package's config did not change")
 	}
+	r.verify(t, "after the upgrade")
 	// %postun of the old release asks systemd to restart the service.
 	calls := r.systemctlLog()
 	if !strings.Contains(calls, "try-restart containerd.service") {
