@@ -38,7 +38,18 @@ GOBUILD := go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
 DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static \
 	iproute2 procps psmisc gcc libc6-dev util-linux qemu-system-x86 xz-utils
 
-BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host
+BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kuasar-keeper $(BIN)/kuasar-wasm-host $(BIN)/runsc
+
+# gVisor, for kuasar-gvisor: runsc (shipped beside the daemon) and, for the
+# stock baseline only, its containerd shim, both from the one version
+# contrib/gvisor/go.mod pins and built with that module's own dependencies.
+# runsc must be static (a cgo build fails at run time: it re-executes itself
+# in an empty chroot). Both are kept in the machine cache by version, so a
+# clone builds them once per machine.
+GVISOR_MOD     := $(ROOT)/contrib/gvisor
+GVISOR_VERSION := $(shell awk '$$1 == "gvisor.dev/gvisor" {print $$2}' $(GVISOR_MOD)/go.mod)
+GVISOR_CACHE   := $(CACHE)/gvisor/$(GVISOR_VERSION)
+GVISOR_LDFLAGS := -s -w -X gvisor.dev/gvisor/runsc/version.version=$(GVISOR_VERSION)
 
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
@@ -76,6 +87,21 @@ $(BIN)/kuasar-wasm-host: FORCE
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-wasm-host
 
+# A hard link when the cache is on the same filesystem (runsc is ~100 MB).
+$(BIN)/runsc: $(GVISOR_CACHE)/runsc
+	@mkdir -p $(BIN)
+	ln -f $< $@ 2>/dev/null || install -m 0755 $< $@
+
+$(GVISOR_CACHE)/runsc:
+	@mkdir -p $(@D)
+	cd $(GVISOR_MOD) && CGO_ENABLED=0 go build -trimpath -ldflags "$(GVISOR_LDFLAGS)" -o $@.tmp gvisor.dev/gvisor/runsc
+	mv $@.tmp $@
+
+$(GVISOR_CACHE)/containerd-shim-runsc-v1:
+	@mkdir -p $(@D)
+	cd $(GVISOR_MOD) && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o $@.tmp gvisor.dev/gvisor/shim
+	mv $@.tmp $@
+
 $(BIN)/kuasar-vmm-agent: FORCE
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GOBUILD) -o $@ ./cmd/kuasar-vmm-agent
@@ -96,9 +122,12 @@ tools: stock
 	cd integration/tools && go test -c -trimpath -o $(BIN)/critest sigs.k8s.io/cri-tools/cmd/critest
 	go build -trimpath -o $(BIN)/testimages ./integration/cmd/testimages
 
-## stock: stock containerd, its runc shim and ctr, same version and flags
-stock:
+## stock: stock containerd, its runc shim and ctr, same version and flags;
+## gVisor's containerd shim (containerd-shim-runsc-v1) and runsc, same version
+## as kuasar-gvisor's
+stock: $(GVISOR_CACHE)/containerd-shim-runsc-v1 $(GVISOR_CACHE)/runsc
 	@mkdir -p $(STOCK_BIN)
+	for b in containerd-shim-runsc-v1 runsc; do ln -f $(GVISOR_CACHE)/$$b $(STOCK_BIN)/$$b 2>/dev/null || install -m 0755 $(GVISOR_CACHE)/$$b $(STOCK_BIN)/; done
 	$(GOBUILD) -o $(STOCK_BIN)/containerd github.com/containerd/containerd/v2/cmd/containerd
 	$(GOBUILD) -o $(STOCK_BIN)/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
 	$(GOBUILD) -o $(STOCK_BIN)/ctr github.com/containerd/containerd/v2/cmd/ctr
