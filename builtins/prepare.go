@@ -37,6 +37,11 @@ runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-wasm"
 disable_pause_image_pull = true
 container_annotations = ["wasm.kuasar.io/*"]
+
+[containerd.runtimes.kuasar-gvisor]
+runtime_type = "io.containerd.kuasar.v1"
+sandboxer = "kuasar-appkernel"
+disable_pause_image_pull = true
 `
 
 // IsKuasar reports whether a registration belongs to containerd-kuasar.

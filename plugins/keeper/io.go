@@ -313,3 +313,15 @@ func checkStreamPath(path string) error {
 	}
 	return nil
 }
+
+// OpenStdin opens a stdin FIFO as the keeper does for the processes it
+// spawns: a reader to give the process (blocking reads) and a writer that
+// keeps it from seeing EOF for as long as the caller holds it. For streams
+// the daemon hands to a process itself (kuasar-gvisor's execs, which it
+// starts through the sandbox's control socket).
+func OpenStdin(path string) (r, w *os.File, err error) { return openStdin(path) }
+
+// OpenOutput opens where a process's output goes as the keeper does: a
+// FIFO read-write (it never blocks or breaks for want of a reader), a
+// file:// URI, or nothing (nil).
+func OpenOutput(path string) (*os.File, error) { return openOutput(path) }
