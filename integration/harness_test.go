@@ -97,6 +97,8 @@ type Daemon struct {
 	netnsSeen map[string]bool
 	keeperPid int
 	wasmHost  int // pid of the node's Wasm host, once seen
+	// wroteShimGrouping: this daemon wrote gVisor's shim options.
+	wroteShimGrouping bool
 }
 
 type daemonOptions struct {
@@ -105,6 +107,8 @@ type daemonOptions struct {
 	defaultHandler string
 	portMap        bool // the portmap CNI plugin (host ports)
 	bigSubnet      bool // a /16 pod network (for more than 250 pods)
+	// stockGVisor gives a stock daemon a runsc handler (gVisor's shim).
+	stockGVisor bool
 }
 
 // subnet is a random pod network: a /24, or a /16.
@@ -164,6 +168,11 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 		f.Close()
 	}
 	t.Cleanup(d.cleanup)
+	if o.stockGVisor {
+		if err := d.setupStockGVisor(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	d.start()
 	for _, img := range []string{images.Busybox, images.Pause} {
 		d.pull(t, img)
@@ -312,6 +321,7 @@ func (d *Daemon) cleanup() {
 	}
 	forceUnmountUnder(d.Dir)
 	removeCgroups(d.CgroupParent)
+	d.cleanupStockGVisor()
 	if !t.Failed() {
 		os.RemoveAll(d.Dir)
 	} else {
@@ -363,7 +373,9 @@ func (d *Daemon) checkLeaks() {
 		}
 	}
 	for _, m := range mountsUnder(d.Dir) {
-		t.Errorf("leak: mount %s", m)
+		if !isRunscNullNetns(m) {
+			t.Errorf("leak: mount %s", m)
+		}
 	}
 	// Other daemons on the machine (tests run side by side) make network
 	// namespaces too: count those this daemon's log names.
@@ -397,6 +409,7 @@ func (d *Daemon) checkLeaks() {
 			t.Errorf("leak: runc container %s", e.Name())
 		}
 	}
+	d.checkGVisorLeaks()
 	// Streams the keeper holds for processes that are gone.
 	if keys := d.keeperIO(); len(keys) > 0 {
 		t.Errorf("leak: the keeper still holds streams %v", keys)

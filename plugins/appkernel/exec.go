@@ -52,7 +52,7 @@ type execIO struct {
 }
 
 // openExecIO opens an exec's streams.
-func openExecIO(sio task.IO) (_ *execIO, retErr error) {
+func openExecIO(ctx context.Context, sio task.IO) (_ *execIO, retErr error) {
 	e := &execIO{}
 	defer func() {
 		if retErr != nil {
@@ -81,7 +81,7 @@ func openExecIO(sio task.IO) (_ *execIO, retErr error) {
 			e.fds[2] = e.fds[1]
 			break
 		}
-		f, err := keeper.OpenOutput(path)
+		f, err := openExecOutput(ctx, path)
 		if err != nil {
 			return nil, err
 		}
@@ -91,6 +91,47 @@ func openExecIO(sio task.IO) (_ *execIO, retErr error) {
 		}
 	}
 	return e, nil
+}
+
+// readerWait bounds the wait for the reader of an exec's output FIFO.
+const readerWait = 10 * time.Second
+
+// openExecOutput opens where an exec's output goes. A FIFO is opened for
+// writing once its reader (CRI, which opens it as it starts copying) has
+// opened it: the sandbox may run the process and close the FIFO within a
+// millisecond, and a reader that opens a FIFO after its last writer has
+// gone waits for a writer forever. With no reader in time, it is opened
+// read-write (it never blocks then).
+func openExecOutput(ctx context.Context, path string) (*os.File, error) {
+	if st, err := os.Stat(path); path == "" || err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+		return keeper.OpenOutput(path)
+	}
+	type opened struct {
+		f   *os.File
+		err error
+	}
+	ch := make(chan opened, 1)
+	go func() {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		ch <- opened{f, err}
+	}()
+	select {
+	case o := <-ch:
+		return o.f, o.err
+	case <-ctx.Done():
+	case <-time.After(readerWait):
+	}
+	// Release the blocked open with a reader of our own.
+	if r, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0); err == nil {
+		defer r.Close()
+	}
+	if o := <-ch; o.f != nil {
+		o.f.Close()
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return keeper.OpenOutput(path)
 }
 
 // openTerminal makes a terminal for the exec and copies between its master
@@ -201,7 +242,7 @@ func (r *containers) startExec(ctx context.Context, p *task.Process) error {
 	if err != nil {
 		return err
 	}
-	eio, err := openExecIO(p.IO)
+	eio, err := openExecIO(ctx, p.IO)
 	if err != nil {
 		return err
 	}
