@@ -5,17 +5,27 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/kuasar-io/containerd-kuasar/integration/images"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
 )
+
+// hypervisorKVMUsable says why KVM cannot be used on this node (nil: it
+// can), as kuasar-gvisor decides it.
+func hypervisorKVMUsable() error { return hypervisor.KVMUsable() }
 
 // gvisorProcs lists the processes on the node that belong to a daemon's
 // gVisor sandboxes: sentries (runsc-sandbox), gofers (runsc-gofer), and
@@ -565,5 +575,170 @@ func TestGVisorSandboxDies(t *testing.T) {
 			d.stopRemove(t, c, 2)
 			d.removePod(t, pod)
 		})
+	}
+}
+
+// TestGVisorBadInput: what kuasar-gvisor cannot run fails with a clear CRI
+// error and leaves nothing behind (the daemon's cleanup checks processes,
+// mounts, network namespaces, cgroups, records and runsc's state).
+func TestGVisorBadInput(t *testing.T) {
+	t.Run("missing runsc", func(t *testing.T) {
+		d := startDaemon(t, daemonOptions{extraConfig: "[plugins.'io.containerd.sandbox.controller.v1.kuasar-appkernel']\n  runsc_path = \"/nonexistent/runsc\"\n"})
+		_, err := d.RS.RunPodSandbox(ctx(t), &runtimeapi.RunPodSandboxRequest{Config: d.podConfig("norunsc"), RuntimeHandler: kuasarGVisor})
+		expectErr(t, err, "/nonexistent/runsc")
+		expectErr(t, err, "runsc_path")
+		expectErr(t, err, "kuasar-appkernel")
+	})
+	t.Run("platform", func(t *testing.T) {
+		d := startDaemon(t, daemonOptions{extraConfig: "[plugins.'io.containerd.sandbox.controller.v1.kuasar-appkernel']\n  platform = \"kvm\"\n"})
+		_, err := d.RS.RunPodSandbox(ctx(t), &runtimeapi.RunPodSandboxRequest{Config: d.podConfig("kvm"), RuntimeHandler: kuasarGVisor})
+		if kvmErr := hypervisorKVMUsable(); kvmErr == nil {
+			// A node with hardware virtualisation runs the pod on KVM.
+			must(t, err, "a kvm pod on a node with KVM")
+			t.Log("KVM is usable here: the pod ran on the kvm platform")
+		} else {
+			t.Logf("KVM is not usable here (%v): the pod must be refused", kvmErr)
+			expectErr(t, err, "KVM")
+			expectErr(t, err, "platform")
+		}
+	})
+	t.Run("unknown platform", func(t *testing.T) {
+		d := startDaemon(t, daemonOptions{extraConfig: "[plugins.'io.containerd.sandbox.controller.v1.kuasar-appkernel']\n  platform = \"warp\"\n"})
+		_, err := d.RS.RunPodSandbox(ctx(t), &runtimeapi.RunPodSandboxRequest{Config: d.podConfig("warp"), RuntimeHandler: kuasarGVisor})
+		expectErr(t, err, "warp")
+		expectCode(t, err, codes.InvalidArgument)
+	})
+
+	d := startDaemon(t, daemonOptions{})
+	t.Run("pod user namespace", func(t *testing.T) {
+		cfg := d.podConfig("userns")
+		cfg.Linux.SecurityContext.NamespaceOptions.UsernsOptions = &runtimeapi.UserNamespace{Mode: runtimeapi.NamespaceMode_POD,
+			Uids: []*runtimeapi.IDMapping{{HostId: 100000, ContainerId: 0, Length: 65536}}, Gids: []*runtimeapi.IDMapping{{HostId: 100000, ContainerId: 0, Length: 65536}}}
+		_, err := d.RS.RunPodSandbox(ctx(t), &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: kuasarGVisor})
+		if err == nil {
+			t.Fatal("a pod user namespace was accepted")
+		}
+		t.Logf("error as expected: %v", err)
+	})
+	podCfg := d.podConfig("gvbad")
+	pod := d.runPod(t, kuasarGVisor, podCfg)
+	t.Run("spec runsc refuses", func(t *testing.T) {
+		// A bidirectional mount (rshared): gVisor has no shared mount
+		// propagation. The host path is a shared mount, so that CRI
+		// accepts it.
+		cfg := ctrConfig("rshared", "true")
+		cfg.Mounts = []*runtimeapi.Mount{{HostPath: "/run/netns", ContainerPath: "/mnt/ns", Propagation: runtimeapi.MountPropagation_PROPAGATION_BIDIRECTIONAL}}
+		r, err := d.RS.CreateContainer(ctx(t), &runtimeapi.CreateContainerRequest{PodSandboxId: pod, Config: cfg, SandboxConfig: podCfg})
+		if err == nil {
+			_, err = d.RS.StartContainer(ctx(t), &runtimeapi.StartContainerRequest{ContainerId: r.ContainerId})
+			_, _ = d.RS.RemoveContainer(ctx(t), &runtimeapi.RemoveContainerRequest{ContainerId: r.ContainerId})
+		}
+		expectErr(t, err, "rshared")
+	})
+	t.Run("missing command", func(t *testing.T) {
+		id := d.create(t, pod, podCfg, ctrConfig("nocmd", "/no/such/command"))
+		_, err := d.RS.StartContainer(ctx(t), &runtimeapi.StartContainerRequest{ContainerId: id})
+		expectErr(t, err, "/no/such/command")
+		if _, err := d.RS.RemoveContainer(ctx(t), &runtimeapi.RemoveContainerRequest{ContainerId: id}); err != nil {
+			t.Fatalf("removing the failed container: %v", err)
+		}
+	})
+	t.Run("exec of a missing command", func(t *testing.T) {
+		c := d.run(t, pod, podCfg, ctrConfig("sleeper", "sleep", "3600"))
+		_, err := d.RS.ExecSync(ctx(t), &runtimeapi.ExecSyncRequest{ContainerId: c, Cmd: []string{"/no/such/exec"}, Timeout: 10})
+		if err == nil {
+			t.Fatal("exec of a missing command succeeded")
+		}
+		expectErr(t, err, "/no/such/exec")
+		d.stopRemove(t, c, 2)
+	})
+	t.Run("a container created but never started", func(t *testing.T) {
+		d.create(t, pod, podCfg, ctrConfig("never", "sleep", "3600"))
+	})
+	// The pod goes with its containers, running, created or failed.
+	d.run(t, pod, podCfg, ctrConfig("s2", "sh", "-c", "trap '' TERM; sleep 3600"))
+	d.removePod(t, pod)
+}
+
+// TestGVisorKillDuringPodStarts kills the daemon (SIGKILL) at a random
+// moment of a burst of concurrent kuasar-gvisor pod starts, several times.
+// Once it is back, `crictl rmp -f -a` removes everything, and what a
+// killed runsc create or start left without a record is reconciled away:
+// no sentry or gofer, runsc state, mount, network namespace or cgroup may
+// be left.
+func TestGVisorKillDuringPodStarts(t *testing.T) {
+	rounds := envInt("KUASAR_E2E_CRASH_ROUNDS", 5)
+	d := startDaemon(t, daemonOptions{})
+	for round := 0; round < rounds; round++ {
+		var wg sync.WaitGroup
+		for i := 0; i < 4; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				startPodUnchecked(d, kuasarGVisor, fmt.Sprintf("gvcrash-%d-%d", round, i), i)
+			}()
+		}
+		delay := time.Duration(rand.IntN(1500)) * time.Millisecond
+		time.Sleep(delay)
+		d.kill(syscall.SIGKILL)
+		wg.Wait()
+		d.start()
+		for _, args := range [][]string{{"rmp", "-f", "-a"}, {"rm", "-f", "-a"}} {
+			if out, err := d.crictl(args...).CombinedOutput(); err != nil {
+				t.Fatalf("round %d (killed after %v): crictl %v: %v\n%s", round, delay, args, err, out)
+			}
+		}
+		d.recordKeeper()
+		d.checkLeaks()
+		if ps := gvisorProcs(d); len(ps) > 0 {
+			t.Errorf("round %d: gVisor processes left: %+v", round, ps)
+		}
+		if t.Failed() {
+			t.Fatalf("round %d: leaks after a kill %v into the burst", round, delay)
+		}
+		t.Logf("round %d: daemon killed %v into the burst, nothing left", round, delay)
+	}
+}
+
+// TestGVisorBesideOtherKinds runs a pod of every kind on one daemon at
+// once: kuasar-gvisor, kuasar-runc, kuasar-wasm and stock runc, each doing
+// its work, then removes them all.
+func TestGVisorBesideOtherKinds(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	d.pull(t, images.WasmLayer)
+	type kind struct {
+		handler string
+		cfg     *runtimeapi.ContainerConfig
+		want    string
+	}
+	kinds := []kind{
+		{kuasarGVisor, ctrConfig("work", "sh", "-c", "echo hello-from-$(uname -s); dmesg | grep -q -i gvisor && echo in-gvisor; sleep 3600"), "in-gvisor"},
+		{kuasarRunc, ctrConfig("work", "sh", "-c", "echo hello-runc; sleep 3600"), "hello-runc"},
+		{kuasarWasm, wasmConfig("work", images.WasmLayer, "echo", "hello-wasm"), "hello-wasm"},
+		{stockRunc, ctrConfig("work", "sh", "-c", "echo hello-stock; sleep 3600"), "hello-stock"},
+	}
+	var pods []string
+	for _, k := range kinds {
+		cfg := d.podConfig("beside-" + strings.ReplaceAll(k.handler, "-", ""))
+		pod := d.runPod(t, k.handler, cfg)
+		pods = append(pods, pod)
+		c := d.run(t, pod, cfg, k.cfg)
+		d.waitLog(t, c, k.want, 30*time.Second)
+	}
+	list, err := d.RS.ListPodSandbox(ctx(t), &runtimeapi.ListPodSandboxRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	handlers := map[string]bool{}
+	for _, p := range list.Items {
+		handlers[p.RuntimeHandler] = p.State == runtimeapi.PodSandboxState_SANDBOX_READY
+	}
+	for _, k := range kinds {
+		if !handlers[k.handler] {
+			t.Errorf("no ready %s pod listed: %v", k.handler, handlers)
+		}
+	}
+	for _, p := range pods {
+		d.removePod(t, p)
 	}
 }

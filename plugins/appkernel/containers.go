@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
@@ -306,20 +305,15 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 }
 
 // Kill signals the init, an exec, or every process of the container,
-// through the control socket. A container created but not started has no
-// process: runsc removes it from the sandbox, and it counts as killed.
+// through the control socket. A container created but not started (or
+// whose start failed) has no process: it counts as killed by a
+// terminating signal; runsc removes it from the sandbox at Delete.
 func (r *containers) Kill(ctx context.Context, p *task.Process, sig unix.Signal, all bool) error {
 	c := p.Container
 	if p.ExecID == "" && !containerState(c).Started {
-		if sig != unix.SIGKILL && sig != unix.SIGTERM {
-			return nil
+		if sig == unix.SIGKILL || sig == unix.SIGTERM {
+			p.Exited(128+int(sig), time.Now())
 		}
-		if !r.p.hasEnded() {
-			if _, err := r.p.cli.run(ctx, "kill", c.ID, strconv.Itoa(int(sig))); err != nil && !errdefs.IsNotFound(err) {
-				return err
-			}
-		}
-		p.Exited(128+int(sig), time.Now())
 		return nil
 	}
 	var pid int32
