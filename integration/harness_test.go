@@ -233,7 +233,12 @@ func (d *Daemon) start() {
 		}
 		select {
 		case <-ctx.Done():
+			// containerd writes its goroutines' stacks to its log on
+			// SIGUSR1: what it is stuck on.
+			_ = d.cmd.Process.Signal(syscall.SIGUSR1)
+			time.Sleep(time.Second)
 			d.dumpLog()
+			_ = os.Remove(fmt.Sprintf("/tmp/containerd.%d.stacks.log", d.cmd.Process.Pid))
 			t.Fatal("CRI did not answer")
 		case <-time.After(20 * time.Millisecond):
 		}

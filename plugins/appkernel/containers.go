@@ -485,8 +485,28 @@ func (r *containers) Resume(context.Context, *task.Container) error {
 func (r *containers) Recover(ctx context.Context, c *task.Container) error {
 	st := containerState(c)
 	r.setResources(c.ID, st.Resources)
-	if c.Init.Status() == tasktypes.Status_STOPPED || !st.Started {
+	if c.Init.Status() == tasktypes.Status_STOPPED {
 		return nil
+	}
+	if !st.Started {
+		// A daemon killed during `runsc start` may have left the container
+		// started in the sandbox though it recorded it created. Nobody
+		// knows of that process: it is killed, and its exit reported, as
+		// CRI expects of a container whose start a restart interrupted.
+		state, err := r.p.ctl.State(ctx, c.ID)
+		if err != nil || (state != sentry.StateRunning && state != sentry.StateStopped) {
+			return nil
+		}
+		log.G(ctx).WithField("container", c.ID).Warn("a container whose start was interrupted runs in the sandbox; killing it")
+		if state == sentry.StateRunning {
+			if err := r.p.ctl.Signal(ctx, c.ID, 0, unix.SIGKILL, sentry.ToAll); err != nil && !errdefs.IsNotFound(err) {
+				log.G(ctx).WithError(err).WithField("container", c.ID).Warn("killing a container whose start was interrupted")
+			}
+		}
+		st.Started = true
+		if err := setContainerState(c, st); err != nil {
+			return err
+		}
 	}
 	r.watchInit(c)
 	return nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -59,6 +60,56 @@ func (k *kind) Reconcile(ctx context.Context, owned sandbox.Owned) error {
 	for _, pid := range k.strayProcesses(ownedSandbox) {
 		log.G(ctx).WithField("pid", pid).Warn("killing a gVisor process of no recorded sandbox")
 		if err := proc.Signal(pid, proc.StartTime(pid), unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, err)
+		}
+	}
+	if err := k.removeStrayFiles(ctx, ownedSandbox); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// removeStrayFiles removes what a runsc create killed before it recorded
+// its sandbox left in runsc's root: lock files and control sockets of
+// sandboxes no state or record names.
+func (k *kind) removeStrayFiles(ctx context.Context, owned map[string]bool) error {
+	states, err := listState(k.root)
+	if err != nil {
+		return err
+	}
+	recorded := map[string]bool{}
+	for _, s := range states {
+		recorded[s.Container+"_sandbox:"+s.Sandbox] = true
+	}
+	entries, err := os.ReadDir(k.root)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		name := e.Name()
+		var sandbox string
+		switch {
+		case strings.HasPrefix(name, "runsc-") && strings.HasSuffix(name, ".sock"):
+			sandbox = strings.TrimSuffix(strings.TrimPrefix(name, "runsc-"), ".sock")
+			if recorded[sandbox+"_sandbox:"+sandbox] {
+				continue
+			}
+		case strings.HasSuffix(name, ".lock"):
+			base := strings.TrimSuffix(name, ".lock")
+			_, sid, ok := strings.Cut(base, "_sandbox:")
+			if !ok || recorded[base] {
+				continue
+			}
+			sandbox = sid
+		default:
+			continue
+		}
+		if owned[sandbox] {
+			continue
+		}
+		log.G(ctx).WithField("file", name).Warn("removing what a killed runsc create left")
+		if err := os.Remove(filepath.Join(k.root, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}

@@ -371,3 +371,31 @@ func TestRecoverSandboxEndedWhileDown(t *testing.T) {
 		c2.mu.Unlock()
 	}
 }
+
+// A Start killed after it made the task endpoint but before it recorded the
+// sandbox started leaves a socket: recovery removes it (nothing else would).
+func TestRecoverRemovesSocketOfInterruptedStart(t *testing.T) {
+	paths := testPaths(t)
+	c := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "half"}, sandbox.WithOptions(&runtime.PodSandboxConfig{}), sandbox.WithNetNSPath("/var/run/netns/x")); err != nil {
+		t.Fatal(err)
+	}
+	sock := c.socketPath("k8s.io", "half")
+	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+
+	c2 := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c2.Recover(nsCtx()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("the socket of an interrupted start is left: %v", err)
+	}
+}

@@ -167,6 +167,12 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 			return err
 		}
 		e.endpoint = ep
+	} else if sb.Namespace != "" {
+		// A Start killed before it recorded the sandbox started leaves
+		// the endpoint's socket, which nothing will close.
+		if err := os.Remove(c.socketPath(sb.Namespace, sb.ID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("removing the socket of an interrupted start")
+		}
 	}
 	c.mu.Lock()
 	c.sandboxes[sb.ID] = e

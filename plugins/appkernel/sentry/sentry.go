@@ -33,6 +33,7 @@ const (
 	methodEvent      = "containerManager.Event"
 	methodProcesses  = "containerManager.Processes"
 	methodDestroySub = "containerManager.DestroySubcontainer"
+	methodState      = "containerManager.ContainerRuntimeState"
 )
 
 // SocketPath is where runsc puts the control socket of sandbox id, under
@@ -325,6 +326,25 @@ func (c *Client) Event(ctx context.Context, cid string) (*EventOut, error) {
 		return nil, err
 	}
 	return &out, nil
+}
+
+// RuntimeState mirrors boot.ContainerRuntimeState.
+type RuntimeState int
+
+// Container states in the sandbox.
+const (
+	StateInvalid RuntimeState = iota
+	StateCreating
+	StateRunning
+	StateStopped
+)
+
+// State says whether container cid has started in the sandbox, and whether
+// it has stopped since.
+func (c *Client) State(ctx context.Context, cid string) (RuntimeState, error) {
+	var st RuntimeState
+	err := c.call(ctx, methodState, &cid, &st)
+	return st, err
 }
 
 // Gone reports whether err says the sandbox is not there to answer.

@@ -79,6 +79,11 @@ func (cm *containerManager) Processes(cid *string, out *[]Process) error {
 	return nil
 }
 
+func (cm *containerManager) ContainerRuntimeState(cid *string, out *RuntimeState) error {
+	*out = StateRunning
+	return nil
+}
+
 func (cm *containerManager) Event(cid *string, out *EventOut) error {
 	out.Event.ID = *cid
 	out.Event.Data.Memory.Usage.Usage = 4096
@@ -212,6 +217,9 @@ func TestCalls(t *testing.T) {
 	ps, err := c.Processes(ctx, "c1")
 	if err != nil || len(ps) != 2 || ps[1].PID != 7 || ps[1].Cmd != "sleep" {
 		t.Errorf("Processes = %+v, %v", ps, err)
+	}
+	if st, err := c.State(ctx, "c1"); err != nil || st != StateRunning {
+		t.Errorf("State = %v, %v", st, err)
 	}
 	ev, err := c.Event(ctx, "c1")
 	if err != nil || ev.Event.Data.Memory.Usage.Usage != 4096 || ev.ContainerUsage["c1"] != 1500 || ev.Event.Data.Pids.Current != 2 {
