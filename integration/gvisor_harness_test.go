@@ -30,29 +30,19 @@ func (d *Daemon) kuasarRunscRoot() string {
 // stockRunscRoot is the runsc state directory of the stock gVisor shim.
 func (d *Daemon) stockRunscRoot() string { return filepath.Join(d.Dir, "runsc") }
 
-// shimGroupingConfig is where gVisor's shim reads its node-wide options:
-// grouping makes it serve a pod's containers from one shim, as containerd's
-// own shims do (without it each container gets a shim of its own).
-const shimGroupingConfig = "/run/containerd/runsc/config.toml"
-
 // setupStockGVisor gives a stock daemon a runsc handler: gVisor's shim
 // running the same runsc as kuasar-gvisor, on the same platform, with its
-// state under the daemon's root.
+// state under the daemon's root. The shim runs with its defaults, so one
+// shim per container (the pod's pause included): its grouping option (one
+// shim per pod) cannot delete tasks on containerd 2.4 (its Shutdown
+// answers nil while it serves other containers, which containerd's ttrpc
+// refuses: "marshal called with nil"), and pods never stop.
 func (d *Daemon) setupStockGVisor() error {
 	runscToml := filepath.Join(d.Dir, "runsc.toml")
 	cfg := fmt.Sprintf("binary_name = %q\nroot = %q\n\n[runsc_config]\n  platform = \"systrap\"\n",
 		filepath.Join(stockBinDir, "runsc"), d.stockRunscRoot())
 	if err := os.WriteFile(runscToml, []byte(cfg), 0o644); err != nil {
 		return err
-	}
-	if _, err := os.Stat(shimGroupingConfig); os.IsNotExist(err) {
-		if err := os.MkdirAll(filepath.Dir(shimGroupingConfig), 0o755); err != nil {
-			return err
-		}
-		if err := os.WriteFile(shimGroupingConfig, []byte("grouping = true\n"), 0o644); err != nil {
-			return err
-		}
-		d.wroteShimGrouping = true
 	}
 	f, err := os.OpenFile(d.Config, os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
@@ -69,15 +59,6 @@ func (d *Daemon) setupStockGVisor() error {
 	return err
 }
 
-// cleanupStockGVisor removes the shim's node-wide options if this daemon
-// wrote them.
-func (d *Daemon) cleanupStockGVisor() {
-	if d.wroteShimGrouping {
-		_ = os.Remove(shimGroupingConfig)
-		_ = os.Remove(filepath.Dir(shimGroupingConfig))
-	}
-}
-
 // checkGVisorLeaks reports what gVisor left of the daemon's pods: state in
 // either runsc root (sandboxes, containers, control sockets) and the pod
 // records of kuasar-gvisor. Its processes (sentries and gofers name the
@@ -85,7 +66,14 @@ func (d *Daemon) cleanupStockGVisor() {
 func (d *Daemon) checkGVisorLeaks() {
 	t := d.t
 	t.Helper()
-	for _, root := range []string{d.kuasarRunscRoot(), d.stockRunscRoot()} {
+	// The stock shim keeps a root per containerd namespace.
+	roots := []string{d.kuasarRunscRoot()}
+	if entries, err := os.ReadDir(d.stockRunscRoot()); err == nil {
+		for _, e := range entries {
+			roots = append(roots, filepath.Join(d.stockRunscRoot(), e.Name()))
+		}
+	}
+	for _, root := range roots {
 		entries, _ := os.ReadDir(root)
 		var left []string
 		for _, e := range entries {

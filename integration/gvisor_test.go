@@ -742,3 +742,51 @@ func TestGVisorBesideOtherKinds(t *testing.T) {
 		d.removePod(t, p)
 	}
 }
+
+// TestGVisorNoShimNoPause runs the same pod on kuasar-gvisor and on the
+// stock baseline (stock containerd, gVisor's containerd-shim-runsc-v1, a
+// pause image as the sandbox's root container), and compares what each
+// puts on the node: the baseline a shim per container (the pause's
+// included) besides gVisor's own processes, kuasar-gvisor nothing but
+// gVisor's.
+func TestGVisorNoShimNoPause(t *testing.T) {
+	nodeProcs := func(d *Daemon) (shims, sentries, gofers int) {
+		for _, p := range allProcs() {
+			switch {
+			case strings.HasPrefix(p.Comm, "containerd-shim") && strings.Contains(p.Cmdline, d.Addr):
+				shims++
+			case strings.HasPrefix(p.Cmdline, "runsc-sandbox") && strings.Contains(p.Cmdline, d.Dir):
+				sentries++
+			case strings.HasPrefix(p.Cmdline, "runsc-gofer") && strings.Contains(p.Cmdline, d.Dir):
+				gofers++
+			}
+		}
+		return
+	}
+	for _, tc := range []struct {
+		name    string
+		opts    daemonOptions
+		handler string
+		shims   int
+	}{
+		{"stock", daemonOptions{stock: true, stockGVisor: true}, stockGVisor, 3},
+		{kuasarGVisor, daemonOptions{}, kuasarGVisor, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, tc.opts)
+			cfg := d.podConfig("procs")
+			pod := d.runPod(t, tc.handler, cfg)
+			c1 := d.run(t, pod, cfg, ctrConfig("one", "sleep", "3600"))
+			d.run(t, pod, cfg, ctrConfig("two", "sleep", "3600"))
+			if out, _, code := d.execSync(t, c1, "sh", "-c", "dmesg | grep -c -i gvisor"); code != 0 || out == "0\n" {
+				t.Fatalf("%s: the container is not in gVisor (%q)", tc.name, out)
+			}
+			shims, sentries, gofers := nodeProcs(d)
+			t.Logf("%s: %d shim(s), %d sentry, %d gofers for a pod of 2 containers", tc.name, shims, sentries, gofers)
+			if shims != tc.shims || sentries != 1 || gofers != 3 {
+				t.Errorf("%s: %d shims, %d sentries, %d gofers; want %d, 1, 3", tc.name, shims, sentries, gofers, tc.shims)
+			}
+			d.removePod(t, pod)
+		})
+	}
+}

@@ -97,8 +97,6 @@ type Daemon struct {
 	netnsSeen map[string]bool
 	keeperPid int
 	wasmHost  int // pid of the node's Wasm host, once seen
-	// wroteShimGrouping: this daemon wrote gVisor's shim options.
-	wroteShimGrouping bool
 }
 
 type daemonOptions struct {
@@ -326,7 +324,6 @@ func (d *Daemon) cleanup() {
 	}
 	forceUnmountUnder(d.Dir)
 	removeCgroups(d.CgroupParent)
-	d.cleanupStockGVisor()
 	if !t.Failed() {
 		os.RemoveAll(d.Dir)
 	} else {
