@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // The gVisor handlers: kuasar-gvisor on containerd-kuasar, and the stock
@@ -99,4 +100,27 @@ func (d *Daemon) checkGVisorLeaks() {
 // network namespace.
 func isRunscNullNetns(mountpoint string) bool {
 	return filepath.Base(mountpoint) == runscNullNetns
+}
+
+// gvisorProcs lists a daemon's gVisor processes on the node: sentries
+// (runsc-sandbox), gofers (runsc-gofer), and the sentries' children
+// (systrap's stub processes).
+func gvisorProcs(d *Daemon) []proc {
+	var out []proc
+	sentries := map[int]bool{}
+	all := allProcs()
+	for _, p := range all {
+		if (strings.HasPrefix(p.Cmdline, "runsc-sandbox") || strings.HasPrefix(p.Cmdline, "runsc-gofer")) && strings.Contains(p.Cmdline, d.Dir) {
+			out = append(out, p)
+			if strings.HasPrefix(p.Cmdline, "runsc-sandbox") {
+				sentries[p.Pid] = true
+			}
+		}
+	}
+	for _, p := range all {
+		if sentries[p.PPid] && !strings.HasPrefix(p.Cmdline, "runsc-") {
+			out = append(out, p)
+		}
+	}
+	return out
 }

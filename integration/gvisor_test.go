@@ -27,29 +27,6 @@ import (
 // can), as kuasar-gvisor decides it.
 func hypervisorKVMUsable() error { return hypervisor.KVMUsable() }
 
-// gvisorProcs lists the processes on the node that belong to a daemon's
-// gVisor sandboxes: sentries (runsc-sandbox), gofers (runsc-gofer), and
-// the sentries' own children (systrap's stub processes).
-func gvisorProcs(d *Daemon) []proc {
-	var out []proc
-	sentries := map[int]bool{}
-	all := allProcs()
-	for _, p := range all {
-		if (p.Comm == "runsc-sandbox" || p.Comm == "runsc-gofer" || strings.HasPrefix(p.Cmdline, "runsc-")) && strings.Contains(p.Cmdline, d.Dir) {
-			out = append(out, p)
-			if strings.HasPrefix(p.Cmdline, "runsc-sandbox") {
-				sentries[p.Pid] = true
-			}
-		}
-	}
-	for _, p := range all {
-		if sentries[p.PPid] {
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
 // gvisorPodState is what kuasar-gvisor records of a pod (its sandbox
 // record's state).
 type gvisorPodState struct {
