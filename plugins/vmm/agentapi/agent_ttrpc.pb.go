@@ -14,6 +14,11 @@ type AgentService interface {
 	SyncClock(context.Context, *SyncClockRequest) (*SyncClockResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*emptypb.Empty, error)
 	SetupNetwork(context.Context, *SetupNetworkRequest) (*SetupNetworkResponse, error)
+	SetupSandbox(context.Context, *SetupSandboxRequest) (*SetupSandboxResponse, error)
+	ReadStdio(context.Context, *ReadStdioRequest) (*ReadStdioResponse, error)
+	WriteStdin(context.Context, *WriteStdinRequest) (*emptypb.Empty, error)
+	CloseStdin(context.Context, *ProcessStdio) (*emptypb.Empty, error)
+	PodStats(context.Context, *emptypb.Empty) (*PodStatsResponse, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -53,6 +58,41 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.SetupNetwork(ctx, &req)
+			},
+			"SetupSandbox": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req SetupSandboxRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.SetupSandbox(ctx, &req)
+			},
+			"ReadStdio": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ReadStdioRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ReadStdio(ctx, &req)
+			},
+			"WriteStdin": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req WriteStdinRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.WriteStdin(ctx, &req)
+			},
+			"CloseStdin": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ProcessStdio
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.CloseStdin(ctx, &req)
+			},
+			"PodStats": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req emptypb.Empty
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.PodStats(ctx, &req)
 			},
 		},
 	})
@@ -103,6 +143,46 @@ func (c *agentClient) Shutdown(ctx context.Context, req *ShutdownRequest) (*empt
 func (c *agentClient) SetupNetwork(ctx context.Context, req *SetupNetworkRequest) (*SetupNetworkResponse, error) {
 	var resp SetupNetworkResponse
 	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "SetupNetwork", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) SetupSandbox(ctx context.Context, req *SetupSandboxRequest) (*SetupSandboxResponse, error) {
+	var resp SetupSandboxResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "SetupSandbox", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ReadStdio(ctx context.Context, req *ReadStdioRequest) (*ReadStdioResponse, error) {
+	var resp ReadStdioResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "ReadStdio", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) WriteStdin(ctx context.Context, req *WriteStdinRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "WriteStdin", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) CloseStdin(ctx context.Context, req *ProcessStdio) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "CloseStdin", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) PodStats(ctx context.Context, req *emptypb.Empty) (*PodStatsResponse, error) {
+	var resp PodStatsResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "PodStats", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
