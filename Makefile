@@ -42,7 +42,7 @@ BINARIES := $(BIN)/containerd-kuasar $(BIN)/containerd-shim-kuasar-v1 $(BIN)/kua
 
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
-GUEST_OUT := $(OUT)/guest
+GUEST_OUT := $(OUT)/share/kuasar/guest
 GUEST_FILES := vmlinux initramfs.cpio guest.json
 
 .PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos guest FORCE

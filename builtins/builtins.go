@@ -12,5 +12,6 @@ import (
 
 	// Kuasar sandbox controllers.
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/runc"
+	_ "github.com/kuasar-io/containerd-kuasar/plugins/vmm"
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/wasm"
 )

@@ -32,6 +32,11 @@ runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-runc"
 disable_pause_image_pull = true
 
+[containerd.runtimes.kuasar-vmm]
+runtime_type = "io.containerd.kuasar.v1"
+sandboxer = "kuasar-vmm"
+disable_pause_image_pull = true
+
 [containerd.runtimes.kuasar-wasm]
 runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-wasm"

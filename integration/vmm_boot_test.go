@@ -437,7 +437,7 @@ func guestImage(t *testing.T) *guest.Image {
 	t.Helper()
 	dir := os.Getenv("KUASAR_GUEST_DIR")
 	if dir == "" {
-		dir = filepath.Join(binDir, "..", "guest")
+		dir = filepath.Join(binDir, "..", "share", "kuasar", "guest")
 	}
 	img, err := guest.Open(dir)
 	if err != nil {

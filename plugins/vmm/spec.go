@@ -1,0 +1,174 @@
+package vmm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
+)
+
+// A container reaches the guest through the pod's share: its directory
+// <share>/<container id> holds rootfs/ (the snapshot containerd mounts,
+// mounted on the host), mounts/<n> (each bind mount's source, bound there
+// on the host, read-only where the mount is) and config.json, the
+// container's spec with guest paths (guestSpec). The guest mounts the share
+// at guest.ShareDir, so the directory is guest.BundleDir(id) there.
+
+// guestSpec returns the container's spec as the guest runs it, and the
+// host binds to make under dir (the container's share directory) for it:
+// bind sources become paths under the share, the pod's namespaces the
+// agent's (the network namespace is the guest's own), the container's
+// cgroup a guest one; hooks (host programs) and device nodes (the node's)
+// go.
+func guestSpec(spec *specs.Spec, id string, sharedPID bool) (*specs.Spec, []hostBind, error) {
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	var g specs.Spec
+	if err := json.Unmarshal(b, &g); err != nil {
+		return nil, nil, err
+	}
+	if g.Linux == nil {
+		return nil, nil, fmt.Errorf("OCI spec has no linux section: %w", errdefs.ErrInvalidArgument)
+	}
+	bundle := guest.BundleDir(id)
+	ro := g.Root != nil && g.Root.Readonly
+	g.Root = &specs.Root{Path: bundle + "/rootfs", Readonly: ro}
+	g.Hooks = nil
+	g.Process.ApparmorProfile = ""
+	g.Process.SelinuxLabel = ""
+	g.Linux.MountLabel = ""
+	g.Linux.Devices = nil
+
+	var binds []hostBind
+	mounts := g.Mounts[:0]
+	for _, m := range g.Mounts {
+		switch {
+		case isBind(m):
+			n := strconv.Itoa(len(binds))
+			binds = append(binds, hostBind{Source: m.Source, Target: filepath.Join("mounts", n), ReadOnly: slices.Contains(m.Options, "ro")})
+			m.Source = bundle + "/mounts/" + n
+			m.Options = bindOptions(m.Options)
+		case m.Type == "tmpfs" && path.Clean(m.Destination) == "/dev/shm":
+			// The pod's shared /dev/shm, as the agent made it.
+			m = specs.Mount{Destination: "/dev/shm", Type: "bind", Source: guest.PodShmDir, Options: []string{"rbind", "rprivate", "rw"}}
+		}
+		mounts = append(mounts, m)
+	}
+	g.Mounts = mounts
+
+	nss := g.Linux.Namespaces[:0]
+	for _, ns := range g.Linux.Namespaces {
+		podNS := strings.HasPrefix(ns.Path, "/proc/0/")
+		switch ns.Type {
+		case specs.NetworkNamespace:
+			continue // the guest's network is the pod's
+		case specs.UserNamespace:
+			return nil, nil, fmt.Errorf("user namespaces are not supported by %s: %w", ID, errdefs.ErrNotImplemented)
+		case specs.IPCNamespace, specs.UTSNamespace:
+			if podNS {
+				ns.Path = guest.PodNSDir + "/" + string(nsKind(ns.Type))
+			} else if ns.Path != "" {
+				return nil, nil, fmt.Errorf("container asks for the %s namespace %s, which is not the pod's: %w", ns.Type, ns.Path, errdefs.ErrInvalidArgument)
+			}
+		case specs.PIDNamespace:
+			switch {
+			case podNS && sharedPID:
+				ns.Path = guest.PodNSDir + "/pid"
+			case podNS:
+				return nil, nil, fmt.Errorf("container asks for the pod's PID namespace, which the pod does not share: %w", errdefs.ErrInvalidArgument)
+			case ns.Path != "":
+				return nil, nil, fmt.Errorf("container asks for the PID namespace %s (another container's?), which %s does not support: %w", ns.Path, ID, errdefs.ErrNotImplemented)
+			}
+		}
+		nss = append(nss, ns)
+	}
+	g.Linux.Namespaces = nss
+	g.Linux.CgroupsPath = "/kuasar/" + id
+	return &g, binds, nil
+}
+
+func nsKind(t specs.LinuxNamespaceType) string {
+	if t == specs.UTSNamespace {
+		return "uts"
+	}
+	return "ipc"
+}
+
+func isBind(m specs.Mount) bool {
+	return m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
+}
+
+// bindOptions are a bind mount's options in the guest: the source there is
+// already the right thing (read-only where asked), bound again.
+func bindOptions(opts []string) []string {
+	out := []string{"rbind"}
+	for _, o := range opts {
+		switch o {
+		case "bind", "rbind":
+		default:
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+// hostBind is a bind mount of the host made in a container's share
+// directory for the guest to see.
+type hostBind struct {
+	Source   string // on the host
+	Target   string // relative to the container's share directory
+	ReadOnly bool
+}
+
+// mountBinds makes binds under dir; on error nothing of them is left.
+func mountBinds(dir string, binds []hostBind) (retErr error) {
+	defer func() {
+		if retErr != nil {
+			_ = mount.UnmountRecursive(filepath.Join(dir, "mounts"), unix.MNT_DETACH)
+		}
+	}()
+	for _, b := range binds {
+		st, err := os.Stat(b.Source)
+		if err != nil {
+			return fmt.Errorf("mount source %s: %w", b.Source, err)
+		}
+		target := filepath.Join(dir, b.Target)
+		if err := os.MkdirAll(filepath.Dir(target), 0o700); err != nil {
+			return err
+		}
+		if st.IsDir() {
+			err = os.Mkdir(target, 0o755)
+		} else {
+			var f *os.File
+			if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
+				f.Close()
+			}
+		}
+		if err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+		opts := []string{"rbind"}
+		if b.ReadOnly {
+			opts = append(opts, "ro")
+		}
+		m := mount.Mount{Type: "bind", Source: b.Source, Options: opts}
+		if err := m.Mount(target); err != nil {
+			return fmt.Errorf("binding %s for the guest: %w", b.Source, err)
+		}
+	}
+	return nil
+}
