@@ -17,6 +17,8 @@ package vmm
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -70,7 +72,8 @@ type Config struct {
 	// Template is "auto" (start pod VMs as clones of a VM booted once per
 	// guest image and size) or "off" (boot each one).
 	Template string `toml:"template"`
-	// TemplateDir keeps templates' RAM (a tmpfs); empty is /dev/shm.
+	// TemplateDir keeps templates' RAM files (a tmpfs, only this daemon's);
+	// empty is a directory of /dev/shm named after the daemon's state.
 	TemplateDir string `toml:"template_dir"`
 }
 
@@ -131,7 +134,13 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	}
 	tdir := cfg.TemplateDir
 	if tdir == "" {
-		tdir = "/dev/shm"
+		// A daemon's own: another daemon's clones map their templates'
+		// files, which must never be rewritten under them.
+		h := sha256.Sum256([]byte(env.State))
+		tdir = filepath.Join("/dev/shm", "kuasar-vmm-"+hex.EncodeToString(h[:6]))
+	}
+	if err := os.MkdirAll(tdir, 0o700); err != nil {
+		return nil, fmt.Errorf("template_dir: %w", err)
 	}
 	k.templates = newTemplates(k, filepath.Join(env.State, "templates"), tdir)
 	if err := k.check(); err != nil {

@@ -142,7 +142,7 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	t := &vmTemplate{
 		Key:       key,
 		StateFile: filepath.Join(dir, "state"),
-		RAMFile:   filepath.Join(ts.ramDir, "kuasar-vmm-template-"+key),
+		RAMFile:   filepath.Join(ts.ramDir, key+".ram"),
 		Image:     img.Key,
 		VCPUs:     cfg.VCPUs,
 		MemoryMiB: cfg.MemoryMiB,
