@@ -32,6 +32,7 @@ import (
 const (
 	kuasarRunc = "kuasar-runc"
 	stockRunc  = "runc"
+	kuasarVMM  = "kuasar-vmm"
 )
 
 var (
@@ -90,8 +91,8 @@ type Daemon struct {
 	CgroupParent string
 	// TemplateDir holds kuasar-vmm's template RAM files.
 	TemplateDir string
-	RS           runtimeapi.RuntimeServiceClient
-	IS           runtimeapi.ImageServiceClient
+	RS          runtimeapi.RuntimeServiceClient
+	IS          runtimeapi.ImageServiceClient
 
 	cmd       *exec.Cmd
 	exited    chan error

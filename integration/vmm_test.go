@@ -21,8 +21,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-const kuasarVMM = "kuasar-vmm"
-
 // needQEMU says why the microVM tests cannot run here (qemu-system-x86 is
 // one of the packages `make test` installs, so this only happens when the
 // tests are run by hand on a machine without it).
@@ -348,8 +346,8 @@ func TestVMMBadInput(t *testing.T) {
 
 	for _, tc := range []struct {
 		name, config string
-		code          codes.Code
-		mention       string
+		code         codes.Code
+		mention      string
 	}{
 		{"missing kernel", `  kernel_path = "/nonexistent/vmlinux"` + "\n" + `  initrd_path = "/nonexistent/initrd"`, codes.FailedPrecondition, "kernel_path"},
 		{"missing hypervisor", `  hypervisor_path = "/nonexistent/qemu"`, codes.NotFound, "hypervisor_path"},

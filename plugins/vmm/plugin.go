@@ -158,7 +158,7 @@ func (k *kind) check() error {
 		return k.accelErr
 	}
 	if _, err := qemu.FindBinary(k.cfg.HypervisorPath); err != nil {
-		return fmt.Errorf("%w (install qemu-system-x86, or set hypervisor_path under [plugins.'io.containerd.sandbox.controller.v1.%s'])", err, ID)
+		return fmt.Errorf("%w (hypervisor_path under [plugins.'io.containerd.sandbox.controller.v1.%s'])", err, ID)
 	}
 	_, err := k.image()
 	return err
