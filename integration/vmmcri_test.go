@@ -52,4 +52,3 @@ func (d *Daemon) vmInfo(t *testing.T, pod string) vmInfo {
 	}
 	return info
 }
-
