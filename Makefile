@@ -150,7 +150,7 @@ run: deps build
 	$(BIN)/containerd-kuasar scratch --dir $(SCRATCH) --mirror 127.0.0.1:5000
 
 ## demo: a pod of every handler through crictl, with what each costs
-demo: deps build tools
+demo: deps build tools guest
 	KUASAR_BIN_DIR=$(BIN) KUASAR_CACHE_DIR=$(CACHE) integration/demo.sh
 
 ## install: binaries, the kuasar-vmm guest image (under $(PREFIX)/share/kuasar/guest),

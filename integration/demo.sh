@@ -60,7 +60,7 @@ for _ in $(seq 100); do "${CRICTL[@]}" version >/dev/null 2>&1 && break; sleep 0
 "${CRICTL[@]}" pull docker.io/library/wasm-app:layer >/dev/null
 
 declare -A POD CTR
-for handler in kuasar-runc kuasar-wasm runc; do
+for handler in kuasar-runc kuasar-wasm kuasar-vmm runc; do
 	name=demo-${handler/-/}
 	cat > "$DIR/$name-pod.json" <<JSON
 {"metadata": {"name": "$name", "namespace": "demo", "uid": "$name-uid"},
@@ -88,6 +88,8 @@ JSON
 	end=$(date +%s%N)
 	echo "runp + create + start (crictl, 3 processes): $(( (end - start) / 1000000 )) ms"
 	[ "$handler" = kuasar-wasm ] && echo "(the node's first Wasm pod: the Wasm host starts and compiles the module; later pods of the image reuse it)"
+	[ "$handler" = kuasar-vmm ] && echo "(the node's first VM pod of its size: a template VM boots once and is saved; later pods are clones of it)" &&
+		"${CRICTL[@]}" inspectp "${POD[$handler]}" | grep -oE '"(accel|boot|vcpus|memoryMiB)": *("[^"]*"|[0-9]+)' | tr '\n' ' ' && echo
 	sleep 1
 	"${CRICTL[@]}" logs "${CTR[$handler]}"
 done
@@ -101,7 +103,15 @@ keeper=$(pgrep -f "kuasar-keeper --socket $DIR/" || true)
 echo "$keeper" > "$DIR/keeper.pid"
 wasmhost=$(pgrep -f "kuasar-wasm-host --socket $DIR/" || true)
 echo "$wasmhost" > "$DIR/wasmhost.pid"
-for handler in kuasar-runc kuasar-wasm runc; do
+for handler in kuasar-runc kuasar-wasm kuasar-vmm runc; do
+	if [ "$handler" = kuasar-vmm ]; then
+		vm=$("${CRICTL[@]}" inspectp -o go-template --template '{{.info.vmPid}}' "${POD[$handler]}")
+		echo "-- $handler pod ${POD[$handler]:0:12}"
+		printf '   %-8s %-12s %-20s PSS %6s kB\n' "$vm" "$(cat /proc/$vm/comm)" "the VM (isolation)" "$(pss $vm)"
+		echo "   the pod's processes run in the guest; on the node, only its hypervisor"
+		echo "   management processes for this pod: 0 kB PSS"
+		continue
+	fi
 	if [ "$handler" = kuasar-wasm ]; then
 		tid=$("${CRICTL[@]}" inspect -o go-template --template '{{.info.pid}}' "${CTR[$handler]}")
 		mem=$("${CRICTL[@]}" stats -o json "${CTR[$handler]}" | tr -d ' \n' | grep -o '"workingSetBytes":{"value":"[0-9]*"' | grep -o '[0-9][0-9]*' || echo 0)
