@@ -36,6 +36,8 @@ cleanup() {
 		[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
 	done
 	grep " $DIR/" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+	# kuasar-vmm's template RAM, named after the daemon's state directory.
+	rm -rf "/dev/shm/kuasar-vmm-$(printf %s "$DIR/state/io.containerd.sandbox.controller.v1.kuasar-vmm" | sha256sum | cut -c1-12)"
 	rm -rf "$DIR"
 }
 trap cleanup EXIT
