@@ -28,6 +28,9 @@ type Config struct {
 	Version, Revision string
 	// Started is when the process started.
 	Started time.Time
+
+	// stateDir replaces the agent's state directory (tests).
+	stateDir string
 }
 
 // portTimeout bounds the wait for the channel's port to appear.
@@ -81,7 +84,10 @@ func run(ctx context.Context, cfg Config) error {
 
 	r := reaper.New()
 	go r.Run(ctx)
-	a := newAgent(ctx, cfg, mods, r)
+	a, err := newAgent(ctx, cfg, mods, r)
+	if err != nil {
+		return err
+	}
 	l := channel.Listen(port, channel.WithHello(a.channelHello(), 0), channel.WithPath(dev))
 	go mods.loadLate(ctx)
 
