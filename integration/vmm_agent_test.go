@@ -56,14 +56,20 @@ func TestVMMAgent(t *testing.T) {
 	defer cancel()
 
 	cfg := vmConfig(t, img, accel, envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32))
+	if lvl := os.Getenv("KUASAR_VMM_AGENT_LOG"); lvl != "" {
+		cfg.KernelArgs = append(cfg.KernelArgs, guest.ParamLogLevel+"="+lvl)
+	}
 	b := spawnVM(ctx, t, cfg)
 	b.dialAgent(ctx, t)
 	pod := &agentPod{t: t, b: b, share: cfg.Shares[0].Path, busybox: busybox, tasks: taskv3.NewTTRPCTaskClient(b.client)}
-	t.Cleanup(func() {
-		if t.Failed() {
+	logged := false
+	showLogs := func() {
+		if (t.Failed() || os.Getenv("KUASAR_VMM_AGENT_LOG") != "") && !logged {
+			logged = true
 			t.Logf("guest console:%s", b.logs())
 		}
-	})
+	}
+	t.Cleanup(showLogs)
 
 	// A task call before the sandbox is set up is refused.
 	pod.bundle("early", []string{"true"}, nil)
@@ -205,7 +211,7 @@ func TestVMMAgent(t *testing.T) {
 		if out := pod.readUntil(ctx, "a", "", "ready\n"); !strings.Contains(out, "ready") {
 			t.Fatalf("a: %q", out)
 		}
-		pod.bundle("b", []string{"sh", "-c", "ps -o pid,args; cat /dev/shm/a; hostname; readlink /proc/self/ns/ipc /proc/self/ns/uts /proc/self/ns/pid"}, shared)
+		pod.bundle("b", []string{"sh", "-c", "ps -o pid,args; cat /dev/shm/a; hostname; for n in ipc uts pid; do readlink /proc/self/ns/$n; done"}, shared)
 		pod.create(ctx, &taskv3.CreateTaskRequest{ID: "b", Stdout: "o", Stderr: "e"})
 		pod.start(ctx, "b", "")
 		bOut := string(pod.readAll(ctx, "b", "", agentapi.Stream_STDOUT))
@@ -218,7 +224,7 @@ func TestVMMAgent(t *testing.T) {
 		pod.delete(ctx, "b", "")
 
 		// An exec in a: same IPC, UTS and PID namespaces as b's.
-		out, st := pod.exec(ctx, "a", "ns", []string{"readlink", "/proc/self/ns/ipc", "/proc/self/ns/uts", "/proc/self/ns/pid"})
+		out, st := pod.exec(ctx, "a", "ns", []string{"sh", "-c", "for n in ipc uts pid; do readlink /proc/self/ns/$n; done"})
 		if st != 0 || !strings.Contains(bOut, strings.TrimSpace(out)) {
 			t.Errorf("exec in a: %q (status %d), b had %q", out, st, bOut)
 		}
@@ -327,11 +333,16 @@ func TestVMMAgent(t *testing.T) {
 		if !errdefs.IsFailedPrecondition(errgrpc.ToNative(err)) {
 			t.Errorf("Create without a rootfs: %v", err)
 		}
+		// runc checks the command at create; nothing is left of a failed one.
 		pod.bundle("noexec", []string{"/no/such/binary"}, nil)
-		pod.create(ctx, &taskv3.CreateTaskRequest{ID: "noexec", Stdout: "o"})
-		if _, err := pod.tasks.Start(ctx, &taskv3.StartRequest{ID: "noexec"}); err == nil {
-			pod.wait(ctx, "noexec", "")
+		_, err = pod.tasks.Create(ctx, &taskv3.CreateTaskRequest{ID: "noexec", Bundle: guest.BundleDir("noexec"), Stdout: "o"})
+		if !errdefs.IsFailedPrecondition(errgrpc.ToNative(err)) || !strings.Contains(err.Error(), "/no/such/binary") {
+			t.Errorf("Create with a missing command: %v", err)
 		}
+		pod.bundle("noexec", []string{"true"}, nil)
+		pod.create(ctx, &taskv3.CreateTaskRequest{ID: "noexec", Stdout: "o"})
+		pod.start(ctx, "noexec", "")
+		pod.wait(ctx, "noexec", "")
 		pod.delete(ctx, "noexec", "")
 		if _, err := b.agent.ReadStdio(ctx, &agentapi.ReadStdioRequest{}); !errdefs.IsInvalidArgument(errgrpc.ToNative(err)) {
 			t.Errorf("ReadStdio without a process: %v", err)
@@ -342,6 +353,7 @@ func TestVMMAgent(t *testing.T) {
 	})
 
 	pod.t = t
+	showLogs()
 	if _, err := b.agent.Shutdown(ctx, &agentapi.ShutdownRequest{}); err != nil {
 		t.Fatal(err)
 	}

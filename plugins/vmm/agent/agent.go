@@ -31,6 +31,9 @@ type Config struct {
 
 	// stateDir replaces the agent's state directory (tests).
 	stateDir string
+	// runc replaces guest.RuncPath (the sealed copy); keep holds it.
+	runc string
+	keep *os.File
 }
 
 // portTimeout bounds the wait for the channel's port to appear.
@@ -84,6 +87,12 @@ func run(ctx context.Context, cfg Config) error {
 
 	r := reaper.New()
 	go r.Run(ctx)
+	if path, f, err := sealedBinary(guest.RuncPath); err != nil {
+		log.G(ctx).WithError(err).Warn("runc runs from its file (every runc init copies it)")
+	} else {
+		cfg.runc, cfg.keep = path, f
+		_ = os.Remove(guest.RuncPath) // the memfd holds it now: free the initramfs copy
+	}
 	a, err := newAgent(ctx, cfg, mods, r)
 	if err != nil {
 		return err

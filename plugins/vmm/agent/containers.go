@@ -196,7 +196,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	pidFile := filepath.Join(bundle, "init.pid")
 	begin := time.Now()
 	if err := r.spawn(ctx, d.io, filepath.Join(bundle, "log.json"),
-		"create", "--bundle", bundle, "--pid-file", pidFile); err != nil {
+		"create", "--bundle", bundle, "--pid-file", pidFile, c.ID); err != nil {
 		return err
 	}
 	if err := r.started(c.Init, d, pidFile); err != nil {

@@ -10,10 +10,12 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agent/reaper"
 )
@@ -133,4 +135,41 @@ func (r *runcCLI) ps(ctx context.Context, id string) ([]int, error) {
 		return nil, fmt.Errorf("decoding runc ps: %w", err)
 	}
 	return pids, nil
+}
+
+// runcSeals are the seals runc's own clone of its binary has: a runc
+// running from a memfd sealed so is not copied again (runc 1.1's
+// CVE-2019-5736 protection re-executes itself from a fresh copy at every
+// runc init otherwise).
+const runcSeals = unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE
+
+// sealedBinary copies the binary at path into a sealed memfd, once, and
+// returns a path that executes it (the agent's /proc/PID/fd/N) and the
+// file, to keep open for as long as the path is used. runc started from it
+// skips the copy and the re-execution of every runc init: under TCG that
+// is most of a container's create (the copy's pages are new at every run,
+// so TCG translates the whole of runc init again each time), and the
+// pages of one copy are shared by every runc. The copy cannot be written
+// (F_SEAL_WRITE), as runc's own copy; on disk the binary is removed
+// afterwards: the initramfs holds it in RAM and the memfd does now.
+func sealedBinary(path string) (string, *os.File, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return "", nil, err
+	}
+	defer src.Close()
+	fd, err := unix.MemfdCreate(filepath.Base(path), unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return "", nil, fmt.Errorf("memfd for %s: %w", path, err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd:"+filepath.Base(path))
+	if _, err := io.Copy(f, src); err != nil {
+		f.Close()
+		return "", nil, fmt.Errorf("copying %s: %w", path, err)
+	}
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, runcSeals); err != nil {
+		f.Close()
+		return "", nil, fmt.Errorf("sealing the copy of %s: %w", path, err)
+	}
+	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), f.Fd()), f, nil
 }

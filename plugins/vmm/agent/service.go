@@ -15,6 +15,7 @@ import (
 
 	taskv3 "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
@@ -32,7 +33,21 @@ import (
 // of the pod's containers.
 func register(srv *ttrpc.Server, a *agent) {
 	agentapi.RegisterAgentService(srv, a)
-	taskv3.RegisterTTRPCTaskService(srv, a.tasks)
+	taskv3.RegisterTTRPCTaskService(srv, taskService{a.tasks, a.pod})
+}
+
+// taskService is the task service of the pod's containers. It refuses a
+// container before SetupSandbox: its bundle would not be there.
+type taskService struct {
+	*task.Service
+	pod *pod
+}
+
+func (s taskService) Create(ctx context.Context, r *taskv3.CreateTaskRequest) (*taskv3.CreateTaskResponse, error) {
+	if _, err := s.pod.specNamespaces(); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return s.Service.Create(ctx, r)
 }
 
 // agent is the state of the guest agent shared by its services.
@@ -46,6 +61,8 @@ type agent struct {
 	mods      *modules
 	reaper    *reaper.Reaper
 	runc      string
+	// runcFile holds the sealed copy of runc a.runc names, if it is one.
+	runcFile *os.File
 	// pod is what SetupSandbox made; ctrs runs the containers the task
 	// service (tasks) serves.
 	pod   *pod
@@ -76,6 +93,9 @@ func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) 
 	dir := cfg.stateDir
 	if dir == "" {
 		dir = stateDir
+	}
+	if cfg.runc != "" {
+		a.runc, a.runcFile = cfg.runc, cfg.keep
 	}
 	a.pod = newPod(r)
 	a.ctrs = newContainers(r, a.pod, a.runc, dir)
