@@ -28,6 +28,12 @@ type Config struct {
 	Version, Revision string
 	// Started is when the process started.
 	Started time.Time
+
+	// stateDir replaces the agent's state directory (tests).
+	stateDir string
+	// runc replaces guest.RuncPath (the sealed copy); keep holds it.
+	runc string
+	keep *os.File
 }
 
 // portTimeout bounds the wait for the channel's port to appear.
@@ -81,7 +87,16 @@ func run(ctx context.Context, cfg Config) error {
 
 	r := reaper.New()
 	go r.Run(ctx)
-	a := newAgent(ctx, cfg, mods, r)
+	if path, f, err := sealedBinary(guest.RuncPath); err != nil {
+		log.G(ctx).WithError(err).Warn("runc runs from its file (every runc init copies it)")
+	} else {
+		cfg.runc, cfg.keep = path, f
+		_ = os.Remove(guest.RuncPath) // the memfd holds it now: free the initramfs copy
+	}
+	a, err := newAgent(ctx, cfg, mods, r)
+	if err != nil {
+		return err
+	}
 	l := channel.Listen(port, channel.WithHello(a.channelHello(), 0), channel.WithPath(dev))
 	go mods.loadLate(ctx)
 

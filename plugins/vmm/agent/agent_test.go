@@ -72,7 +72,10 @@ func TestService(t *testing.T) {
 	ctx := context.Background()
 	mods := newModules(nil)
 	close(mods.done)
-	a := newAgent(ctx, Config{Version: "v1", Revision: "r", Started: time.Unix(100, 0)}, mods, reaper.New())
+	a, err := newAgent(ctx, Config{Version: "v1", Revision: "r", Started: time.Unix(100, 0), stateDir: t.TempDir()}, mods, reaper.New())
+	if err != nil {
+		t.Fatal(err)
+	}
 	var set time.Time
 	a.setClock = func(t time.Time) error { set = t; return nil }
 	powered := make(chan bool, 1)

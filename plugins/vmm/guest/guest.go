@@ -41,6 +41,11 @@ const (
 	PodNSDir = "/run/kuasar/pod/ns"
 	// PodShmDir is the pod's /dev/shm.
 	PodShmDir = "/run/kuasar/pod/shm"
+	// CgroupParent is the guest cgroup (v2) that holds the containers':
+	// the host sets each spec's cgroupsPath to CgroupParent/<id> (the
+	// agent does when a spec has none, or a systemd one). The agent's
+	// PodStats are this cgroup's.
+	CgroupParent = "/kuasar"
 )
 
 // ShareTag is the mount tag of the host's share.

@@ -1,0 +1,175 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agent/reaper"
+)
+
+// runcTimeout bounds one runc command. Commands are not cut short when the
+// call that asked for them is (a create killed half way leaves a half
+// container): they run to the end or to this bound.
+const runcTimeout = 2 * time.Minute
+
+// runcCLI runs the guest's runc binary. Every runc is a child the reaper
+// leaves to os/exec.
+type runcCLI struct {
+	path   string
+	root   string // --root: runc's state, on a guest tmpfs
+	reaper *reaper.Reaper
+}
+
+// stdio is what a runc command that leaves a process behind (create, exec)
+// hands to it: the process's standard streams.
+type stdio struct {
+	in, out, err *os.File
+}
+
+// command returns a runc command line; logPath, if set, gets runc's own
+// log as JSON.
+func (r *runcCLI) command(ctx context.Context, logPath string, args ...string) *exec.Cmd {
+	global := []string{"--root", r.root}
+	if logPath != "" {
+		global = append(global, "--log", logPath, "--log-format", "json")
+	}
+	return exec.CommandContext(ctx, r.path, append(global, args...)...)
+}
+
+// run executes a runc command that leaves nothing behind and returns its
+// output, or an error with runc's message and its errdefs class.
+func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), runcTimeout)
+	defer cancel()
+	cmd := r.command(ctx, "", args...)
+	cmd.Stdin = stdin
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := r.reaper.Exec(cmd); err != nil {
+		return nil, fmt.Errorf("runc %s: %w", args[0], runcFailure(stderr.String(), err))
+	}
+	return stdout.Bytes(), nil
+}
+
+// spawn executes runc create or exec, which start a process with io as its
+// streams and exit; runc's own messages go to logPath, and its error is
+// read back from there.
+func (r *runcCLI) spawn(ctx context.Context, io stdio, logPath string, args ...string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), runcTimeout)
+	defer cancel()
+	cmd := r.command(ctx, logPath, args...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = io.in, io.out, io.err
+	if err := r.reaper.Exec(cmd); err != nil {
+		msg := logError(logPath)
+		if msg == "" {
+			msg = err.Error()
+		}
+		return fmt.Errorf("runc %s: %w", args[0], runcFailure(msg, err))
+	}
+	return nil
+}
+
+// runcFailure gives runc's message the errdefs class it means.
+func runcFailure(msg string, err error) error {
+	msg = strings.TrimSpace(msg)
+	if msg == "" {
+		return err
+	}
+	lower := strings.ToLower(msg)
+	switch {
+	case strings.Contains(lower, "does not exist"), strings.Contains(lower, "not running"),
+		strings.Contains(lower, "no such process"), strings.Contains(lower, "process already finished"):
+		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
+	case strings.Contains(lower, "no such file or directory"), strings.Contains(lower, "executable file not found"),
+		strings.Contains(lower, "permission denied"), strings.Contains(lower, "not a directory"):
+		return fmt.Errorf("%s: %w", msg, errdefs.ErrFailedPrecondition)
+	case strings.Contains(lower, "invalid"):
+		return fmt.Errorf("%s: %w", msg, errdefs.ErrInvalidArgument)
+	}
+	return errors.New(msg)
+}
+
+// logError returns the last error of a runc JSON log.
+func logError(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	var last string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var e struct {
+			Level string `json:"level"`
+			Msg   string `json:"msg"`
+		}
+		if json.Unmarshal(sc.Bytes(), &e) == nil && (e.Level == "error" || e.Level == "fatal") {
+			last = e.Msg
+		}
+	}
+	return last
+}
+
+// ps lists the guest pids of a container's processes.
+func (r *runcCLI) ps(ctx context.Context, id string) ([]int, error) {
+	out, err := r.run(ctx, nil, "ps", "--format", "json", id)
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	if err := json.Unmarshal(out, &pids); err != nil {
+		return nil, fmt.Errorf("decoding runc ps: %w", err)
+	}
+	return pids, nil
+}
+
+// runcSeals are the seals runc's own clone of its binary has: a runc
+// running from a memfd sealed so is not copied again (runc 1.1's
+// CVE-2019-5736 protection re-executes itself from a fresh copy at every
+// runc init otherwise).
+const runcSeals = unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE
+
+// sealedBinary copies the binary at path into a sealed memfd, once, and
+// returns a path that executes it (the agent's /proc/PID/fd/N) and the
+// file, to keep open for as long as the path is used. runc started from it
+// skips the copy and the re-execution of every runc init: under TCG that
+// is most of a container's create (the copy's pages are new at every run,
+// so TCG translates the whole of runc init again each time), and the
+// pages of one copy are shared by every runc. The copy cannot be written
+// (F_SEAL_WRITE), as runc's own copy; on disk the binary is removed
+// afterwards: the initramfs holds it in RAM and the memfd does now.
+func sealedBinary(path string) (string, *os.File, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return "", nil, err
+	}
+	defer src.Close()
+	fd, err := unix.MemfdCreate(filepath.Base(path), unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return "", nil, fmt.Errorf("memfd for %s: %w", path, err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd:"+filepath.Base(path))
+	if _, err := io.Copy(f, src); err != nil {
+		f.Close()
+		return "", nil, fmt.Errorf("copying %s: %w", path, err)
+	}
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, runcSeals); err != nil {
+		f.Close()
+		return "", nil, fmt.Errorf("sealing the copy of %s: %w", path, err)
+	}
+	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), f.Fd()), f, nil
+}
