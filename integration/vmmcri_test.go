@@ -47,8 +47,8 @@ func (d *Daemon) vmInfo(t *testing.T, pod string) vmInfo {
 		t.Fatal(err)
 	}
 	var info vmInfo
-	if err := json.Unmarshal([]byte(r.Info["info"]), &info); err != nil {
-		t.Fatalf("pod info %q: %v", r.Info["info"], err)
+	if err := json.Unmarshal([]byte(r.Info["kuasar"]), &info); err != nil || info.VMPid == 0 {
+		t.Fatalf("pod info %q: %v", r.Info, err)
 	}
 	return info
 }

@@ -80,7 +80,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 		return fmt.Errorf("a %s pod cannot use the node's PID namespace (hostPID): a VM has its own: %w", ID, errdefs.ErrInvalidArgument)
 	case ns.GetPid() == runtime.NamespaceMode_TARGET:
 		return fmt.Errorf("a pod cannot target a container's PID namespace: %w", errdefs.ErrInvalidArgument)
-	case ns.GetUsernsOptions().GetMode() == runtime.NamespaceMode_POD:
+	case ns.GetUsernsOptions() != nil && ns.GetUsernsOptions().GetMode() == runtime.NamespaceMode_POD:
 		return fmt.Errorf("pod user namespaces are not supported by %s: %w", ID, errdefs.ErrNotImplemented)
 	case sb.NetNSPath == "":
 		return fmt.Errorf("pod has no network namespace from CRI: %w", errdefs.ErrInvalidArgument)
