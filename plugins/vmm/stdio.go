@@ -28,13 +28,19 @@ import (
 // itself, so that its own restart (or CRI's) is no end of input: only
 // CloseIO is.
 
+// stdinDrain bounds the wait, at CloseIO, for what the stdin FIFO still
+// holds to reach the guest.
+const stdinDrain = 2 * time.Second
+
 // streams are the pumps of one process.
 type streams struct {
 	proc   *agentapi.ProcessStdio
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	// outDone is closed once every output stream reached its end.
+	// outDone is closed once every output stream reached its end; inDone
+	// once the stdin pump has.
 	outDone chan struct{}
+	inDone  chan struct{}
 
 	mu      sync.Mutex
 	stdin   io.Closer // the FIFO the stdin pump reads
@@ -91,9 +97,11 @@ func startStreams(g *guestConn, p *task.Process) (*streams, error) {
 			return nil, fmt.Errorf("opening stdin for keep-alive: %w", err)
 		}
 		s.stdin, s.keep, s.stdinUp = in, keep, true
+		s.inDone = make(chan struct{})
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			defer close(s.inDone)
 			s.copyIn(ctx, g, in)
 		}()
 	}
@@ -175,8 +183,9 @@ func (s *streams) waitOutput(d time.Duration) {
 	}
 }
 
-// closeStdin ends the process's input: the pump stops and the guest
-// closes its stdin.
+// closeStdin ends the process's input: what the FIFO still holds is
+// copied to the guest first (the client's writer is closed by then), then
+// the guest closes the process's stdin.
 func (s *streams) closeStdin(ctx context.Context, g *guestConn) error {
 	s.mu.Lock()
 	in, keep, up := s.stdin, s.keep, s.stdinUp
@@ -186,7 +195,13 @@ func (s *streams) closeStdin(ctx context.Context, g *guestConn) error {
 		return nil
 	}
 	keep.Close()
+	select {
+	case <-s.inDone:
+	case <-time.After(stdinDrain):
+		// A writer is still open: input ends here all the same.
+	}
 	in.Close()
+	<-s.inDone
 	return g.call(ctx, true, func(ctx context.Context, ss *session) error {
 		_, err := ss.agent.CloseStdin(ctx, s.proc)
 		return err
