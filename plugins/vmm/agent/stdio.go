@@ -218,9 +218,14 @@ func (p *procIO) write(ctx context.Context, data []byte) error {
 		return nil
 	}
 	f := p.stdin
-	stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(time.Unix(1, 0)) })
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = f.SetWriteDeadline(time.Unix(1, 0)) // in the past: the write returns
+		close(fired)
+	})
 	_, err := f.Write(data)
 	if !stop() {
+		<-fired
 		_ = f.SetWriteDeadline(time.Time{})
 		if err != nil {
 			return fmt.Errorf("writing stdin: %w", errors.Join(ctx.Err(), err))
