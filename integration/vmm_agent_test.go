@@ -55,7 +55,7 @@ func TestVMMAgent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
-	cfg := vmConfig(t, img, accel, envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32))
+	cfg := vmConfig(t, img, accel, envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 64))
 	if lvl := os.Getenv("KUASAR_VMM_AGENT_LOG"); lvl != "" {
 		cfg.KernelArgs = append(cfg.KernelArgs, guest.ParamLogLevel+"="+lvl)
 	}
@@ -83,11 +83,19 @@ func TestVMMAgent(t *testing.T) {
 		ShareTag: guest.ShareTag, ShareType: "9p",
 		Sysctls: map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "80"},
 	}
+	free := func() uint64 {
+		c, err := b.agent.Check(ctx, &agentapi.CheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.MemAvailableBytes >> 20
+	}
+	before := free()
 	start := time.Now()
 	if _, err := b.agent.SetupSandbox(ctx, setup); err != nil {
 		t.Fatalf("SetupSandbox: %v%s", err, b.logs())
 	}
-	t.Logf("SetupSandbox (share, namespaces, pod PID init, /dev/shm, sysctls): %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("SetupSandbox (share, namespaces, pod PID init, /dev/shm, sysctls): %v; guest memory available %d MiB before, %d MiB after", time.Since(start).Round(time.Millisecond), before, free())
 	// Again, as after a daemon restart: what exists is kept.
 	if _, err := b.agent.SetupSandbox(ctx, setup); err != nil {
 		t.Fatalf("second SetupSandbox: %v", err)
@@ -231,6 +239,22 @@ func TestVMMAgent(t *testing.T) {
 		if out, st := pod.exec(ctx, "a", "fail", []string{"sh", "-c", "echo exec-out; exit 3"}); st != 3 || out != "exec-out\n" {
 			t.Errorf("exec: %q, status %d", out, st)
 		}
+
+		// An exec with a terminal (crictl exec -it), resized.
+		pod.execStart(ctx, "a", "tty", []string{"sh", "-c", "read x; stty size; tty"}, true)
+		if _, err := pod.tasks.ResizePty(ctx, &taskv3.ResizePtyRequest{ID: "a", ExecID: "tty", Width: 120, Height: 30}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.agent.WriteStdin(ctx, &agentapi.WriteStdinRequest{Process: &agentapi.ProcessStdio{ContainerId: "a", ExecId: "tty"}, Data: []byte("\n")}); err != nil {
+			t.Fatal(err)
+		}
+		if out := string(pod.readAll(ctx, "a", "tty", agentapi.Stream_STDOUT)); !strings.Contains(out, "30 120") || !strings.Contains(out, "/dev/pts/") {
+			t.Errorf("exec with a terminal: %q", out)
+		}
+		if st := pod.wait(ctx, "a", "tty"); st != 0 {
+			t.Errorf("exec with a terminal: status %d", st)
+		}
+		pod.delete(ctx, "a", "tty")
 
 		// A long exec: Pids lists it, marked; killed alone, it ends alone.
 		pod.execStart(ctx, "a", "long", []string{"sleep", "500"}, false)
@@ -499,11 +523,16 @@ func (p *agentPod) state(ctx context.Context, id string) tasktypes.Status {
 	return st.Status
 }
 
-// execStart adds and starts an exec (its stdout captured).
+// execStart adds and starts an exec (its stdout captured; with a
+// terminal, its stdin too).
 func (p *agentPod) execStart(ctx context.Context, id, execID string, args []string, terminal bool) {
 	p.t.Helper()
 	spec, _ := json.Marshal(&specs.Process{Args: args, Cwd: "/", Env: []string{"PATH=/bin"}, Terminal: terminal})
-	if _, err := p.tasks.Exec(ctx, &taskv3.ExecProcessRequest{ID: id, ExecID: execID, Stdout: "o", Terminal: terminal,
+	stdin := ""
+	if terminal {
+		stdin = "i"
+	}
+	if _, err := p.tasks.Exec(ctx, &taskv3.ExecProcessRequest{ID: id, ExecID: execID, Stdin: stdin, Stdout: "o", Terminal: terminal,
 		Spec: &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: spec}}); err != nil {
 		p.t.Fatalf("Exec %s: %v", execID, err)
 	}

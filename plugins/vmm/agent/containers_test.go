@@ -14,41 +14,6 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 )
 
-func TestRuncFailure(t *testing.T) {
-	base := errors.New("exit status 1")
-	for _, tc := range []struct {
-		msg  string
-		want func(error) bool
-	}{
-		{"container \"x\" does not exist", errdefs.IsNotFound},
-		{"cannot kill: container not running", errdefs.IsNotFound},
-		{`exec: "/no/such": stat /no/such: no such file or directory`, errdefs.IsFailedPrecondition},
-		{"invalid memory limit", errdefs.IsInvalidArgument},
-		{"something else", func(err error) bool { return err.Error() == "something else" && !errdefs.IsNotFound(err) }},
-		{"", func(err error) bool { return errors.Is(err, base) }},
-	} {
-		if err := runcFailure(tc.msg, base); !tc.want(err) {
-			t.Errorf("runcFailure(%q) = %v (%T)", tc.msg, err, err)
-		}
-	}
-}
-
-func TestLogError(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "log.json")
-	os.WriteFile(p, []byte(`{"level":"debug","msg":"nsexec: x"}
-not json
-{"level":"error","msg":"first"}
-{"level":"error","msg":"runc create failed: unable to start container process"}
-{"level":"info","msg":"later"}
-`), 0o600)
-	if got := logError(p); got != "runc create failed: unable to start container process" {
-		t.Errorf("logError = %q", got)
-	}
-	if got := logError(filepath.Join(t.TempDir(), "none")); got != "" {
-		t.Errorf("logError of a missing log = %q", got)
-	}
-}
-
 // TestReleaseInit plays runc init's side of the exec fifo.
 func TestReleaseInit(t *testing.T) {
 	ctx := context.Background()
