@@ -237,3 +237,22 @@ func TestConsoleSocket(t *testing.T) {
 		t.Errorf("console socket left: %v", err)
 	}
 }
+
+// TestProcIOCloseDuringWrite: CloseStdin does not wait for a write the
+// process does not read; the write fails.
+func TestProcIOCloseDuringWrite(t *testing.T) {
+	p, err := newProcIO(task.IO{Stdin: "i"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.release()
+	defer p.closeChild()
+	wrote := make(chan error, 1)
+	go func() { wrote <- p.write(context.Background(), make([]byte, 4<<20)) }()
+	if err := p.closeStdin(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-wrote; !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("write while stdin closed: %v", err)
+	}
+}
