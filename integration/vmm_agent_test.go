@@ -376,6 +376,27 @@ func TestVMMAgent(t *testing.T) {
 		}
 	})
 
+	t.Run("nothing left in the guest", func(t *testing.T) {
+		pod.t = t
+		// A last container looks at the agent's state and the containers'
+		// cgroups (bind mounts of guest paths, for the test only).
+		pod.bundle("inspect", []string{"sh", "-c", "cd /agent && ls -A bundles runc tasks console; ls /kuasar-cg | grep -v '[.]'"}, func(o *specOpts) {
+			o.binds = map[string]string{"/run/kuasar/agent": "/agent", "/sys/fs/cgroup" + guest.CgroupParent: "/kuasar-cg"}
+		})
+		pod.create(ctx, &taskv3.CreateTaskRequest{ID: "inspect", Stdout: "o", Stderr: "e"})
+		pod.start(ctx, "inspect", "")
+		out := string(pod.readAll(ctx, "inspect", "", agentapi.Stream_STDOUT))
+		if st := pod.wait(ctx, "inspect", ""); st != 0 {
+			t.Fatalf("inspect: %d %q %q", st, out, pod.readAll(ctx, "inspect", "", agentapi.Stream_STDERR))
+		}
+		// ls's sections, then the cgroups under guest.CgroupParent.
+		want := "bundles:\ninspect\n\nconsole:\n\nrunc:\ninspect\n\ntasks:\ninspect.json\ninspect\n"
+		if out != want {
+			t.Errorf("left in the guest after every other container was deleted:\n%s\nwant:\n%s", out, want)
+		}
+		pod.delete(ctx, "inspect", "")
+	})
+
 	pod.t = t
 	showLogs()
 	if _, err := b.agent.Shutdown(ctx, &agentapi.ShutdownRequest{}); err != nil {
@@ -400,6 +421,8 @@ type agentPod struct {
 type specOpts struct {
 	sharePID bool
 	memory   int64
+	// binds are guest paths bound into the container (source: target).
+	binds map[string]string
 }
 
 // bundle lays a container out in the share as the host does: a root file
@@ -469,6 +492,9 @@ func (p *agentPod) bundle(id string, args []string, opt func(*specOpts)) {
 			CgroupsPath: guest.CgroupParent + "/" + id,
 			Resources:   &specs.LinuxResources{},
 		},
+	}
+	for src, dst := range o.binds {
+		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: src, Options: []string{"rbind", "ro"}})
 	}
 	if o.memory > 0 {
 		swap := o.memory
