@@ -55,7 +55,7 @@ func TestVMMAgent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
-	cfg := vmConfig(t, img, accel, envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32))
+	cfg := vmConfig(t, img, accel, envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 64))
 	if lvl := os.Getenv("KUASAR_VMM_AGENT_LOG"); lvl != "" {
 		cfg.KernelArgs = append(cfg.KernelArgs, guest.ParamLogLevel+"="+lvl)
 	}
@@ -83,11 +83,19 @@ func TestVMMAgent(t *testing.T) {
 		ShareTag: guest.ShareTag, ShareType: "9p",
 		Sysctls: map[string]string{"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "80"},
 	}
+	free := func() uint64 {
+		c, err := b.agent.Check(ctx, &agentapi.CheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.MemAvailableBytes >> 20
+	}
+	before := free()
 	start := time.Now()
 	if _, err := b.agent.SetupSandbox(ctx, setup); err != nil {
 		t.Fatalf("SetupSandbox: %v%s", err, b.logs())
 	}
-	t.Logf("SetupSandbox (share, namespaces, pod PID init, /dev/shm, sysctls): %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("SetupSandbox (share, namespaces, pod PID init, /dev/shm, sysctls): %v; guest memory available %d MiB before, %d MiB after", time.Since(start).Round(time.Millisecond), before, free())
 	// Again, as after a daemon restart: what exists is kept.
 	if _, err := b.agent.SetupSandbox(ctx, setup); err != nil {
 		t.Fatalf("second SetupSandbox: %v", err)
@@ -232,6 +240,22 @@ func TestVMMAgent(t *testing.T) {
 			t.Errorf("exec: %q, status %d", out, st)
 		}
 
+		// An exec with a terminal (crictl exec -it), resized.
+		pod.execStart(ctx, "a", "tty", []string{"sh", "-c", "read x; stty size; tty"}, true)
+		if _, err := pod.tasks.ResizePty(ctx, &taskv3.ResizePtyRequest{ID: "a", ExecID: "tty", Width: 120, Height: 30}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.agent.WriteStdin(ctx, &agentapi.WriteStdinRequest{Process: &agentapi.ProcessStdio{ContainerId: "a", ExecId: "tty"}, Data: []byte("\n")}); err != nil {
+			t.Fatal(err)
+		}
+		if out := string(pod.readAll(ctx, "a", "tty", agentapi.Stream_STDOUT)); !strings.Contains(out, "30 120") || !strings.Contains(out, "/dev/pts/") {
+			t.Errorf("exec with a terminal: %q", out)
+		}
+		if st := pod.wait(ctx, "a", "tty"); st != 0 {
+			t.Errorf("exec with a terminal: status %d", st)
+		}
+		pod.delete(ctx, "a", "tty")
+
 		// A long exec: Pids lists it, marked; killed alone, it ends alone.
 		pod.execStart(ctx, "a", "long", []string{"sleep", "500"}, false)
 		ps, err := pod.tasks.Pids(ctx, &taskv3.PidsRequest{ID: "a"})
@@ -352,6 +376,27 @@ func TestVMMAgent(t *testing.T) {
 		}
 	})
 
+	t.Run("nothing left in the guest", func(t *testing.T) {
+		pod.t = t
+		// A last container looks at the agent's state and the containers'
+		// cgroups (bind mounts of guest paths, for the test only).
+		pod.bundle("inspect", []string{"sh", "-c", "cd /agent && ls -A bundles runc tasks console; ls /kuasar-cg | grep -v '[.]'"}, func(o *specOpts) {
+			o.binds = map[string]string{"/run/kuasar/agent": "/agent", "/sys/fs/cgroup" + guest.CgroupParent: "/kuasar-cg"}
+		})
+		pod.create(ctx, &taskv3.CreateTaskRequest{ID: "inspect", Stdout: "o", Stderr: "e"})
+		pod.start(ctx, "inspect", "")
+		out := string(pod.readAll(ctx, "inspect", "", agentapi.Stream_STDOUT))
+		if st := pod.wait(ctx, "inspect", ""); st != 0 {
+			t.Fatalf("inspect: %d %q %q", st, out, pod.readAll(ctx, "inspect", "", agentapi.Stream_STDERR))
+		}
+		// ls's sections, then the cgroups under guest.CgroupParent.
+		want := "bundles:\ninspect\n\nconsole:\n\nrunc:\ninspect\n\ntasks:\ninspect.json\ninspect\n"
+		if out != want {
+			t.Errorf("left in the guest after every other container was deleted:\n%s\nwant:\n%s", out, want)
+		}
+		pod.delete(ctx, "inspect", "")
+	})
+
 	pod.t = t
 	showLogs()
 	if _, err := b.agent.Shutdown(ctx, &agentapi.ShutdownRequest{}); err != nil {
@@ -376,6 +421,8 @@ type agentPod struct {
 type specOpts struct {
 	sharePID bool
 	memory   int64
+	// binds are guest paths bound into the container (source: target).
+	binds map[string]string
 }
 
 // bundle lays a container out in the share as the host does: a root file
@@ -446,6 +493,9 @@ func (p *agentPod) bundle(id string, args []string, opt func(*specOpts)) {
 			Resources:   &specs.LinuxResources{},
 		},
 	}
+	for src, dst := range o.binds {
+		spec.Mounts = append(spec.Mounts, specs.Mount{Destination: dst, Type: "bind", Source: src, Options: []string{"rbind", "ro"}})
+	}
 	if o.memory > 0 {
 		swap := o.memory
 		spec.Linux.Resources.Memory = &specs.LinuxMemory{Limit: &o.memory, Swap: &swap}
@@ -499,11 +549,16 @@ func (p *agentPod) state(ctx context.Context, id string) tasktypes.Status {
 	return st.Status
 }
 
-// execStart adds and starts an exec (its stdout captured).
+// execStart adds and starts an exec (its stdout captured; with a
+// terminal, its stdin too).
 func (p *agentPod) execStart(ctx context.Context, id, execID string, args []string, terminal bool) {
 	p.t.Helper()
 	spec, _ := json.Marshal(&specs.Process{Args: args, Cwd: "/", Env: []string{"PATH=/bin"}, Terminal: terminal})
-	if _, err := p.tasks.Exec(ctx, &taskv3.ExecProcessRequest{ID: id, ExecID: execID, Stdout: "o", Terminal: terminal,
+	stdin := ""
+	if terminal {
+		stdin = "i"
+	}
+	if _, err := p.tasks.Exec(ctx, &taskv3.ExecProcessRequest{ID: id, ExecID: execID, Stdin: stdin, Stdout: "o", Terminal: terminal,
 		Spec: &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: spec}}); err != nil {
 		p.t.Fatalf("Exec %s: %v", execID, err)
 	}

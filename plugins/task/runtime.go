@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -232,4 +233,27 @@ func (p *Process) setStatus(s Status) {
 		p.status = s
 	}
 	p.mu.Unlock()
+}
+
+// ProcessInfos lists pids of c for the task API's Pids, marking those of
+// its execs with their exec ID (runc options' ProcessDetails, as
+// containerd's runc shim does).
+func ProcessInfos(c *Container, pids []int) []*tasktypes.ProcessInfo {
+	execs := map[int]string{}
+	for _, e := range c.Execs() {
+		if pid := e.Pid(); pid > 0 {
+			execs[pid] = e.ExecID
+		}
+	}
+	out := make([]*tasktypes.ProcessInfo, 0, len(pids))
+	for _, pid := range pids {
+		pi := &tasktypes.ProcessInfo{Pid: uint32(pid)}
+		if id, ok := execs[pid]; ok {
+			if a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: id}); err == nil {
+				pi.Info = a
+			}
+		}
+		out = append(out, pi)
+	}
+	return out
 }

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -153,6 +152,9 @@ func (r *containers) dropProc(key procKey, d *procData) {
 // Create runs runc create for the container from a guest bundle of its
 // own: the host's spec (config.json in guest.BundleDir) made the guest's.
 func (r *containers) Create(ctx context.Context, c *task.Container) (retErr error) {
+	if len(c.Rootfs) > 0 {
+		return fmt.Errorf("container %q: rootfs mounts are not taken in the guest: the host mounts the root file system under its share (guest.BundleDir/rootfs) and sends none: %w", c.ID, errdefs.ErrInvalidArgument)
+	}
 	podNS, err := r.pod.specNamespaces()
 	if err != nil {
 		return err
@@ -494,23 +496,7 @@ func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.
 	if err != nil {
 		return nil, err
 	}
-	execs := map[int]string{}
-	for _, e := range c.Execs() {
-		if pid := e.Pid(); pid > 0 {
-			execs[pid] = e.ExecID
-		}
-	}
-	out := make([]*tasktypes.ProcessInfo, 0, len(pids))
-	for _, pid := range pids {
-		pi := &tasktypes.ProcessInfo{Pid: uint32(pid)}
-		if id, ok := execs[pid]; ok {
-			if a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: id}); err == nil {
-				pi.Info = a
-			}
-		}
-		out = append(out, pi)
-	}
-	return out, nil
+	return task.ProcessInfos(c, pids), nil
 }
 
 func (r *containers) ResizePty(ctx context.Context, p *task.Process, width, height uint32) error {

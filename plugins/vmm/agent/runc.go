@@ -1,22 +1,18 @@
 package agent
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 
-	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/runcutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agent/reaper"
 )
 
@@ -59,7 +55,7 @@ func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]b
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := r.reaper.Exec(cmd); err != nil {
-		return nil, fmt.Errorf("runc %s: %w", args[0], runcFailure(stderr.String(), err))
+		return nil, fmt.Errorf("runc %s: %w", args[0], runcutil.Failure(stderr.String(), err))
 	}
 	return stdout.Bytes(), nil
 }
@@ -73,55 +69,13 @@ func (r *runcCLI) spawn(ctx context.Context, io stdio, logPath string, args ...s
 	cmd := r.command(ctx, logPath, args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = io.in, io.out, io.err
 	if err := r.reaper.Exec(cmd); err != nil {
-		msg := logError(logPath)
+		msg := runcutil.LogError(logPath)
 		if msg == "" {
 			msg = err.Error()
 		}
-		return fmt.Errorf("runc %s: %w", args[0], runcFailure(msg, err))
+		return fmt.Errorf("runc %s: %w", args[0], runcutil.Failure(msg, err))
 	}
 	return nil
-}
-
-// runcFailure gives runc's message the errdefs class it means.
-func runcFailure(msg string, err error) error {
-	msg = strings.TrimSpace(msg)
-	if msg == "" {
-		return err
-	}
-	lower := strings.ToLower(msg)
-	switch {
-	case strings.Contains(lower, "does not exist"), strings.Contains(lower, "not running"),
-		strings.Contains(lower, "no such process"), strings.Contains(lower, "process already finished"):
-		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
-	case strings.Contains(lower, "no such file or directory"), strings.Contains(lower, "executable file not found"),
-		strings.Contains(lower, "permission denied"), strings.Contains(lower, "not a directory"):
-		return fmt.Errorf("%s: %w", msg, errdefs.ErrFailedPrecondition)
-	case strings.Contains(lower, "invalid"):
-		return fmt.Errorf("%s: %w", msg, errdefs.ErrInvalidArgument)
-	}
-	return errors.New(msg)
-}
-
-// logError returns the last error of a runc JSON log.
-func logError(path string) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	var last string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		var e struct {
-			Level string `json:"level"`
-			Msg   string `json:"msg"`
-		}
-		if json.Unmarshal(sc.Bytes(), &e) == nil && (e.Level == "error" || e.Level == "fatal") {
-			last = e.Msg
-		}
-	}
-	return last
 }
 
 // ps lists the guest pids of a container's processes.
@@ -130,11 +84,7 @@ func (r *runcCLI) ps(ctx context.Context, id string) ([]int, error) {
 	if err != nil {
 		return nil, err
 	}
-	var pids []int
-	if err := json.Unmarshal(out, &pids); err != nil {
-		return nil, fmt.Errorf("decoding runc ps: %w", err)
-	}
-	return pids, nil
+	return runcutil.ParsePs(out)
 }
 
 // runcSeals are the seals runc's own clone of its binary has: a runc

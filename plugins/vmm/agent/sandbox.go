@@ -202,6 +202,7 @@ func (p *pod) pauseAlive() bool {
 // PauseArg, in a new PID namespace) and pins the namespace at target.
 func (p *pod) startPause(ctx context.Context, target string) error {
 	cmd := exec.Command(p.self, PauseArg)
+	cmd.Args[0] = guest.InitPath                  // as ps shows it: "/init pause"
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr // the console
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
 	if err := p.reaper.Start(cmd); err != nil {

@@ -72,17 +72,23 @@ func (a *agent) CloseStdin(ctx context.Context, r *agentapi.ProcessStdio) (*empt
 // Buffers read with ReadStdio, input through WriteStdin/CloseStdin.
 type procIO struct {
 	terminal bool
+	// wantStdin: the process has a stdin (with a terminal: the host may
+	// write to it).
+	wantStdin bool
 	// child are the process's ends, handed to runc and closed once it ran.
 	child stdio
+	// out and err are nil for a stream the process does not have.
+	out, err *stream.Buffer
 
-	mu          sync.Mutex // input and the terminal
-	stdin       *os.File   // the pipe's write end, or the terminal's master
-	wantStdin   bool       // the process has a stdin (with a terminal: the host may write)
+	// writeMu serializes writes to stdin (one may block for long: mu is
+	// not held meanwhile, so a resize or CloseStdin does not wait).
+	writeMu sync.Mutex
+
+	mu          sync.Mutex
+	stdin       *os.File // the pipe's write end, or the terminal's master
 	stdinClosed bool
 	console     *os.File
-
-	out, err *stream.Buffer // nil for a stream the process does not have
-	sources  []*os.File     // what the buffers are filled from
+	sources     []*os.File // what the buffers are filled from
 }
 
 // newProcIO makes the streams a process asked for: pipes for stdin,
@@ -139,7 +145,9 @@ func newProcIO(io task.IO, limit int) (_ *procIO, retErr error) {
 
 // fill starts copying src into b.
 func (p *procIO) fill(b *stream.Buffer, src *os.File) {
+	p.mu.Lock()
 	p.sources = append(p.sources, src)
+	p.mu.Unlock()
 	go func() {
 		_ = b.Fill(src) // the end (EOF, EIO of a terminal) is the buffer's EOF
 	}()
@@ -149,7 +157,7 @@ func (p *procIO) fill(b *stream.Buffer, src *os.File) {
 func (p *procIO) setConsole(master *os.File) {
 	p.mu.Lock()
 	p.console = master
-	if p.wantStdin {
+	if p.wantStdin && !p.stdinClosed {
 		p.stdin = master
 	}
 	p.mu.Unlock()
@@ -170,17 +178,18 @@ func (p *procIO) closeChild() {
 // release drops everything: buffered output, pipes, the terminal.
 func (p *procIO) release() {
 	p.mu.Lock()
-	if p.stdin != nil && p.stdin != p.console {
-		p.stdin.Close()
-	}
-	p.stdin, p.stdinClosed = nil, true
+	stdin, console, sources := p.stdin, p.console, p.sources
+	p.stdin, p.stdinClosed, p.sources = nil, true, nil
 	p.mu.Unlock()
+	if stdin != nil && stdin != console {
+		stdin.Close()
+	}
 	for _, b := range []*stream.Buffer{p.out, p.err} {
 		if b != nil {
 			b.Close()
 		}
 	}
-	for _, f := range p.sources { // the terminal's master among them
+	for _, f := range sources { // the terminal's master among them
 		f.Close()
 	}
 }
@@ -200,33 +209,47 @@ func (p *procIO) buffer(s agentapi.Stream) (*stream.Buffer, error) {
 	return nil, fmt.Errorf("the process has no %s (it was created without one): %w", s, errdefs.ErrNotFound)
 }
 
-// write writes all of data to the process's stdin, blocking while the
-// process does not read (until ctx is done: then a prefix of data may
-// have been written).
-func (p *procIO) write(ctx context.Context, data []byte) error {
+// input returns where stdin goes, or why it cannot be written.
+func (p *procIO) input() (*os.File, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
 	case !p.wantStdin:
-		return fmt.Errorf("the process has no stdin (it was created without one): %w", errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("the process has no stdin (it was created without one): %w", errdefs.ErrFailedPrecondition)
 	case p.stdinClosed:
-		return fmt.Errorf("the process's stdin is closed: %w", errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("the process's stdin is closed: %w", errdefs.ErrFailedPrecondition)
 	case p.stdin == nil:
-		return fmt.Errorf("the process's terminal is not there yet: %w", errdefs.ErrFailedPrecondition)
+		return nil, fmt.Errorf("the process's terminal is not there yet: %w", errdefs.ErrFailedPrecondition)
 	}
-	if len(data) == 0 {
-		return nil
+	return p.stdin, nil
+}
+
+// write writes all of data to the process's stdin, blocking while the
+// process does not read (until ctx is done: then a prefix of data may
+// have been written).
+func (p *procIO) write(ctx context.Context, data []byte) error {
+	p.writeMu.Lock()
+	defer p.writeMu.Unlock()
+	f, err := p.input()
+	if err != nil || len(data) == 0 {
+		return err
 	}
-	f := p.stdin
-	stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(time.Unix(1, 0)) })
-	_, err := f.Write(data)
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = f.SetWriteDeadline(time.Unix(1, 0)) // in the past: the write returns
+		close(fired)
+	})
+	_, err = f.Write(data)
 	if !stop() {
+		<-fired
 		_ = f.SetWriteDeadline(time.Time{})
 		if err != nil {
 			return fmt.Errorf("writing stdin: %w", errors.Join(ctx.Err(), err))
 		}
 	}
 	switch {
+	case errors.Is(err, os.ErrClosed):
+		return fmt.Errorf("writing stdin: it was closed meanwhile: %w", errdefs.ErrFailedPrecondition)
 	case errors.Is(err, unix.EPIPE), errors.Is(err, unix.EIO):
 		return fmt.Errorf("writing stdin: the process closed it: %w: %w", err, errdefs.ErrFailedPrecondition)
 	case err != nil:
@@ -236,52 +259,58 @@ func (p *procIO) write(ctx context.Context, data []byte) error {
 }
 
 // closeStdin ends the process's input: the pipe is closed (the process
-// reads EOF); a terminal gets its end-of-file character (a reader in
-// canonical mode reads EOF, a shell exits) and stays open, for the
-// output.
+// reads EOF; a write blocked on it fails); a terminal gets its
+// end-of-file character (a reader in canonical mode reads EOF, a shell
+// exits) and stays open, for the output.
 func (p *procIO) closeStdin() error {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.stdinClosed || !p.wantStdin {
 		p.stdinClosed = true
+		p.mu.Unlock()
 		return nil
 	}
 	p.stdinClosed = true
-	if p.terminal {
-		if p.console == nil {
-			return nil
-		}
-		eof := byte(4) // ^D
-		_ = control(p.console, func(fd int) error {
-			if t, err := unix.IoctlGetTermios(fd, unix.TCGETS); err == nil && t.Cc[unix.VEOF] != 0 {
-				eof = t.Cc[unix.VEOF]
-			}
-			return nil
-		})
-		if _, err := p.console.Write([]byte{eof}); err != nil && !errors.Is(err, unix.EIO) {
-			return fmt.Errorf("sending end of file to the terminal: %w", err)
-		}
+	stdin, console := p.stdin, p.console
+	if !p.terminal {
+		p.stdin = nil
+	}
+	p.mu.Unlock()
+	if !p.terminal {
+		return stdin.Close()
+	}
+	if console == nil {
 		return nil
 	}
-	err := p.stdin.Close()
-	p.stdin = nil
-	return err
+	eof := byte(4) // ^D
+	_ = control(console, func(fd int) error {
+		if t, err := unix.IoctlGetTermios(fd, unix.TCGETS); err == nil && t.Cc[unix.VEOF] != 0 {
+			eof = t.Cc[unix.VEOF]
+		}
+		return nil
+	})
+	p.writeMu.Lock() // after a write in progress
+	defer p.writeMu.Unlock()
+	if _, err := console.Write([]byte{eof}); err != nil && !errors.Is(err, unix.EIO) && !errors.Is(err, os.ErrClosed) {
+		return fmt.Errorf("sending end of file to the terminal: %w", err)
+	}
+	return nil
 }
 
 // resize sets the terminal's size.
 func (p *procIO) resize(width, height uint32) error {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	console := p.console
+	p.mu.Unlock()
 	if !p.terminal {
 		return fmt.Errorf("the process has no terminal: %w", errdefs.ErrFailedPrecondition)
 	}
-	if p.console == nil {
+	if console == nil {
 		return fmt.Errorf("the process's terminal is not there yet: %w", errdefs.ErrFailedPrecondition)
 	}
 	if width > 0xffff || height > 0xffff {
 		return fmt.Errorf("terminal size %dx%d: %w", width, height, errdefs.ErrInvalidArgument)
 	}
-	return control(p.console, func(fd int) error {
+	return control(console, func(fd int) error {
 		return unix.IoctlSetWinsize(fd, unix.TIOCSWINSZ, &unix.Winsize{Col: uint16(width), Row: uint16(height)})
 	})
 }
