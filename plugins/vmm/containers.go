@@ -134,16 +134,16 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 		}
 	}()
 	c.Init.SetPid(r.pod.vmPid())
-	return r.attach(c.Init)
+	return r.attach(c.Init, false)
 }
 
 // attach starts the pumps of p's streams.
-func (r *containers) attach(p *task.Process) error {
+func (r *containers) attach(p *task.Process, resumed bool) error {
 	g, err := r.conn()
 	if err != nil {
 		return err
 	}
-	s, err := startStreams(g, p)
+	s, err := startStreams(g, p, resumed)
 	if err != nil {
 		return err
 	}
@@ -273,7 +273,7 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 	if err != nil {
 		return fmt.Errorf("exec in the VM: %w", err)
 	}
-	if err := r.attach(p); err != nil {
+	if err := r.attach(p, false); err != nil {
 		r.deleteInGuest(context.WithoutCancel(ctx), p)
 		return err
 	}
@@ -441,7 +441,7 @@ func (r *containers) Recover(ctx context.Context, c *task.Container) error {
 		return task.ErrNotRecoverable
 	}
 	c.Init.SetPid(r.pod.vmPid())
-	if err := r.attach(c.Init); err != nil {
+	if err := r.attach(c.Init, true); err != nil {
 		return err
 	}
 	if c.Init.Status() == tasktypes.Status_RUNNING {

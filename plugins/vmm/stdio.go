@@ -48,8 +48,11 @@ type streams struct {
 	stdinUp bool      // the stdin pump runs
 }
 
-// startStreams starts the pumps of p's streams.
-func startStreams(g *guestConn, p *task.Process) (*streams, error) {
+// startStreams starts the pumps of p's streams. resumed says the daemon
+// restarted since the process started: the guest has kept, from what the
+// process wrote, what the last daemon did not copy, and the pumps start
+// there.
+func startStreams(g *guestConn, p *task.Process, resumed bool) (*streams, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &streams{
 		proc:    &agentapi.ProcessStdio{ContainerId: p.Container.ID, ExecId: p.ExecID},
@@ -65,13 +68,13 @@ func startStreams(g *guestConn, p *task.Process) (*streams, error) {
 		if o.path == "" || (o.stream == agentapi.Stream_STDERR && io.Terminal) {
 			continue
 		}
-		w, err := openOutput(o.path)
+		w, err := openOutput(ctx, o.path)
 		if err != nil {
 			cancel()
 			return nil, err
 		}
 		stream := o.stream
-		outs = append(outs, func() { s.copyOut(ctx, g, stream, w) })
+		outs = append(outs, func() { s.copyOut(ctx, g, stream, w, resumed) })
 	}
 	s.wg.Add(len(outs))
 	var outWG sync.WaitGroup
@@ -108,8 +111,16 @@ func startStreams(g *guestConn, p *task.Process) (*streams, error) {
 	return s, nil
 }
 
-// copyOut copies one output stream until its end (or stop).
-func (s *streams) copyOut(ctx context.Context, g *guestConn, stream agentapi.Stream, w *os.File) {
+// copyOut copies one output stream until its end (or stop). The writer
+// comes once a reader is there (see openOutput).
+func (s *streams) copyOut(ctx context.Context, g *guestConn, stream agentapi.Stream, open func() (io.WriteCloser, error), resumed bool) {
+	w, err := open()
+	if err != nil {
+		if ctx.Err() == nil {
+			log.G(ctx).WithError(err).WithField("container", s.proc.ContainerId).Warn("opening where a container's output goes")
+		}
+		return
+	}
 	defer w.Close()
 	var offset uint64
 	for ctx.Err() == nil {
@@ -132,7 +143,7 @@ func (s *streams) copyOut(ctx context.Context, g *guestConn, stream agentapi.Str
 			}
 			continue
 		}
-		if r.GetOffset() > offset {
+		if r.GetOffset() > offset && !resumed {
 			log.G(ctx).WithField("container", s.proc.ContainerId).WithField("lost", r.GetOffset()-offset).Warn("output of the guest was lost")
 		}
 		if len(r.GetData()) > 0 {
@@ -141,6 +152,7 @@ func (s *streams) copyOut(ctx context.Context, g *guestConn, stream agentapi.Str
 			}
 		}
 		offset = r.GetOffset() + uint64(len(r.GetData()))
+		resumed = false
 		if r.GetEof() {
 			// Acknowledge the end, so the agent can free the stream.
 			_ = g.call(ctx, true, func(ctx context.Context, ss *session) error {
@@ -224,11 +236,19 @@ func (s *streams) stop() {
 	s.wg.Wait()
 }
 
-// openOutput opens where a process's output goes: a FIFO (read-write, so
-// it never blocks or breaks for want of a reader) or a file:// URI.
-func openOutput(p string) (*os.File, error) {
+// openOutput opens where a process's output goes: a FIFO or a file://
+// URI. The FIFO is opened for writing once it has a reader: after a daemon
+// restart the pumps start before CRI reopens its readers, and what is
+// written to a FIFO nobody holds open for reading is gone when the writer
+// closes. The returned function opens it; it blocks until a reader comes
+// or ctx ends.
+func openOutput(ctx context.Context, p string) (func() (io.WriteCloser, error), error) {
 	if strings.HasPrefix(p, "file://") {
-		return os.OpenFile(strings.TrimPrefix(p, "file://"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		f, err := os.OpenFile(strings.TrimPrefix(p, "file://"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		if err != nil {
+			return nil, err
+		}
+		return func() (io.WriteCloser, error) { return f, nil }, nil
 	}
 	if strings.Contains(p, "://") {
 		return nil, fmt.Errorf("log URI %q is not supported by %s: %w", p, ID, errdefs.ErrNotImplemented)
@@ -237,8 +257,18 @@ func openOutput(p string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening output %s: %w", p, err)
 	}
-	if st.Mode()&os.ModeNamedPipe != 0 {
-		return os.OpenFile(p, os.O_RDWR, 0)
+	if st.Mode()&os.ModeNamedPipe == 0 {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return nil, err
+		}
+		return func() (io.WriteCloser, error) { return f, nil }, nil
 	}
-	return os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+	return func() (io.WriteCloser, error) {
+		w, err := fifo.OpenFifo(ctx, p, syscall.O_WRONLY, 0)
+		if err != nil {
+			return nil, fmt.Errorf("opening output %s: %w", p, err)
+		}
+		return w, nil
+	}, nil
 }
