@@ -144,7 +144,21 @@ func TestVMMAgent(t *testing.T) {
 		if st.Status != tasktypes.Status_RUNNING {
 			t.Errorf("a writer nobody reads is %s, want running (blocked on its full stream)", st.Status)
 		}
-		out := pod.readAll(ctx, "chatty", "", agentapi.Stream_STDOUT)
+		// Read some, then the daemon "restarts" (a new channel session):
+		// what was read but not acknowledged is still there, and the rest
+		// follows.
+		var out []byte
+		off, last := pod.readFrom(ctx, "chatty", "", agentapi.Stream_STDOUT, 0, func(b []byte) bool {
+			out = append(out, b...)
+			return len(out) > 600<<10
+		})
+		pod.reconnect(ctx)
+		again := off - uint64(min(last, 100))
+		r, err := b.agent.ReadStdio(ctx, &agentapi.ReadStdioRequest{Process: &agentapi.ProcessStdio{ContainerId: "chatty"}, Offset: again, MaxBytes: 100})
+		if err != nil || r.Offset != again || !bytes.Equal(r.Data, out[again:off]) {
+			t.Errorf("re-reading unacknowledged output after a reconnect: offset %d (asked %d), %d bytes, %v", r.GetOffset(), again, len(r.GetData()), err)
+		}
+		pod.readFrom(ctx, "chatty", "", agentapi.Stream_STDOUT, off, func(b []byte) bool { out = append(out, b...); return false })
 		var want bytes.Buffer
 		for i := 1; i <= lines; i++ {
 			fmt.Fprintf(&want, "%d\n", i)
@@ -156,7 +170,7 @@ func TestVMMAgent(t *testing.T) {
 			t.Errorf("exit status %d", st)
 		}
 		pod.delete(ctx, "chatty", "")
-		t.Logf("%d bytes written while nobody read, all delivered", len(out))
+		t.Logf("%d bytes written while nobody read, all delivered (across a new channel session)", len(out))
 	})
 
 	t.Run("stdin", func(t *testing.T) {
@@ -597,7 +611,14 @@ func (p *agentPod) readUntil(ctx context.Context, id, execID, want string) strin
 
 func (p *agentPod) read(ctx context.Context, id, execID string, s agentapi.Stream, done func([]byte) bool) {
 	p.t.Helper()
-	var off uint64
+	p.readFrom(ctx, id, execID, s, 0, done)
+}
+
+// readFrom reads from off until done says so or the stream ends, and
+// returns the offset reached and the size of the last chunk (read, but
+// not acknowledged yet).
+func (p *agentPod) readFrom(ctx context.Context, id, execID string, s agentapi.Stream, off uint64, done func([]byte) bool) (uint64, int) {
+	p.t.Helper()
 	for {
 		r, err := p.b.agent.ReadStdio(ctx, &agentapi.ReadStdioRequest{
 			Process: &agentapi.ProcessStdio{ContainerId: id, ExecId: execID}, Stream: s, Offset: off, WaitMs: 2000, MaxBytes: 256 << 10,
@@ -610,9 +631,22 @@ func (p *agentPod) read(ctx context.Context, id, execID string, s agentapi.Strea
 		}
 		off += uint64(len(r.Data))
 		if done(r.Data) || r.Eof {
-			return
+			return off, len(r.Data)
 		}
 	}
+}
+
+// reconnect does what a restarted daemon does: a new channel session, new
+// clients.
+func (p *agentPod) reconnect(ctx context.Context) {
+	p.t.Helper()
+	p.b.client.Close()
+	conn, err := p.b.vm.DialAgent(ctx)
+	if err != nil {
+		p.t.Fatalf("reconnecting: %v", err)
+	}
+	p.b.connect(conn)
+	p.tasks = taskv3.NewTTRPCTaskClient(p.b.client)
 }
 
 func (p *agentPod) stats(ctx context.Context, id string) *v2stats.Metrics {

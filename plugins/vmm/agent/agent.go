@@ -34,9 +34,8 @@ type Config struct {
 
 	// stateDir replaces the agent's state directory (tests).
 	stateDir string
-	// runc replaces guest.RuncPath (the sealed copy); keep holds it.
-	runc string
-	keep *os.File
+	// runc replaces guest.RuncPath as it is (with its sealed copy).
+	runc *runcBinary
 }
 
 // portTimeout bounds the wait for the channel's port to appear.
@@ -90,18 +89,14 @@ func run(ctx context.Context, cfg Config) error {
 
 	r := reaper.New()
 	go r.Run(ctx)
-	if path, f, err := sealedBinary(guest.RuncPath); err != nil {
-		log.G(ctx).WithError(err).Warn("runc runs from its file (every runc init copies it)")
-	} else {
-		cfg.runc, cfg.keep = path, f
-		_ = os.Remove(guest.RuncPath) // the memfd holds it now: free the initramfs copy
-	}
+	cfg.runc = sealRunc(guest.RuncPath)
 	a, err := newAgent(ctx, cfg, mods, r)
 	if err != nil {
 		return err
 	}
 	l := channel.Listen(port, channel.WithHello(a.channelHello(), 0), channel.WithPath(dev))
 	go mods.loadLate(ctx)
+	go cfg.runc.seal(ctx) // off the boot's path: runc calls wait for it
 
 	srv, err := ttrpc.NewServer(unixsock.CallInterceptor("kuasar-vmm-agent"))
 	if err != nil {

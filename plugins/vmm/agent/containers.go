@@ -81,10 +81,10 @@ type ctrData struct {
 	cgroup string
 }
 
-func newContainers(r *reaper.Reaper, p *pod, runcPath, stateDir string) *containers {
+func newContainers(r *reaper.Reaper, p *pod, bin *runcBinary, stateDir string) *containers {
 	apparmor, selinux := securityModules()
 	return &containers{
-		runc:     &runcCLI{path: runcPath, root: filepath.Join(stateDir, "runc"), reaper: r},
+		runc:     &runcCLI{bin: bin, root: filepath.Join(stateDir, "runc"), reaper: r},
 		reaper:   r,
 		pod:      p,
 		dir:      filepath.Join(stateDir, "bundles"),

@@ -113,3 +113,42 @@ func TestPodCgroup(t *testing.T) {
 		}
 	}
 }
+
+// TestSealRunc: runc calls wait for the sealed copy, which replaces the
+// file.
+func TestSealRunc(t *testing.T) {
+	ctx := context.Background()
+	src, err := exec.LookPath("true")
+	if err != nil {
+		t.Fatalf("no true(1) to copy: %v", err)
+	}
+	data, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "runc")
+	if err := os.WriteFile(file, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b := sealRunc(file)
+	canceled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := b.Path(canceled); !errors.Is(err, context.Canceled) {
+		t.Errorf("Path before the seal: %v, want to wait", err)
+	}
+	b.seal(ctx)
+	defer b.file.Close()
+	path, err := b.Path(ctx)
+	if err != nil || path == file {
+		t.Fatalf("Path = %q, %v", path, err)
+	}
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("the file is still there: %v", err)
+	}
+	if err := exec.Command(path).Run(); err != nil {
+		t.Errorf("running %s: %v", path, err)
+	}
+	if p, err := plainRunc(file).Path(canceled); err != nil || p != file {
+		t.Errorf("plain runc: %q, %v", p, err)
+	}
+}

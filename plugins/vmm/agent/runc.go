@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/containerd/log"
+
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/runcutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agent/reaper"
 )
@@ -24,9 +26,60 @@ const runcTimeout = 2 * time.Minute
 // runcCLI runs the guest's runc binary. Every runc is a child the reaper
 // leaves to os/exec.
 type runcCLI struct {
-	path   string
+	bin    *runcBinary
 	root   string // --root: runc's state, on a guest tmpfs
 	reaper *reaper.Reaper
+}
+
+// runcBinary is the runc the agent runs: the image's, or its sealed copy
+// (see sealedBinary), made while the agent already serves.
+type runcBinary struct {
+	ready chan struct{}
+	path  string
+	file  *os.File // the sealed copy path names, kept open
+}
+
+// plainRunc is the runc binary at path, as it is.
+func plainRunc(path string) *runcBinary {
+	b := &runcBinary{ready: make(chan struct{}), path: path}
+	close(b.ready)
+	return b
+}
+
+// sealRunc returns the runc binary at path, to be copied into a sealed
+// memfd by seal.
+func sealRunc(path string) *runcBinary {
+	return &runcBinary{ready: make(chan struct{}), path: path}
+}
+
+// seal makes the sealed copy and removes the file (the initramfs holds it
+// in RAM; the memfd does now). Without a copy runc runs from the file.
+func (b *runcBinary) seal(ctx context.Context) {
+	defer close(b.ready)
+	start := time.Now()
+	path, f, err := sealedBinary(b.path)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("runc runs from its file (every runc init copies it)")
+		return
+	}
+	_ = os.Remove(b.path)
+	b.path, b.file = path, f
+	log.G(ctx).WithField("took", time.Since(start)).Debug("runc sealed in a memfd")
+}
+
+// Path returns the path to execute, once it is known.
+func (b *runcBinary) Path(ctx context.Context) (string, error) {
+	select {
+	case <-b.ready:
+		return b.path, nil
+	default:
+	}
+	select {
+	case <-b.ready:
+		return b.path, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 }
 
 // stdio is what a runc command that leaves a process behind (create, exec)
@@ -37,12 +90,16 @@ type stdio struct {
 
 // command returns a runc command line; logPath, if set, gets runc's own
 // log as JSON.
-func (r *runcCLI) command(ctx context.Context, logPath string, args ...string) *exec.Cmd {
+func (r *runcCLI) command(ctx context.Context, logPath string, args ...string) (*exec.Cmd, error) {
+	path, err := r.bin.Path(ctx)
+	if err != nil {
+		return nil, err
+	}
 	global := []string{"--root", r.root}
 	if logPath != "" {
 		global = append(global, "--log", logPath, "--log-format", "json")
 	}
-	return exec.CommandContext(ctx, r.path, append(global, args...)...)
+	return exec.CommandContext(ctx, path, append(global, args...)...), nil
 }
 
 // run executes a runc command that leaves nothing behind and returns its
@@ -50,7 +107,10 @@ func (r *runcCLI) command(ctx context.Context, logPath string, args ...string) *
 func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), runcTimeout)
 	defer cancel()
-	cmd := r.command(ctx, "", args...)
+	cmd, err := r.command(ctx, "", args...)
+	if err != nil {
+		return nil, err
+	}
 	cmd.Stdin = stdin
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -66,7 +126,10 @@ func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]b
 func (r *runcCLI) spawn(ctx context.Context, io stdio, logPath string, args ...string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), runcTimeout)
 	defer cancel()
-	cmd := r.command(ctx, logPath, args...)
+	cmd, err := r.command(ctx, logPath, args...)
+	if err != nil {
+		return err
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = io.in, io.out, io.err
 	if err := r.reaper.Exec(cmd); err != nil {
 		msg := runcutil.LogError(logPath)

@@ -60,9 +60,7 @@ type agent struct {
 	imageKey  string
 	mods      *modules
 	reaper    *reaper.Reaper
-	runc      string
-	// runcFile holds the sealed copy of runc a.runc names, if it is one.
-	runcFile *os.File
+	runc      *runcBinary
 	// pod is what SetupSandbox made; ctrs runs the containers the task
 	// service (tasks) serves.
 	pod   *pod
@@ -86,7 +84,7 @@ const taskNamespace = "k8s.io"
 
 func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) (*agent, error) {
 	a := &agent{
-		version: cfg.Version, revision: cfg.Revision, startedAt: cfg.Started, mods: mods, reaper: r, runc: guest.RuncPath,
+		version: cfg.Version, revision: cfg.Revision, startedAt: cfg.Started, mods: mods, reaper: r, runc: cfg.runc,
 		powerOff: func(reboot bool) { powerOff(ctx, reboot) },
 		setClock: setClock,
 	}
@@ -94,8 +92,8 @@ func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) 
 	if dir == "" {
 		dir = stateDir
 	}
-	if cfg.runc != "" {
-		a.runc, a.runcFile = cfg.runc, cfg.keep
+	if a.runc == nil {
+		a.runc = plainRunc(guest.RuncPath)
 	}
 	a.pod = newPod(r)
 	a.ctrs = newContainers(r, a.pod, a.runc, dir)
@@ -153,11 +151,15 @@ func (a *agent) Check(ctx context.Context, req *agentapi.CheckRequest) (*agentap
 	if req.Runtime {
 		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, a.runc, "--version")
+		bin, err := a.runc.Path(ctx)
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.CommandContext(ctx, bin, "--version")
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := a.reaper.Exec(cmd); err != nil {
-			return nil, fmt.Errorf("%s --version: %v: %s: %w", a.runc, err, strings.TrimSpace(out.String()), errdefs.ErrFailedPrecondition)
+			return nil, fmt.Errorf("runc (%s) --version: %v: %s: %w", bin, err, strings.TrimSpace(out.String()), errdefs.ErrFailedPrecondition)
 		}
 		resp.RuntimeVersion = strings.TrimSpace(out.String())
 	}
