@@ -65,7 +65,9 @@ type Config struct {
 	MaxVCPUs          int `toml:"max_vcpus"`
 	MaxMemoryMiB      int `toml:"max_memory_mib"`
 	// TBSizeMiB is TCG's translation cache per VM (its default, 1 GiB,
-	// costs memory as it fills).
+	// costs memory as it fills). At 32 runc's init thrashes it (a
+	// container's create and start take ~3 s under TCG); 64 brings that
+	// to ~0.6 s for ~23 MB more per VM.
 	TBSizeMiB int `toml:"tb_size_mib"`
 	// BootTimeout bounds the wait for a VM's agent.
 	BootTimeout string `toml:"boot_timeout"`
@@ -87,7 +89,7 @@ func DefaultConfig() *Config {
 		OverheadMemoryMiB: 96,
 		MaxVCPUs:          8,
 		MaxMemoryMiB:      8192,
-		TBSizeMiB:         32,
+		TBSizeMiB:         64,
 		BootTimeout:       "60s",
 		Template:          "auto",
 	}
