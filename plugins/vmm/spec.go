@@ -96,6 +96,12 @@ func guestSpec(spec *specs.Spec, id string, sharedPID bool) (*specs.Spec, []host
 		}
 		nss = append(nss, ns)
 	}
+	// The guest's cgroups are v2 whatever the node's are: a container gets
+	// a cgroup namespace there, as CRI gives it on a v2 node (on a v1 node
+	// CRI asks for none, and the container would see the guest's tree).
+	if !slices.ContainsFunc(nss, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.CgroupNamespace }) {
+		nss = append(nss, specs.LinuxNamespace{Type: specs.CgroupNamespace})
+	}
 	g.Linux.Namespaces = nss
 	g.Linux.CgroupsPath = "/kuasar/" + id
 	return &g, binds, nil

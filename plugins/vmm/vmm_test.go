@@ -56,7 +56,7 @@ func TestGuestSpec(t *testing.T) {
 	}
 	want := map[specs.LinuxNamespaceType]string{
 		specs.IPCNamespace: guest.PodNSDir + "/ipc", specs.UTSNamespace: guest.PodNSDir + "/uts",
-		specs.PIDNamespace: guest.PodNSDir + "/pid", specs.MountNamespace: "",
+		specs.PIDNamespace: guest.PodNSDir + "/pid", specs.MountNamespace: "", specs.CgroupNamespace: "",
 	}
 	if len(ns) != len(want) {
 		t.Errorf("namespaces %v, want %v", ns, want)
