@@ -426,7 +426,8 @@ func (s *Server) Spawn(ctx context.Context, req *api.SpawnRequest) (_ *api.Spawn
 		Files: child.fds(),
 		Sys: &syscall.SysProcAttr{
 			Setsid:     req.GetSetsid(),
-			Cloneflags: uintptr(req.GetCloneflags()),
+			Cloneflags:   uintptr(req.GetCloneflags()),
+			Unshareflags: uintptr(req.GetUnshareflags()),
 		},
 	}
 

@@ -84,27 +84,14 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 			r.unshare(ctx, c)
 		}
 	}()
-	if len(c.Rootfs) > 0 {
-		var ms []mount.Mount
-		for _, m := range c.Rootfs {
-			ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
-		}
-		if err := mount.All(ms, filepath.Join(dir, "rootfs")); err != nil {
-			return fmt.Errorf("mounting rootfs: %w", err)
-		}
-	} else if c.Spec.Root != nil && c.Spec.Root.Path != "" {
-		// A rootfs containerd did not mount for us: the bundle's.
-		src := c.Spec.Root.Path
-		if !filepath.IsAbs(src) {
-			src = filepath.Join(c.Bundle, src)
-		}
-		m := mount.Mount{Type: "bind", Source: src, Options: []string{"rbind"}}
-		if err := m.Mount(filepath.Join(dir, "rootfs")); err != nil {
-			return fmt.Errorf("binding rootfs: %w", err)
-		}
-	}
-	if err := mountBinds(dir, binds); err != nil {
+	ms, err := r.shareMounts(c, dir, binds)
+	if err != nil {
 		return err
+	}
+	err = r.pod.attach(ms)
+	closeTrees(ms)
+	if err != nil {
+		return fmt.Errorf("mounting the container's files for the VM: %w", err)
 	}
 	b, err := json.Marshal(gspec)
 	if err != nil {
@@ -322,9 +309,85 @@ func (r *containers) deleteInGuest(ctx context.Context, p *task.Process) {
 	}
 }
 
-// unshare removes a container's directory from the pod's share.
+// shareMounts clones what the guest must see of c: its rootfs (mounted on
+// the node first, where containerd's mounts are made, only as long as it
+// takes to clone) and its binds, with the targets made under dir.
+func (r *containers) shareMounts(c *task.Container, dir string, binds []hostBind) (_ []shareMount, retErr error) {
+	var ms []shareMount
+	defer func() {
+		if retErr != nil {
+			closeTrees(ms)
+		}
+	}()
+	rel := func(p string) string { return filepath.Join(c.ID, p) }
+	rootfs := filepath.Join(dir, "rootfs")
+	switch {
+	case len(c.Rootfs) > 0:
+		var mounts []mount.Mount
+		for _, m := range c.Rootfs {
+			mounts = append(mounts, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+		}
+		if err := mount.All(mounts, rootfs); err != nil {
+			return nil, fmt.Errorf("mounting rootfs: %w", err)
+		}
+		m, err := cloneTree(rootfs, hostBind{}, rel("rootfs"))
+		if uerr := mount.UnmountRecursive(rootfs, unix.MNT_DETACH); uerr != nil && err == nil {
+			m.tree.Close()
+			err = fmt.Errorf("unmounting rootfs from the node: %w", uerr)
+		}
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	case c.Spec.Root != nil && c.Spec.Root.Path != "":
+		// A rootfs containerd did not mount for us: the bundle's.
+		src := c.Spec.Root.Path
+		if !filepath.IsAbs(src) {
+			src = filepath.Join(c.Bundle, src)
+		}
+		m, err := cloneTree(src, hostBind{}, rel("rootfs"))
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	for _, b := range binds {
+		st, err := os.Stat(b.Source)
+		if err != nil {
+			return nil, fmt.Errorf("mount source %s: %w", b.Source, err)
+		}
+		target := filepath.Join(dir, b.Target)
+		if err := os.MkdirAll(filepath.Dir(target), 0o700); err != nil {
+			return nil, err
+		}
+		if st.IsDir() {
+			err = os.Mkdir(target, 0o755)
+		} else {
+			var f *os.File
+			if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
+				f.Close()
+			}
+		}
+		if err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, err
+		}
+		m, err := cloneTree(b.Source, b, rel(b.Target))
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
+}
+
+// unshare removes a container's directory from the pod's share: its mounts
+// in the VM's namespace (and any the node kept of a rootfs a crash left
+// mounted there) first.
 func (r *containers) unshare(ctx context.Context, c *task.Container) {
 	dir := r.shareDir(c)
+	if err := r.pod.detach(c.ID); err != nil {
+		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("unmounting the container's files in the VM's namespace")
+	}
 	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("unmounting the container's share")
 		return

@@ -225,6 +225,9 @@ func spawnVMM(ctx context.Context, env sandbox.Env, l *hypervisor.Launch) (keepe
 		Dir:    l.Dir,
 		Stdio:  &api.Stdio{Stdout: "file://" + l.Log, Stderr: "file://" + l.Log},
 		Setsid: true,
+		// A mount namespace of its own, where the share's mounts go
+		// (share.go).
+		Unshareflags: unix.CLONE_NEWNS,
 	})
 	if err != nil {
 		return keeper.ProcessRef{}, fmt.Errorf("starting the hypervisor %s: %w", l.Path, err)

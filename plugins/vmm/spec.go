@@ -2,29 +2,25 @@ package vmm
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 
-	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 )
 
 // A container reaches the guest through the pod's share: its directory
-// <share>/<container id> holds rootfs/ (the snapshot containerd mounts,
-// mounted on the host), mounts/<n> (each bind mount's source, bound there
-// on the host, read-only where the mount is) and config.json, the
-// container's spec with guest paths (guestSpec). The guest mounts the share
-// at guest.ShareDir, so the directory is guest.BundleDir(id) there.
+// <share>/<container id> holds rootfs/ (the snapshot containerd mounts),
+// mounts/<n> (each bind mount's source, read-only where the mount is), both
+// mounted in the hypervisor's mount namespace (share.go), and config.json,
+// the container's spec with guest paths (guestSpec). The guest mounts the
+// share at guest.ShareDir, so the directory is guest.BundleDir(id) there.
 
 // guestSpec returns the container's spec as the guest runs it, and the
 // host binds to make under dir (the container's share directory) for it:
@@ -59,7 +55,8 @@ func guestSpec(spec *specs.Spec, id string, sharedPID bool) (*specs.Spec, []host
 		switch {
 		case isBind(m):
 			n := strconv.Itoa(len(binds))
-			binds = append(binds, hostBind{Source: m.Source, Target: filepath.Join("mounts", n), ReadOnly: slices.Contains(m.Options, "ro")})
+			binds = append(binds, hostBind{Source: m.Source, Target: filepath.Join("mounts", n),
+				ReadOnly: slices.Contains(m.Options, "ro") || slices.Contains(m.Options, "rro"), Recursive: slices.Contains(m.Options, "rro")})
 			m.Source = bundle + "/mounts/" + n
 			m.Options = bindOptions(m.Options)
 		case m.Type == "tmpfs" && path.Clean(m.Destination) == "/dev/shm":
@@ -119,62 +116,21 @@ func isBind(m specs.Mount) bool {
 }
 
 // bindOptions are a bind mount's options in the guest: the source there is
-// already the right thing (read-only where asked), bound again.
+// already the right thing, read-only where asked (on the host), bound
+// again. In the guest the source and its submounts are one 9p mount, so a
+// read-only bind there would be read-only all through: "ro" (the top mount
+// only) is left to the host, "rro" is "ro" (the guest's runc may not know
+// rro).
 func bindOptions(opts []string) []string {
 	out := []string{"rbind"}
 	for _, o := range opts {
 		switch o {
-		case "bind", "rbind":
+		case "bind", "rbind", "ro":
+		case "rro":
+			out = append(out, "ro")
 		default:
 			out = append(out, o)
 		}
 	}
 	return out
-}
-
-// hostBind is a bind mount of the host made in a container's share
-// directory for the guest to see.
-type hostBind struct {
-	Source   string // on the host
-	Target   string // relative to the container's share directory
-	ReadOnly bool
-}
-
-// mountBinds makes binds under dir; on error nothing of them is left.
-func mountBinds(dir string, binds []hostBind) (retErr error) {
-	defer func() {
-		if retErr != nil {
-			_ = mount.UnmountRecursive(filepath.Join(dir, "mounts"), unix.MNT_DETACH)
-		}
-	}()
-	for _, b := range binds {
-		st, err := os.Stat(b.Source)
-		if err != nil {
-			return fmt.Errorf("mount source %s: %w", b.Source, err)
-		}
-		target := filepath.Join(dir, b.Target)
-		if err := os.MkdirAll(filepath.Dir(target), 0o700); err != nil {
-			return err
-		}
-		if st.IsDir() {
-			err = os.Mkdir(target, 0o755)
-		} else {
-			var f *os.File
-			if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
-				f.Close()
-			}
-		}
-		if err != nil && !errors.Is(err, os.ErrExist) {
-			return err
-		}
-		opts := []string{"rbind"}
-		if b.ReadOnly {
-			opts = append(opts, "ro")
-		}
-		m := mount.Mount{Type: "bind", Source: b.Source, Options: opts}
-		if err := m.Mount(target); err != nil {
-			return fmt.Errorf("binding %s for the guest: %w", b.Source, err)
-		}
-	}
-	return nil
 }

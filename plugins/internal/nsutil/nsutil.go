@@ -26,9 +26,13 @@ const (
 	UTS Kind = "uts"
 	Net Kind = "net"
 	PID Kind = "pid"
+	Mnt Kind = "mnt"
 )
 
 var cloneFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET}
+
+// setnsFlag are the setns(2) flags of the kinds Do can join.
+var setnsFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET, Mnt: unix.CLONE_NEWNS}
 
 // Create makes new namespaces of the given kinds, sets hostname in a new
 // UTS namespace, and pins each at dir/<kind>. It returns the pinned paths.
@@ -145,18 +149,32 @@ func IsPinned(path string) bool {
 }
 
 // Do runs fn on a thread that has joined the namespaces at paths (kinds to
-// namespace file paths). The thread is discarded afterwards.
+// namespace file paths). The thread is discarded afterwards. Joining a
+// mount namespace gives the thread its own root and working directory
+// first (unshare CLONE_FS: the process's other threads share theirs), so
+// fn must not hand work to other goroutines that expects that namespace.
 func Do(paths map[Kind]string, fn func() error) error {
 	ch := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
+		if _, ok := paths[Mnt]; ok {
+			if err := unix.Unshare(unix.CLONE_FS); err != nil {
+				ch <- fmt.Errorf("unshare CLONE_FS: %w", err)
+				return
+			}
+		}
 		for k, p := range paths {
+			flag, ok := setnsFlag[k]
+			if !ok {
+				ch <- fmt.Errorf("joining a %s namespace is not supported", k)
+				return
+			}
 			fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
 				ch <- fmt.Errorf("opening %s namespace %s: %w", k, p, err)
 				return
 			}
-			err = unix.Setns(fd, cloneFlag[k])
+			err = unix.Setns(fd, flag)
 			unix.Close(fd)
 			if err != nil {
 				ch <- fmt.Errorf("joining %s namespace %s: %w", k, p, err)

@@ -2,9 +2,12 @@ package nsutil
 
 import (
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -138,5 +141,47 @@ func TestPinOf(t *testing.T) {
 	}
 	if err := unix.Stat(ProcPath(self, "pid"), &b); err != nil || a.Ino != b.Ino {
 		t.Fatalf("pinned %d, want the namespace %s (%d): %v", a.Ino, want, b.Ino, err)
+	}
+}
+
+// TestDoMountNamespace: a mount made by Do in another process's mount
+// namespace is there and not in ours.
+func TestDoMountNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to join a mount namespace")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	before, _ := os.Readlink("/proc/self/ns/mnt")
+	err := Do(map[Kind]string{Mnt: ProcPath(cmd.Process.Pid, "mnt")}, func() error {
+		return unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.Readlink("/proc/self/ns/mnt"); after != before {
+		t.Fatalf("our mount namespace changed: %s, was %s", after, before)
+	}
+	has := func(mountinfo string) bool {
+		b, err := os.ReadFile(mountinfo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(string(b), " "+dir+" ")
+	}
+	if !has(fmt.Sprintf("/proc/%d/mountinfo", cmd.Process.Pid)) {
+		t.Errorf("the mount is not in the other namespace")
+	}
+	if has("/proc/self/mountinfo") {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		t.Errorf("the mount leaked into ours")
+	}
+	if err := Do(map[Kind]string{"cgroup": "/proc/self/ns/cgroup"}, func() error { return nil }); err == nil {
+		t.Errorf("joining an unsupported kind: no error")
 	}
 }
