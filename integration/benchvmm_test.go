@@ -26,6 +26,10 @@ import (
 // the controller's phases, and the memory each running VM pod costs the
 // node.
 
+// benchTBMiB is the TCG code cache of the floor's VMs: the controller's
+// default (tb_size_mib).
+const benchTBMiB = 64
+
 // VMMPath is one way of starting VM pods.
 type VMMPath struct {
 	Floor      Latencies            `json:"floor"`
@@ -76,7 +80,7 @@ func TestBenchVMM(t *testing.T) {
 		Date:    time.Now().UTC().Format(time.RFC3339),
 		Machine: machine(),
 		Accel:   string(accel),
-		VM:      "1 vCPU, 128 MiB, tb-size 32 MiB",
+		VM:      fmt.Sprintf("1 vCPU, 128 MiB, tb-size %d MiB", benchTBMiB),
 		Paths:   map[string]VMMPath{},
 	}
 	floors := vmmFloors(t, img, accel)
@@ -151,7 +155,7 @@ func vmmFloors(t *testing.T, img *guest.Image, accel hypervisor.Accel) map[strin
 	ram := filepath.Join("/dev/shm", "kvb-template-"+randHex(4))
 	defer os.Remove(ram)
 	state := filepath.Join(t.TempDir(), "state")
-	tcfg := vmConfig(t, img, accel, 128, 32)
+	tcfg := vmConfig(t, img, accel, 128, benchTBMiB)
 	tcfg.Memory = hypervisor.MemoryBackend{Kind: hypervisor.MemoryFile, Path: ram, Share: true}
 	tmpl := spawnVM(ctx, t, tcfg)
 	tmpl.dialAgent(ctx, t)
@@ -168,7 +172,7 @@ func vmmFloors(t *testing.T, img *guest.Image, accel hypervisor.Accel) map[strin
 	tmpl.kill(t)
 	var clones []time.Duration
 	for i := 0; i < envInt("KUASAR_BENCH_VMM_FLOOR_CLONES", 5); i++ {
-		ccfg := vmConfig(t, img, accel, 128, 32)
+		ccfg := vmConfig(t, img, accel, 128, benchTBMiB)
 		ccfg.Memory = hypervisor.MemoryBackend{Kind: hypervisor.MemoryFile, Path: ram}
 		ccfg.Incoming = true
 		c := spawnVM(ctx, t, ccfg)

@@ -47,7 +47,7 @@ func TestVMMBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32)
+	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 64)
 	boots := envInt("KUASAR_VMM_BOOTS", 3)
 	t.Logf("qemu %s, accel %s, 1 vCPU, %d MiB, tb-size %d MiB, image %s (kernel %s)", bin, accel, memMiB, tbMiB, img.Key, img.KernelRelease)
 
