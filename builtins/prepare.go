@@ -56,7 +56,7 @@ func IsKuasar(r *plugin.Registration) bool {
 // first in initialisation order, in particular before containerd's task
 // runtime, (2) the CRI runtime plugin's defaults carry the Kuasar runtime
 // handlers, and (3) CRI lists recovered Kuasar pods with their creation
-// time (see withRecoveredCreatedAt). It must run before the daemon reads the
+// time and port-forward VM pods (see withCRIFixes). It must run before the daemon reads the
 // registry.
 func Prepare() error {
 	all := registry.Graph(func(*plugin.Registration) bool { return false })
@@ -79,7 +79,7 @@ func Prepare() error {
 				return fmt.Errorf("adding kuasar runtime handlers to CRI defaults: %w", err)
 			}
 		case criGRPCPluginURI:
-			withRecoveredCreatedAt(&ordered[i])
+			withCRIFixes(&ordered[i])
 		}
 	}
 

@@ -37,7 +37,6 @@ var vmmSkips = []struct{ spec, reason string }{
 	{"HostIpc is true", "a VM cannot share the node's IPC namespace (refused with InvalidArgument)"},
 	{"should support HostPID", "a VM cannot share the node's PID namespace (refused with InvalidArgument)"},
 	{"portforward in host network", "needs a pod on the node's network"},
-	{"should support portforward", "CRI's port-forward dials localhost in the pod's network namespace on the node, where nothing of a VM pod listens"},
 	{"mount with 'rshared' should support propagation from host to container and vice versa", "mounts do not propagate across the VM boundary (9p share)"},
 	{"mount with 'rslave' should support propagation from host to container", "mounts do not propagate across the VM boundary (9p share)"},
 }

@@ -97,7 +97,7 @@ type bootedVM struct {
 	cmd     *exec.Cmd
 	conn    net.Conn
 	client  *ttrpc.Client
-	agent   agentapi.AgentService
+	agent   agentapi.AgentClient
 	hello   time.Duration // exec to the first channel hello (0: none heard)
 	ready   time.Duration // exec to Hello's reply
 	started time.Time

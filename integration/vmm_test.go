@@ -4,6 +4,7 @@ package integration
 
 import (
 	"bytes"
+	"crypto/md5"
 	"fmt"
 	"io"
 	"net"
@@ -287,6 +288,22 @@ func TestVMMRestart(t *testing.T) {
 			d.stopRemove(t, nc, 0)
 			d.removePod(t, pod)
 		})
+	}
+}
+
+// TestVMMPortForward: CRI's port-forward reaches a server that listens on
+// the pod's localhost only, inside the VM, and carries a megabyte intact.
+func TestVMMPortForward(t *testing.T) {
+	d, pod, podCfg := vmmPod(t, "vmm-portforward", daemonOptions{})
+	d.run(t, pod, podCfg, ctrConfig("web", "sh", "-c",
+		"mkdir -p /www && echo kuasar-vm-web > /www/index.html && head -c 1048576 /dev/urandom > /www/big && md5sum /www/big | cut -d' ' -f1 > /www/big.md5 && exec httpd -f -p 127.0.0.1:8080 -h /www"))
+	if got := d.portForwardGet(t, pod, 8080, "/index.html"); strings.TrimSpace(got) != "kuasar-vm-web" {
+		t.Fatalf("port-forward: %q", got)
+	}
+	want := strings.TrimSpace(d.portForwardGet(t, pod, 8080, "/big.md5"))
+	big := d.portForwardGet(t, pod, 8080, "/big")
+	if sum := fmt.Sprintf("%x", md5.Sum([]byte(big))); len(big) != 1<<20 || sum != want {
+		t.Errorf("a megabyte through port-forward: %d bytes, md5 %s, want %s", len(big), sum, want)
 	}
 }
 

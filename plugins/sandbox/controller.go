@@ -99,6 +99,19 @@ func (c *Controller) get(id string) (*entry, error) {
 	return e, nil
 }
 
+// PortForwarder returns the port forwarder of sandbox id, if the sandbox
+// is this controller's and its kind forwards ports itself.
+func (c *Controller) PortForwarder(id string) (PortForwarder, bool) {
+	e, err := c.get(id)
+	if err != nil {
+		return nil, false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pf, ok := e.inst.(PortForwarder)
+	return pf, ok && !e.lost && e.state == stateReady
+}
+
 func (c *Controller) socketPath(ns, id string) string {
 	h := sha256.Sum256([]byte(c.id + "/" + ns + "/" + id))
 	return filepath.Join(c.paths.Sockets, hex.EncodeToString(h[:12])+".sock")

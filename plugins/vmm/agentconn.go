@@ -34,7 +34,7 @@ type guestConn struct {
 // session is one ttrpc client over one channel session.
 type session struct {
 	client *ttrpc.Client
-	agent  agentapi.AgentService
+	agent  agentapi.AgentClient
 	tasks  taskAPI.TTRPCTaskService
 	done   chan struct{}
 	hello  *agentapi.HelloResponse

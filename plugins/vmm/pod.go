@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -466,4 +467,37 @@ func (p *pod) conn() (*guestConn, error) {
 		return nil, fmt.Errorf("pod %s has no VM running: %w", p.sb.ID, errdefs.ErrFailedPrecondition)
 	}
 	return p.guest, nil
+}
+
+// PortForward relays stream and the guest's localhost:port (CRI's
+// port-forward: the pod's network namespace on the node is not where the
+// pod's localhost is).
+func (p *pod) PortForward(ctx context.Context, port int32, stream io.ReadWriteCloser) error {
+	defer stream.Close()
+	if port <= 0 || port > 65535 {
+		return fmt.Errorf("port %d: %w", port, errdefs.ErrInvalidArgument)
+	}
+	g, err := p.conn()
+	if err != nil {
+		return err
+	}
+	s, err := g.session(ctx)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	fs, err := s.agent.PortForward(ctx)
+	if err != nil {
+		return fmt.Errorf("port-forward to the pod's VM: %w", err)
+	}
+	if err := fs.Send(&agentapi.PortForwardFrame{Port: uint32(port)}); err != nil {
+		return fmt.Errorf("port-forward to the pod's VM: %w", err)
+	}
+	err = agentapi.Relay(ctx, stream, fs, true)
+	_ = fs.CloseSend()
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("port-forward to localhost:%d in the pod's VM: %w", port, err)
+	}
+	return nil
 }

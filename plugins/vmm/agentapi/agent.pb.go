@@ -75,6 +75,67 @@ func (Stream) EnumDescriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{0}
 }
 
+type PortForwardFrame struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// port, in the host's first frame only.
+	Port          uint32 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	Data          []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	Eof           bool   `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForwardFrame) Reset() {
+	*x = PortForwardFrame{}
+	mi := &file_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForwardFrame) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForwardFrame) ProtoMessage() {}
+
+func (x *PortForwardFrame) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForwardFrame.ProtoReflect.Descriptor instead.
+func (*PortForwardFrame) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *PortForwardFrame) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *PortForwardFrame) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *PortForwardFrame) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
 type SetupSandboxRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
@@ -96,7 +157,7 @@ type SetupSandboxRequest struct {
 
 func (x *SetupSandboxRequest) Reset() {
 	*x = SetupSandboxRequest{}
-	mi := &file_agent_proto_msgTypes[0]
+	mi := &file_agent_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -108,7 +169,7 @@ func (x *SetupSandboxRequest) String() string {
 func (*SetupSandboxRequest) ProtoMessage() {}
 
 func (x *SetupSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[0]
+	mi := &file_agent_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -121,7 +182,7 @@ func (x *SetupSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupSandboxRequest.ProtoReflect.Descriptor instead.
 func (*SetupSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{0}
+	return file_agent_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *SetupSandboxRequest) GetSandboxId() string {
@@ -181,7 +242,7 @@ type SetupSandboxResponse struct {
 
 func (x *SetupSandboxResponse) Reset() {
 	*x = SetupSandboxResponse{}
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -193,7 +254,7 @@ func (x *SetupSandboxResponse) String() string {
 func (*SetupSandboxResponse) ProtoMessage() {}
 
 func (x *SetupSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -206,7 +267,7 @@ func (x *SetupSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupSandboxResponse.ProtoReflect.Descriptor instead.
 func (*SetupSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{1}
+	return file_agent_proto_rawDescGZIP(), []int{2}
 }
 
 // ProcessStdio names the streams of a process of the task service: its
@@ -221,7 +282,7 @@ type ProcessStdio struct {
 
 func (x *ProcessStdio) Reset() {
 	*x = ProcessStdio{}
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -233,7 +294,7 @@ func (x *ProcessStdio) String() string {
 func (*ProcessStdio) ProtoMessage() {}
 
 func (x *ProcessStdio) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -246,7 +307,7 @@ func (x *ProcessStdio) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessStdio.ProtoReflect.Descriptor instead.
 func (*ProcessStdio) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{2}
+	return file_agent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ProcessStdio) GetContainerId() string {
@@ -280,7 +341,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -292,7 +353,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -305,7 +366,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ReadStdioRequest) GetProcess() *ProcessStdio {
@@ -358,7 +419,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -370,7 +431,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -383,7 +444,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReadStdioResponse) GetOffset() uint64 {
@@ -417,7 +478,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +490,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +503,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WriteStdinRequest) GetProcess() *ProcessStdio {
@@ -469,7 +530,7 @@ type PodStatsResponse struct {
 
 func (x *PodStatsResponse) Reset() {
 	*x = PodStatsResponse{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -481,7 +542,7 @@ func (x *PodStatsResponse) String() string {
 func (*PodStatsResponse) ProtoMessage() {}
 
 func (x *PodStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -494,7 +555,7 @@ func (x *PodStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PodStatsResponse.ProtoReflect.Descriptor instead.
 func (*PodStatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PodStatsResponse) GetMetrics() *anypb.Any {
@@ -514,7 +575,7 @@ type HelloRequest struct {
 
 func (x *HelloRequest) Reset() {
 	*x = HelloRequest{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -526,7 +587,7 @@ func (x *HelloRequest) String() string {
 func (*HelloRequest) ProtoMessage() {}
 
 func (x *HelloRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -539,7 +600,7 @@ func (x *HelloRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloRequest.ProtoReflect.Descriptor instead.
 func (*HelloRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *HelloRequest) GetVersion() uint32 {
@@ -569,7 +630,7 @@ type HelloResponse struct {
 
 func (x *HelloResponse) Reset() {
 	*x = HelloResponse{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +642,7 @@ func (x *HelloResponse) String() string {
 func (*HelloResponse) ProtoMessage() {}
 
 func (x *HelloResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +655,7 @@ func (x *HelloResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloResponse.ProtoReflect.Descriptor instead.
 func (*HelloResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *HelloResponse) GetVersion() uint32 {
@@ -656,7 +717,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -668,7 +729,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -681,7 +742,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckRequest) GetRuntime() bool {
@@ -710,7 +771,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +783,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +796,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CheckResponse) GetModulesReady() bool {
@@ -798,7 +859,7 @@ type SyncClockRequest struct {
 
 func (x *SyncClockRequest) Reset() {
 	*x = SyncClockRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +871,7 @@ func (x *SyncClockRequest) String() string {
 func (*SyncClockRequest) ProtoMessage() {}
 
 func (x *SyncClockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +884,7 @@ func (x *SyncClockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncClockRequest.ProtoReflect.Descriptor instead.
 func (*SyncClockRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SyncClockRequest) GetHostTime() *timestamppb.Timestamp {
@@ -844,7 +905,7 @@ type SyncClockResponse struct {
 
 func (x *SyncClockResponse) Reset() {
 	*x = SyncClockResponse{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -856,7 +917,7 @@ func (x *SyncClockResponse) String() string {
 func (*SyncClockResponse) ProtoMessage() {}
 
 func (x *SyncClockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -869,7 +930,7 @@ func (x *SyncClockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncClockResponse.ProtoReflect.Descriptor instead.
 func (*SyncClockResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SyncClockResponse) GetGuestTime() *timestamppb.Timestamp {
@@ -888,7 +949,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +961,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +974,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ShutdownRequest) GetReboot() bool {
@@ -940,7 +1001,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1013,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1026,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Interface) GetMac() string {
@@ -1013,7 +1074,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1025,7 +1086,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1038,7 +1099,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Route) GetDestination() string {
@@ -1094,7 +1155,7 @@ type SetupNetworkRequest struct {
 
 func (x *SetupNetworkRequest) Reset() {
 	*x = SetupNetworkRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1167,7 @@ func (x *SetupNetworkRequest) String() string {
 func (*SetupNetworkRequest) ProtoMessage() {}
 
 func (x *SetupNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1180,7 @@ func (x *SetupNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupNetworkRequest.ProtoReflect.Descriptor instead.
 func (*SetupNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetupNetworkRequest) GetInterfaces() []*Interface {
@@ -1144,7 +1205,7 @@ type SetupNetworkResponse struct {
 
 func (x *SetupNetworkResponse) Reset() {
 	*x = SetupNetworkResponse{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1217,7 @@ func (x *SetupNetworkResponse) String() string {
 func (*SetupNetworkResponse) ProtoMessage() {}
 
 func (x *SetupNetworkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,14 +1230,18 @@ func (x *SetupNetworkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupNetworkResponse.ProtoReflect.Descriptor instead.
 func (*SetupNetworkResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
 	"\n" +
-	"\vagent.proto\x12\x13kuasar.vmm.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x02\n" +
+	"\vagent.proto\x12\x13kuasar.vmm.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n" +
+	"\x10PortForwardFrame\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eof\"\xdc\x02\n" +
 	"\x13SetupSandboxRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
@@ -1259,7 +1324,7 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x06STDOUT\x10\x00\x12\n" +
 	"\n" +
-	"\x06STDERR\x10\x012\xd5\x06\n" +
+	"\x06STDERR\x10\x012\xb6\a\n" +
 	"\x05Agent\x12N\n" +
 	"\x05Hello\x12!.kuasar.vmm.agent.v1.HelloRequest\x1a\".kuasar.vmm.agent.v1.HelloResponse\x12N\n" +
 	"\x05Check\x12!.kuasar.vmm.agent.v1.CheckRequest\x1a\".kuasar.vmm.agent.v1.CheckResponse\x12Z\n" +
@@ -1272,7 +1337,8 @@ const file_agent_proto_rawDesc = "" +
 	"WriteStdin\x12&.kuasar.vmm.agent.v1.WriteStdinRequest\x1a\x16.google.protobuf.Empty\x12G\n" +
 	"\n" +
 	"CloseStdin\x12!.kuasar.vmm.agent.v1.ProcessStdio\x1a\x16.google.protobuf.Empty\x12I\n" +
-	"\bPodStats\x12\x16.google.protobuf.Empty\x1a%.kuasar.vmm.agent.v1.PodStatsResponseBFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
+	"\bPodStats\x12\x16.google.protobuf.Empty\x1a%.kuasar.vmm.agent.v1.PodStatsResponse\x12_\n" +
+	"\vPortForward\x12%.kuasar.vmm.agent.v1.PortForwardFrame\x1a%.kuasar.vmm.agent.v1.PortForwardFrame(\x010\x01BFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -1287,66 +1353,69 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_agent_proto_goTypes = []any{
 	(Stream)(0),                   // 0: kuasar.vmm.agent.v1.Stream
-	(*SetupSandboxRequest)(nil),   // 1: kuasar.vmm.agent.v1.SetupSandboxRequest
-	(*SetupSandboxResponse)(nil),  // 2: kuasar.vmm.agent.v1.SetupSandboxResponse
-	(*ProcessStdio)(nil),          // 3: kuasar.vmm.agent.v1.ProcessStdio
-	(*ReadStdioRequest)(nil),      // 4: kuasar.vmm.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),     // 5: kuasar.vmm.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),     // 6: kuasar.vmm.agent.v1.WriteStdinRequest
-	(*PodStatsResponse)(nil),      // 7: kuasar.vmm.agent.v1.PodStatsResponse
-	(*HelloRequest)(nil),          // 8: kuasar.vmm.agent.v1.HelloRequest
-	(*HelloResponse)(nil),         // 9: kuasar.vmm.agent.v1.HelloResponse
-	(*CheckRequest)(nil),          // 10: kuasar.vmm.agent.v1.CheckRequest
-	(*CheckResponse)(nil),         // 11: kuasar.vmm.agent.v1.CheckResponse
-	(*SyncClockRequest)(nil),      // 12: kuasar.vmm.agent.v1.SyncClockRequest
-	(*SyncClockResponse)(nil),     // 13: kuasar.vmm.agent.v1.SyncClockResponse
-	(*ShutdownRequest)(nil),       // 14: kuasar.vmm.agent.v1.ShutdownRequest
-	(*Interface)(nil),             // 15: kuasar.vmm.agent.v1.Interface
-	(*Route)(nil),                 // 16: kuasar.vmm.agent.v1.Route
-	(*SetupNetworkRequest)(nil),   // 17: kuasar.vmm.agent.v1.SetupNetworkRequest
-	(*SetupNetworkResponse)(nil),  // 18: kuasar.vmm.agent.v1.SetupNetworkResponse
-	nil,                           // 19: kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
-	(*anypb.Any)(nil),             // 20: google.protobuf.Any
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 22: google.protobuf.Empty
+	(*PortForwardFrame)(nil),      // 1: kuasar.vmm.agent.v1.PortForwardFrame
+	(*SetupSandboxRequest)(nil),   // 2: kuasar.vmm.agent.v1.SetupSandboxRequest
+	(*SetupSandboxResponse)(nil),  // 3: kuasar.vmm.agent.v1.SetupSandboxResponse
+	(*ProcessStdio)(nil),          // 4: kuasar.vmm.agent.v1.ProcessStdio
+	(*ReadStdioRequest)(nil),      // 5: kuasar.vmm.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),     // 6: kuasar.vmm.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),     // 7: kuasar.vmm.agent.v1.WriteStdinRequest
+	(*PodStatsResponse)(nil),      // 8: kuasar.vmm.agent.v1.PodStatsResponse
+	(*HelloRequest)(nil),          // 9: kuasar.vmm.agent.v1.HelloRequest
+	(*HelloResponse)(nil),         // 10: kuasar.vmm.agent.v1.HelloResponse
+	(*CheckRequest)(nil),          // 11: kuasar.vmm.agent.v1.CheckRequest
+	(*CheckResponse)(nil),         // 12: kuasar.vmm.agent.v1.CheckResponse
+	(*SyncClockRequest)(nil),      // 13: kuasar.vmm.agent.v1.SyncClockRequest
+	(*SyncClockResponse)(nil),     // 14: kuasar.vmm.agent.v1.SyncClockResponse
+	(*ShutdownRequest)(nil),       // 15: kuasar.vmm.agent.v1.ShutdownRequest
+	(*Interface)(nil),             // 16: kuasar.vmm.agent.v1.Interface
+	(*Route)(nil),                 // 17: kuasar.vmm.agent.v1.Route
+	(*SetupNetworkRequest)(nil),   // 18: kuasar.vmm.agent.v1.SetupNetworkRequest
+	(*SetupNetworkResponse)(nil),  // 19: kuasar.vmm.agent.v1.SetupNetworkResponse
+	nil,                           // 20: kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
+	(*anypb.Any)(nil),             // 21: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 23: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	19, // 0: kuasar.vmm.agent.v1.SetupSandboxRequest.sysctls:type_name -> kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
-	3,  // 1: kuasar.vmm.agent.v1.ReadStdioRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
+	20, // 0: kuasar.vmm.agent.v1.SetupSandboxRequest.sysctls:type_name -> kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
+	4,  // 1: kuasar.vmm.agent.v1.ReadStdioRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
 	0,  // 2: kuasar.vmm.agent.v1.ReadStdioRequest.stream:type_name -> kuasar.vmm.agent.v1.Stream
-	3,  // 3: kuasar.vmm.agent.v1.WriteStdinRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
-	20, // 4: kuasar.vmm.agent.v1.PodStatsResponse.metrics:type_name -> google.protobuf.Any
-	21, // 5: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
-	21, // 6: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
-	21, // 7: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
-	21, // 8: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
-	15, // 9: kuasar.vmm.agent.v1.SetupNetworkRequest.interfaces:type_name -> kuasar.vmm.agent.v1.Interface
-	16, // 10: kuasar.vmm.agent.v1.SetupNetworkRequest.routes:type_name -> kuasar.vmm.agent.v1.Route
-	8,  // 11: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
-	10, // 12: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
-	12, // 13: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
-	14, // 14: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
-	17, // 15: kuasar.vmm.agent.v1.Agent.SetupNetwork:input_type -> kuasar.vmm.agent.v1.SetupNetworkRequest
-	1,  // 16: kuasar.vmm.agent.v1.Agent.SetupSandbox:input_type -> kuasar.vmm.agent.v1.SetupSandboxRequest
-	4,  // 17: kuasar.vmm.agent.v1.Agent.ReadStdio:input_type -> kuasar.vmm.agent.v1.ReadStdioRequest
-	6,  // 18: kuasar.vmm.agent.v1.Agent.WriteStdin:input_type -> kuasar.vmm.agent.v1.WriteStdinRequest
-	3,  // 19: kuasar.vmm.agent.v1.Agent.CloseStdin:input_type -> kuasar.vmm.agent.v1.ProcessStdio
-	22, // 20: kuasar.vmm.agent.v1.Agent.PodStats:input_type -> google.protobuf.Empty
-	9,  // 21: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
-	11, // 22: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
-	13, // 23: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
-	22, // 24: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	18, // 25: kuasar.vmm.agent.v1.Agent.SetupNetwork:output_type -> kuasar.vmm.agent.v1.SetupNetworkResponse
-	2,  // 26: kuasar.vmm.agent.v1.Agent.SetupSandbox:output_type -> kuasar.vmm.agent.v1.SetupSandboxResponse
-	5,  // 27: kuasar.vmm.agent.v1.Agent.ReadStdio:output_type -> kuasar.vmm.agent.v1.ReadStdioResponse
-	22, // 28: kuasar.vmm.agent.v1.Agent.WriteStdin:output_type -> google.protobuf.Empty
-	22, // 29: kuasar.vmm.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	7,  // 30: kuasar.vmm.agent.v1.Agent.PodStats:output_type -> kuasar.vmm.agent.v1.PodStatsResponse
-	21, // [21:31] is the sub-list for method output_type
-	11, // [11:21] is the sub-list for method input_type
+	4,  // 3: kuasar.vmm.agent.v1.WriteStdinRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
+	21, // 4: kuasar.vmm.agent.v1.PodStatsResponse.metrics:type_name -> google.protobuf.Any
+	22, // 5: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
+	22, // 6: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
+	22, // 7: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
+	22, // 8: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
+	16, // 9: kuasar.vmm.agent.v1.SetupNetworkRequest.interfaces:type_name -> kuasar.vmm.agent.v1.Interface
+	17, // 10: kuasar.vmm.agent.v1.SetupNetworkRequest.routes:type_name -> kuasar.vmm.agent.v1.Route
+	9,  // 11: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
+	11, // 12: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
+	13, // 13: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
+	15, // 14: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
+	18, // 15: kuasar.vmm.agent.v1.Agent.SetupNetwork:input_type -> kuasar.vmm.agent.v1.SetupNetworkRequest
+	2,  // 16: kuasar.vmm.agent.v1.Agent.SetupSandbox:input_type -> kuasar.vmm.agent.v1.SetupSandboxRequest
+	5,  // 17: kuasar.vmm.agent.v1.Agent.ReadStdio:input_type -> kuasar.vmm.agent.v1.ReadStdioRequest
+	7,  // 18: kuasar.vmm.agent.v1.Agent.WriteStdin:input_type -> kuasar.vmm.agent.v1.WriteStdinRequest
+	4,  // 19: kuasar.vmm.agent.v1.Agent.CloseStdin:input_type -> kuasar.vmm.agent.v1.ProcessStdio
+	23, // 20: kuasar.vmm.agent.v1.Agent.PodStats:input_type -> google.protobuf.Empty
+	1,  // 21: kuasar.vmm.agent.v1.Agent.PortForward:input_type -> kuasar.vmm.agent.v1.PortForwardFrame
+	10, // 22: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
+	12, // 23: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
+	14, // 24: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
+	23, // 25: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	19, // 26: kuasar.vmm.agent.v1.Agent.SetupNetwork:output_type -> kuasar.vmm.agent.v1.SetupNetworkResponse
+	3,  // 27: kuasar.vmm.agent.v1.Agent.SetupSandbox:output_type -> kuasar.vmm.agent.v1.SetupSandboxResponse
+	6,  // 28: kuasar.vmm.agent.v1.Agent.ReadStdio:output_type -> kuasar.vmm.agent.v1.ReadStdioResponse
+	23, // 29: kuasar.vmm.agent.v1.Agent.WriteStdin:output_type -> google.protobuf.Empty
+	23, // 30: kuasar.vmm.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	8,  // 31: kuasar.vmm.agent.v1.Agent.PodStats:output_type -> kuasar.vmm.agent.v1.PodStatsResponse
+	1,  // 32: kuasar.vmm.agent.v1.Agent.PortForward:output_type -> kuasar.vmm.agent.v1.PortForwardFrame
+	22, // [22:33] is the sub-list for method output_type
+	11, // [11:22] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -1363,7 +1432,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,6 +19,29 @@ type AgentService interface {
 	WriteStdin(context.Context, *WriteStdinRequest) (*emptypb.Empty, error)
 	CloseStdin(context.Context, *ProcessStdio) (*emptypb.Empty, error)
 	PodStats(context.Context, *emptypb.Empty) (*PodStatsResponse, error)
+	PortForward(context.Context, Agent_PortForwardServer) error
+}
+
+type Agent_PortForwardServer interface {
+	Send(*PortForwardFrame) error
+	Recv() (*PortForwardFrame, error)
+	ttrpc.StreamServer
+}
+
+type agentPortForwardServer struct {
+	ttrpc.StreamServer
+}
+
+func (x *agentPortForwardServer) Send(m *PortForwardFrame) error {
+	return x.StreamServer.SendMsg(m)
+}
+
+func (x *agentPortForwardServer) Recv() (*PortForwardFrame, error) {
+	m := new(PortForwardFrame)
+	if err := x.StreamServer.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -95,14 +118,37 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 				return svc.PodStats(ctx, &req)
 			},
 		},
+		Streams: map[string]ttrpc.Stream{
+			"PortForward": {
+				Handler: func(ctx context.Context, stream ttrpc.StreamServer) (interface{}, error) {
+					return nil, svc.PortForward(ctx, &agentPortForwardServer{stream})
+				},
+				StreamingClient: true,
+				StreamingServer: true,
+			},
+		},
 	})
+}
+
+type AgentClient interface {
+	Hello(context.Context, *HelloRequest) (*HelloResponse, error)
+	Check(context.Context, *CheckRequest) (*CheckResponse, error)
+	SyncClock(context.Context, *SyncClockRequest) (*SyncClockResponse, error)
+	Shutdown(context.Context, *ShutdownRequest) (*emptypb.Empty, error)
+	SetupNetwork(context.Context, *SetupNetworkRequest) (*SetupNetworkResponse, error)
+	SetupSandbox(context.Context, *SetupSandboxRequest) (*SetupSandboxResponse, error)
+	ReadStdio(context.Context, *ReadStdioRequest) (*ReadStdioResponse, error)
+	WriteStdin(context.Context, *WriteStdinRequest) (*emptypb.Empty, error)
+	CloseStdin(context.Context, *ProcessStdio) (*emptypb.Empty, error)
+	PodStats(context.Context, *emptypb.Empty) (*PodStatsResponse, error)
+	PortForward(context.Context) (Agent_PortForwardClient, error)
 }
 
 type agentClient struct {
 	client *ttrpc.Client
 }
 
-func NewAgentClient(client *ttrpc.Client) AgentService {
+func NewAgentClient(client *ttrpc.Client) AgentClient {
 	return &agentClient{
 		client: client,
 	}
@@ -186,4 +232,38 @@ func (c *agentClient) PodStats(ctx context.Context, req *emptypb.Empty) (*PodSta
 		return nil, err
 	}
 	return &resp, nil
+}
+
+func (c *agentClient) PortForward(ctx context.Context) (Agent_PortForwardClient, error) {
+	stream, err := c.client.NewStream(ctx, &ttrpc.StreamDesc{
+		StreamingClient: true,
+		StreamingServer: true,
+	}, "kuasar.vmm.agent.v1.Agent", "PortForward", nil)
+	if err != nil {
+		return nil, err
+	}
+	x := &agentPortForwardClient{stream}
+	return x, nil
+}
+
+type Agent_PortForwardClient interface {
+	Send(*PortForwardFrame) error
+	Recv() (*PortForwardFrame, error)
+	ttrpc.ClientStream
+}
+
+type agentPortForwardClient struct {
+	ttrpc.ClientStream
+}
+
+func (x *agentPortForwardClient) Send(m *PortForwardFrame) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *agentPortForwardClient) Recv() (*PortForwardFrame, error) {
+	m := new(PortForwardFrame)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
