@@ -173,14 +173,14 @@ FORCE:
 
 ## bench: containerd-kuasar vs stock containerd, same version, same machine
 BENCH_PODS ?= 50
-bench: deps build tools
+bench: deps build tools guest
 	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
 	KUASAR_BENCH_PODS=$(BENCH_PODS) KUASAR_BENCH_OUT=$(ROOT)/bench/results \
 		go test -count=1 -tags bench -timeout 60m -run TestBench -v ./integration/ 2>&1 | tee $(OUT)/bench.log | grep -vE '^\s+(time=|level=)' | tail -40; \
 		exit $${PIPESTATUS[0]}
 
 ## conformance: critest's validation suite on stock runc and on kuasar-runc
-conformance: deps build tools
+conformance: deps build tools guest
 	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) \
 	KUASAR_CONFORMANCE_OUT=$(OUT)/conformance \
 		go test -count=1 -tags conformance -timeout 40m -run TestConformance -v ./integration/ 2>&1 | tee $(OUT)/conformance.log | grep -vE '^\s+(time=|level=)' | grep -E '^\s+(\||Stock|###|conformance_test)|^(---|ok|FAIL|PASS)'; \

@@ -168,18 +168,33 @@ func (d *Daemon) portForwardGet(t *testing.T, pod string, podPort int, path stri
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	cmd := d.crictl("port-forward", pod, fmt.Sprintf("%d:%d", port, podPort))
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	if err := waitPort(addr, 15*time.Second); err != nil {
-		t.Fatal(err)
+	// crictl ends at the first connection it cannot forward (a server
+	// not listening yet): it is started again while the deadline allows.
+	var exited chan struct{}
+	forward := func() func() {
+		cmd := d.crictl("port-forward", pod, fmt.Sprintf("%d:%d", port, podPort))
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited = make(chan struct{})
+		done := exited
+		go func() { cmd.Wait(); close(done) }()
+		if err := waitPort(addr, 15*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		return func() { cmd.Process.Kill(); <-done }
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	stop := forward()
+	defer func() { stop() }()
+	deadline := time.Now().Add(60 * time.Second)
 	for {
+		select {
+		case <-exited:
+			stop = forward()
+		default:
+		}
 		resp, err := http.Get("http://" + addr + path)
 		if err == nil {
 			body, rerr := io.ReadAll(resp.Body)

@@ -7,14 +7,26 @@ import (
 	"strconv"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 )
 
 // PortForward connects to the guest's localhost at the port the host's
-// first frame names and relays (see agent.proto).
-func (a *agent) PortForward(ctx context.Context, s agentapi.Agent_PortForwardServer) error {
+// first frame names and relays (see agent.proto). ttrpc has no interceptor
+// for streams: the error's class and a panic are handled here.
+func (a *agent) PortForward(ctx context.Context, s agentapi.Agent_PortForwardServer) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("port-forward panicked: %v: %w", r, errdefs.ErrInternal)
+		}
+		err = errgrpc.ToGRPC(err)
+	}()
+	return portForward(ctx, s)
+}
+
+func portForward(ctx context.Context, s agentapi.Agent_PortForwardServer) error {
 	first, err := s.Recv()
 	if err != nil {
 		return err
