@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -112,35 +113,79 @@ func TestCreatePinsNamespaces(t *testing.T) {
 		t.Fatalf("sysctl inside = %q (want %q), host %q -> %q", inside, want, before, after)
 	}
 	if now, _ := os.Readlink("/proc/self/ns/uts"); now != self {
-		t.Fatal("the calling thread's namespace changed")
+		t.Fatal("the main thread's namespace changed")
 	}
 }
 
-func TestPinOf(t *testing.T) {
+// TestThreadsGoBack: the threads Create and Do use are back in the node's
+// namespaces when they return (a thread left in a pod's namespace and
+// parked by the runtime, as the main thread is, makes /proc/self show the
+// pod's namespaces to the whole process), and the mount namespace thread
+// of Do is not handed back.
+func TestThreadsGoBack(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to bind-mount namespace files")
+		t.Skip("skipping: creating namespaces needs root")
 	}
-	dir := t.TempDir()
-	self := os.Getpid()
-	st, err := proc.ReadStat(self)
-	if err != nil {
+	want := map[string]string{}
+	for _, k := range []string{"uts", "ipc", "net", "mnt"} {
+		want[k], _ = os.Readlink("/proc/self/ns/" + k)
+	}
+	inOwn := func(tid int) error {
+		for k, w := range want {
+			got, err := os.Readlink(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k))
+			if err != nil {
+				return err
+			}
+			if got != w {
+				return fmt.Errorf("thread %d is in %s, want %s", tid, got, w)
+			}
+		}
+		return nil
+	}
+	for i := 0; i < 20; i++ {
+		dir := t.TempDir()
+		paths, err := Create(dir, []Kind{IPC, UTS, Net}, "pod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tid := 0
+		err = Do(paths, func() error { tid = unix.Gettid(); return nil })
+		for _, p := range paths {
+			Release(p)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := inOwn(tid); err != nil {
+			t.Fatalf("after Do: %v", err)
+		}
+	}
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	target := filepath.Join(dir, "pid")
-	if err := PinOf(self, st.StartTime+1, PID, target); !errors.Is(err, unix.ESRCH) {
-		t.Fatalf("pinning with a wrong start time: %v", err)
-	}
-	if err := PinOf(self, st.StartTime, PID, target); err != nil {
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	tid := 0
+	if err := Do(map[Kind]string{Mnt: ProcPath(cmd.Process.Pid, "mnt")}, func() error { tid = unix.Gettid(); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	defer Release(target)
-	want, _ := os.Readlink(ProcPath(self, "pid"))
-	var a, b unix.Stat_t
-	if err := unix.Stat(target, &a); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Stat(ProcPath(self, "pid"), &b); err != nil || a.Ino != b.Ino {
-		t.Fatalf("pinned %d, want the namespace %s (%d): %v", a.Ino, want, b.Ino, err)
+	// The thread ends (in its own namespaces until then), or, if it was the
+	// main thread, is parked back in them.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		err := inOwn(tid)
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) || errors.Is(err, os.ErrPermission) { // gone or exiting
+			break
+		}
+		if err != nil {
+			t.Fatalf("mount namespace thread: %v", err)
+		}
+		if tid == os.Getpid() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the thread that joined a mount namespace (own root and cwd) is still in use")
+		}
 	}
 }
 
@@ -183,5 +228,33 @@ func TestDoMountNamespace(t *testing.T) {
 	}
 	if err := Do(map[Kind]string{"cgroup": "/proc/self/ns/cgroup"}, func() error { return nil }); err == nil {
 		t.Errorf("joining an unsupported kind: no error")
+	}
+}
+
+func TestPinOf(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to bind-mount namespace files")
+	}
+	dir := t.TempDir()
+	self := os.Getpid()
+	st, err := proc.ReadStat(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(dir, "pid")
+	if err := PinOf(self, st.StartTime+1, PID, target); !errors.Is(err, unix.ESRCH) {
+		t.Fatalf("pinning with a wrong start time: %v", err)
+	}
+	if err := PinOf(self, st.StartTime, PID, target); err != nil {
+		t.Fatal(err)
+	}
+	defer Release(target)
+	want, _ := os.Readlink(ProcPath(self, "pid"))
+	var a, b unix.Stat_t
+	if err := unix.Stat(target, &a); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(ProcPath(self, "pid"), &b); err != nil || a.Ino != b.Ino {
+		t.Fatalf("pinned %d, want the namespace %s (%d): %v", a.Ino, want, b.Ino, err)
 	}
 }
