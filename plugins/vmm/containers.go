@@ -21,7 +21,6 @@ import (
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/kuasar-io/containerd-kuasar/plugins/internal/fsutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 )
@@ -75,8 +74,8 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	if err != nil {
 		return err
 	}
-	dir := r.shareDir(c)
-	if err := os.MkdirAll(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+	share := r.pod.shareDir()
+	if err := makeInShare(share, filepath.Join(c.ID, "rootfs"), true); err != nil {
 		return err
 	}
 	defer func() {
@@ -84,7 +83,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 			r.unshare(ctx, c)
 		}
 	}()
-	ms, err := r.shareMounts(c, dir, binds)
+	ms, err := r.shareMounts(c, binds)
 	if err != nil {
 		return err
 	}
@@ -97,7 +96,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	if err != nil {
 		return err
 	}
-	if err := fsutil.WriteFileAtomic(filepath.Join(dir, "config.json"), b, 0o600); err != nil {
+	if err := writeInShare(share, filepath.Join(c.ID, "config.json"), b, 0o600); err != nil {
 		return err
 	}
 	io := c.Init.IO
@@ -309,10 +308,17 @@ func (r *containers) deleteInGuest(ctx context.Context, p *task.Process) {
 	}
 }
 
+// stageDir is where c's rootfs is mounted on the node to be cloned: in
+// the pod's directory, outside the share (the guest never sees it).
+func (r *containers) stageDir(c *task.Container) string {
+	return filepath.Join(r.pod.sb.Dir, "stage", c.ID)
+}
+
 // shareMounts clones what the guest must see of c: its rootfs (mounted on
-// the node first, where containerd's mounts are made, only as long as it
-// takes to clone) and its binds, with the targets made under dir.
-func (r *containers) shareMounts(c *task.Container, dir string, binds []hostBind) (_ []shareMount, retErr error) {
+// the node first, where containerd's mounts are made, in the stage
+// directory and only as long as it takes to clone) and its binds, with
+// their targets made in c's share directory.
+func (r *containers) shareMounts(c *task.Container, binds []hostBind) (_ []shareMount, retErr error) {
 	var ms []shareMount
 	defer func() {
 		if retErr != nil {
@@ -320,18 +326,22 @@ func (r *containers) shareMounts(c *task.Container, dir string, binds []hostBind
 		}
 	}()
 	rel := func(p string) string { return filepath.Join(c.ID, p) }
-	rootfs := filepath.Join(dir, "rootfs")
 	switch {
 	case len(c.Rootfs) > 0:
+		stage := r.stageDir(c)
+		if err := os.MkdirAll(stage, 0o700); err != nil {
+			return nil, err
+		}
+		defer os.Remove(stage)
 		var mounts []mount.Mount
 		for _, m := range c.Rootfs {
 			mounts = append(mounts, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 		}
-		if err := mount.All(mounts, rootfs); err != nil {
+		if err := mount.All(mounts, stage); err != nil {
 			return nil, fmt.Errorf("mounting rootfs: %w", err)
 		}
-		m, err := cloneTree(rootfs, hostBind{}, rel("rootfs"))
-		if uerr := mount.UnmountRecursive(rootfs, unix.MNT_DETACH); uerr != nil && err == nil {
+		m, err := cloneTree(stage, hostBind{}, rel("rootfs"))
+		if uerr := mount.UnmountRecursive(stage, unix.MNT_DETACH); uerr != nil && err == nil {
 			m.tree.Close()
 			err = fmt.Errorf("unmounting rootfs from the node: %w", uerr)
 		}
@@ -351,24 +361,13 @@ func (r *containers) shareMounts(c *task.Container, dir string, binds []hostBind
 		}
 		ms = append(ms, m)
 	}
+	share := r.pod.shareDir()
 	for _, b := range binds {
 		st, err := os.Stat(b.Source)
 		if err != nil {
 			return nil, fmt.Errorf("mount source %s: %w", b.Source, err)
 		}
-		target := filepath.Join(dir, b.Target)
-		if err := os.MkdirAll(filepath.Dir(target), 0o700); err != nil {
-			return nil, err
-		}
-		if st.IsDir() {
-			err = os.Mkdir(target, 0o755)
-		} else {
-			var f *os.File
-			if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
-				f.Close()
-			}
-		}
-		if err != nil && !errors.Is(err, os.ErrExist) {
+		if err := makeInShare(share, rel(b.Target), st.IsDir()); err != nil {
 			return nil, err
 		}
 		m, err := cloneTree(b.Source, b, rel(b.Target))
@@ -381,18 +380,20 @@ func (r *containers) shareMounts(c *task.Container, dir string, binds []hostBind
 }
 
 // unshare removes a container's directory from the pod's share: its mounts
-// in the VM's namespace (and any the node kept of a rootfs a crash left
-// mounted there) first.
+// in the VM's namespace first, and a rootfs a crash left mounted in the
+// stage directory. Nothing is resolved through the share on the node:
+// RemoveAll removes a symlink the guest left, not what it points to.
 func (r *containers) unshare(ctx context.Context, c *task.Container) {
-	dir := r.shareDir(c)
 	if err := r.pod.detach(c.ID); err != nil {
 		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("unmounting the container's files in the VM's namespace")
 	}
-	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("unmounting the container's share")
-		return
+	stage := r.stageDir(c)
+	if err := mount.UnmountRecursive(stage, unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).WithField("container", c.ID).Warn("unmounting the container's staged rootfs")
+	} else {
+		_ = os.RemoveAll(stage)
 	}
-	_ = os.RemoveAll(dir)
+	_ = os.RemoveAll(r.shareDir(c))
 }
 
 func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.ProcessInfo, error) {

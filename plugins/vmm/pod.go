@@ -379,8 +379,10 @@ func (p *pod) release(ctx context.Context) {
 		p.killUnattached(ctx)
 	}
 	p.detachNetwork(ctx)
-	if err := mount.UnmountRecursive(p.shareDir(), unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.G(ctx).WithError(err).WithField("sandbox", p.sb.ID).Warn("unmounting the pod's share")
+	// Rootfs mounts a crash left in the stage directory (the share has
+	// none on the node: they are in the VM's mount namespace).
+	if err := mount.UnmountRecursive(filepath.Join(p.sb.Dir, "stage"), unix.MNT_DETACH); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).WithField("sandbox", p.sb.ID).Warn("unmounting the pod's staged rootfs")
 	}
 	if err := removeCgroup(p.st.Cgroup); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", p.sb.ID).Warn("removing the pod's cgroup")

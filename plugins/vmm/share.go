@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	pathrs "github.com/cyphar/filepath-securejoin/pathrs-lite"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
@@ -27,6 +28,106 @@ import (
 // (open_tree), made read-only there as asked (mount_setattr), and attached
 // in the VM's namespace (move_mount) beneath the share, never through a
 // symlink: the guest can write in the share.
+//
+// The guest can write anything in the share, symlinks included, at any
+// time, and the daemon works there as root: every path of it the daemon
+// makes, writes or unmounts is resolved beneath the share's root, never
+// through a symlink (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS, or
+// securejoin's scoped resolution for making directories), and nothing of
+// ours is ever mounted there on the node: a rootfs is mounted in the pod's
+// stage directory, which the guest does not see, to be cloned.
+
+// beneath is how every path in the share is resolved: a symlink anywhere,
+// the last component too, is an error (ELOOP).
+var beneath = unix.OpenHow{
+	Flags:   unix.O_PATH | unix.O_CLOEXEC,
+	Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+}
+
+// openShare opens the share's root (ours: the guest sees inside it only).
+func openShare(share string) (*os.File, error) {
+	fd, err := unix.Open(share, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening the pod's share: %w", err)
+	}
+	return os.NewFile(uintptr(fd), share), nil
+}
+
+// makeInShare makes rel beneath the share, its parents as directories
+// (0700) and rel itself as a directory (dir) or an empty file, unless
+// there; a symlink anywhere on the way is an error.
+func makeInShare(share, rel string, dir bool) error {
+	root, err := openShare(share)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	parent, err := pathrs.MkdirAllHandle(root, filepath.Dir(rel), 0o700)
+	if err != nil {
+		return fmt.Errorf("making the share's %s: %w", filepath.Dir(rel), err)
+	}
+	defer parent.Close()
+	base := filepath.Base(rel)
+	if dir {
+		err = unix.Mkdirat(int(parent.Fd()), base, 0o755)
+	} else {
+		var fd int
+		fd, err = unix.Openat(int(parent.Fd()), base, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+		if err == nil {
+			unix.Close(fd)
+		}
+	}
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("making the share's %s: %w", rel, err)
+	}
+	fd, err := unix.Openat2(int(root.Fd()), rel, &beneath)
+	if err != nil {
+		return fmt.Errorf("the share's %s: %w", rel, err)
+	}
+	unix.Close(fd)
+	return nil
+}
+
+// writeInShare writes data to the file rel of the share, atomically (a
+// new file renamed over it), in a directory reached without a symlink.
+func writeInShare(share, rel string, data []byte, mode uint32) (retErr error) {
+	root, err := openShare(share)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	how := beneath
+	how.Flags = unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC
+	dfd, err := unix.Openat2(int(root.Fd()), filepath.Dir(rel), &how)
+	if err != nil {
+		return fmt.Errorf("the share's %s: %w", filepath.Dir(rel), err)
+	}
+	defer unix.Close(dfd)
+	base := filepath.Base(rel)
+	tmp := "." + base + ".tmp"
+	_ = unix.Unlinkat(dfd, tmp, 0)
+	fd, err := unix.Openat(dfd, tmp, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	if err != nil {
+		return fmt.Errorf("writing the share's %s: %w", rel, err)
+	}
+	f := os.NewFile(uintptr(fd), tmp)
+	defer func() {
+		if retErr != nil {
+			_ = unix.Unlinkat(dfd, tmp, 0)
+		}
+	}()
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writing the share's %s: %w", rel, err)
+	}
+	if err := unix.Renameat(dfd, tmp, dfd, base); err != nil {
+		return fmt.Errorf("writing the share's %s: %w", rel, err)
+	}
+	return nil
+}
 
 // hostBind is a bind mount of the host made in a container's share
 // directory for the guest to see.
@@ -106,24 +207,23 @@ func (p *pod) vmMountNS(fn func() error) error {
 func (p *pod) attach(ms []shareMount) error {
 	share := p.shareDir()
 	return p.vmMountNS(func() (retErr error) {
-		root, err := unix.Open(share, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+		root, err := openShare(share)
 		if err != nil {
-			return fmt.Errorf("opening the share in the VM's mount namespace: %w", err)
+			return err
 		}
-		defer unix.Close(root)
+		defer root.Close()
 		var done []string
 		defer func() {
 			if retErr != nil {
 				for _, t := range slices.Backward(done) {
-					_ = unmountBeneath(filepath.Join(share, t))
+					_ = unmountBeneath(root, t)
 				}
 			}
 		}()
 		for _, m := range ms {
-			target, err := unix.Openat2(root, m.target, &unix.OpenHow{
-				Flags:   unix.O_PATH | unix.O_CLOEXEC | unix.O_NOFOLLOW,
-				Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV,
-			})
+			how := beneath
+			how.Resolve |= unix.RESOLVE_NO_XDEV
+			target, err := unix.Openat2(int(root.Fd()), m.target, &how)
 			if err != nil {
 				return fmt.Errorf("the share's %s: %w", m.target, err)
 			}
@@ -134,8 +234,8 @@ func (p *pod) attach(ms []shareMount) error {
 			}
 			done = append(done, m.target)
 			if m.remountRO {
-				if err := unix.Mount("", filepath.Join(share, m.target), "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
-					return fmt.Errorf("making the share's %s read-only: %w", m.target, err)
+				if err := remountReadOnly(root, m.target); err != nil {
+					return err
 				}
 			}
 		}
@@ -143,25 +243,56 @@ func (p *pod) attach(ms []shareMount) error {
 	})
 }
 
+// remountReadOnly makes the mount at the share's rel read-only (kernels
+// without mount_setattr).
+func remountReadOnly(root *os.File, rel string) error {
+	fd, err := unix.Openat2(int(root.Fd()), rel, &beneath)
+	if err != nil {
+		return fmt.Errorf("the share's %s: %w", rel, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Mount("", fdPath(fd), "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("making the share's %s read-only: %w", rel, err)
+	}
+	return nil
+}
+
+// fdPath names an open file through the calling thread's fd table.
+func fdPath(fd int) string { return "/proc/thread-self/fd/" + strconv.Itoa(fd) }
+
 // detach unmounts everything at and beneath the share's rel in the VM's
 // mount namespace. A VM that is gone took its mounts with it.
 func (p *pod) detach(rel string) error {
-	err := p.vmMountNS(func() error { return unmountBeneath(filepath.Join(p.shareDir(), rel)) })
+	share := p.shareDir()
+	err := p.vmMountNS(func() error {
+		root, err := openShare(share)
+		if err != nil {
+			return err
+		}
+		defer root.Close()
+		return unmountBeneath(root, rel)
+	})
 	if errors.Is(err, errVMGone) {
 		return nil
 	}
 	return err
 }
 
-// unmountBeneath unmounts, deepest first, the mounts at and beneath dir in
-// the calling thread's mount namespace (its mountinfo, not the process's).
-func unmountBeneath(dir string) error {
+// unmountBeneath unmounts, deepest first, the mounts at and beneath the
+// share's rel in the calling thread's mount namespace (its mountinfo, not
+// the process's). Each is reached from the share's root without a symlink
+// and unmounted through its file descriptor, so a guest that swaps a
+// directory for a symlink meanwhile cannot point the unmount elsewhere; a
+// mount the guest moved out of rel (renaming a parent) stays, and goes
+// with the VM.
+func unmountBeneath(root *os.File, rel string) error {
 	f, err := os.Open("/proc/thread-self/mountinfo")
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	mounts, err := mountinfo.GetMountsFromReader(f, mountinfo.PrefixFilter(dir))
+	share := root.Name()
+	mounts, err := mountinfo.GetMountsFromReader(f, mountinfo.PrefixFilter(filepath.Join(share, rel)))
 	if err != nil {
 		return fmt.Errorf("reading mountinfo: %w", err)
 	}
@@ -170,8 +301,19 @@ func unmountBeneath(dir string) error {
 	})
 	var errs []error
 	for _, m := range mounts {
-		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmounting %s: %w", m.Mountpoint, err))
+		mrel, err := filepath.Rel(share, m.Mountpoint)
+		if err != nil || mrel == "." || strings.HasPrefix(mrel, "..") {
+			continue
+		}
+		fd, err := unix.Openat2(int(root.Fd()), mrel, &beneath)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("the share's %s: %w", mrel, err))
+			continue
+		}
+		err = unix.Unmount(fdPath(fd), unix.MNT_DETACH)
+		unix.Close(fd)
+		if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("unmounting the share's %s: %w", mrel, err))
 		}
 	}
 	return errors.Join(errs...)
