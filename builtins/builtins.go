@@ -13,5 +13,6 @@ import (
 	// Kuasar sandbox controllers.
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/appkernel"
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/runc"
+	_ "github.com/kuasar-io/containerd-kuasar/plugins/vmm"
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/wasm"
 )

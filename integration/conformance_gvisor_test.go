@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,44 +10,28 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/kuasar-io/containerd-kuasar/integration/images"
 )
 
-// TestConformanceGVisor runs critest's CRI validation suite three times:
-// on stock containerd's runc handler, for reference; on stock containerd
-// with gVisor's own shim (containerd-shim-runsc-v1, the runsc handler), the
-// baseline; and on containerd-kuasar's kuasar-gvisor. Every spec that
-// passes on the stock gVisor baseline must pass on kuasar-gvisor.
-func TestConformanceGVisor(t *testing.T) {
-	out := os.Getenv("KUASAR_CONFORMANCE_OUT")
-	if out == "" {
-		out = t.TempDir()
-	}
-	if err := os.MkdirAll(out, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []string{"critest-gvisor-*", "critest-runsc-*", "critest-stock-runc-ref*"} {
+// conformanceGVisor runs critest's CRI validation suite on stock
+// containerd with gVisor's own shim (containerd-shim-runsc-v1, the runsc
+// handler), the baseline, and on containerd-kuasar's kuasar-gvisor, beside
+// TestConformance's run on stock runc (runcRes), for reference. Every spec
+// that passes on the stock gVisor baseline must pass on kuasar-gvisor.
+func conformanceGVisor(t *testing.T, out string, runcRes map[string]specResult) {
+	for _, f := range []string{"critest-gvisor-*", "critest-runsc-*"} {
 		old, _ := filepath.Glob(filepath.Join(out, f))
 		for _, f := range old {
 			os.Remove(f)
 		}
 	}
-	if err := images.PushSet(context.Background(), registry, images.CritestBuilders); err != nil {
-		t.Fatalf("critest images: %v", err)
-	}
-	var runcRes, stockRes, kuasarRes map[string]specResult
-	t.Run("stock-runc", func(t *testing.T) {
-		d := startDaemon(t, daemonOptions{stock: true, portMap: true})
-		runcRes = critest(t, d, "", filepath.Join(out, "critest-stock-runc-ref.json"))
-	})
+	var stockRes, kuasarRes map[string]specResult
 	t.Run("stock-runsc", func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{stock: true, stockGVisor: true, portMap: true})
-		stockRes = critest(t, d, stockGVisor, filepath.Join(out, "critest-runsc.json"))
+		stockRes = critest(t, d, stockGVisor, nil, filepath.Join(out, "critest-runsc.json"))
 	})
 	t.Run(kuasarGVisor, func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{portMap: true})
-		kuasarRes = critest(t, d, kuasarGVisor, filepath.Join(out, "critest-gvisor.json"))
+		kuasarRes = critest(t, d, kuasarGVisor, nil, filepath.Join(out, "critest-gvisor.json"))
 	})
 	if stockRes == nil || kuasarRes == nil || runcRes == nil {
 		t.Fatal("a critest run produced no results")

@@ -32,6 +32,7 @@ import (
 const (
 	kuasarRunc = "kuasar-runc"
 	stockRunc  = "runc"
+	kuasarVMM  = "kuasar-vmm"
 )
 
 var (
@@ -88,8 +89,10 @@ type Daemon struct {
 	Bridge string
 	// CgroupParent is where this daemon's pods put their cgroups.
 	CgroupParent string
-	RS           runtimeapi.RuntimeServiceClient
-	IS           runtimeapi.ImageServiceClient
+	// TemplateDir holds kuasar-vmm's template RAM files.
+	TemplateDir string
+	RS          runtimeapi.RuntimeServiceClient
+	IS          runtimeapi.ImageServiceClient
 
 	cmd       *exec.Cmd
 	exited    chan error
@@ -102,6 +105,7 @@ type Daemon struct {
 type daemonOptions struct {
 	stock          bool   // stock containerd instead of containerd-kuasar
 	extraConfig    string // appended to config.toml
+	vmmConfig      string // lines of the kuasar-vmm controller's section
 	defaultHandler string
 	portMap        bool // the portmap CNI plugin (host ports)
 	bigSubnet      bool // a /16 pod network (for more than 250 pods)
@@ -157,6 +161,10 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 		t.Fatal(err)
 	}
 	d.Config, d.Addr = layout.Config, layout.Address
+	// kuasar-vmm keeps its templates' RAM in a tmpfs directory of this
+	// daemon's, removed at cleanup.
+	d.TemplateDir = filepath.Join("/dev/shm", filepath.Base(dir))
+	o.extraConfig = fmt.Sprintf("\n[plugins.'io.containerd.sandbox.controller.v1.kuasar-vmm']\n  template_dir = %q\n%s\n", d.TemplateDir, o.vmmConfig) + o.extraConfig
 	if o.extraConfig != "" {
 		f, err := os.OpenFile(d.Config, os.O_APPEND|os.O_WRONLY, 0)
 		if err != nil {
@@ -324,6 +332,7 @@ func (d *Daemon) cleanup() {
 	}
 	forceUnmountUnder(d.Dir)
 	removeCgroups(d.CgroupParent)
+	os.RemoveAll(d.TemplateDir)
 	if !t.Failed() {
 		os.RemoveAll(d.Dir)
 	} else {
@@ -390,6 +399,8 @@ func (d *Daemon) checkLeaks() {
 	for _, dir := range []string{
 		filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-runc", "sandboxes"),
 		filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-wasm", "sandboxes"),
+		filepath.Join(d.Dir, "state", "io.containerd.sandbox.controller.v1.kuasar-vmm", "sandboxes"),
+		filepath.Join(d.Dir, "state", "v"),
 		filepath.Join(d.Dir, "state", "k"),
 		filepath.Join(d.Dir, "root", "io.containerd.grpc.v1.cri", "sandboxes"),
 		filepath.Join(d.Dir, "state", "io.containerd.grpc.v1.cri", "sandboxes"),

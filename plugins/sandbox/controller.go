@@ -99,6 +99,19 @@ func (c *Controller) get(id string) (*entry, error) {
 	return e, nil
 }
 
+// PortForwarder returns the port forwarder of sandbox id, if the sandbox
+// is this controller's and its kind forwards ports itself.
+func (c *Controller) PortForwarder(id string) (PortForwarder, bool) {
+	e, err := c.get(id)
+	if err != nil {
+		return nil, false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pf, ok := e.inst.(PortForwarder)
+	return pf, ok && !e.lost && e.state == stateReady
+}
+
 func (c *Controller) socketPath(ns, id string) string {
 	h := sha256.Sum256([]byte(c.id + "/" + ns + "/" + id))
 	return filepath.Join(c.paths.Sockets, hex.EncodeToString(h[:12])+".sock")
@@ -356,9 +369,31 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 	if err != nil {
 		return sandbox.ControllerStatus{}, err
 	}
-	st.Info = map[string]string{"info": string(b)}
+	// CRI re-encodes "info" as its podsandbox's SandboxInfo, dropping any
+	// other field: it gets the fields of that schema (crictl inspectp
+	// shows them), and the kind's own details go under their own key.
+	pid, _ := info["pid"].(int)
+	process := map[string]string{stateReady: "running", stateNotReady: "stopped", "": "created"}[e.state]
+	std, err := json.Marshal(map[string]any{
+		"pid":           pid,
+		"processStatus": process,
+		"runtimeType":   runtimeTypeOf(e.sb),
+		"config":        e.sb.Config,
+		"runtimeSpec":   podSpec(e.sb, e.inst),
+	})
+	if err != nil {
+		return sandbox.ControllerStatus{}, err
+	}
+	st.Info = map[string]string{"info": string(std), InfoKey: string(b)}
 	return st, nil
 }
+
+// InfoKey is the key of a kuasar sandbox's own details in its status info
+// (`crictl inspectp` shows it as "kuasar").
+const InfoKey = "kuasar"
+
+// runtimeTypeOf is the CRI runtime type of the sandbox's handler.
+func runtimeTypeOf(*Sandbox) string { return "io.containerd.kuasar.v1" }
 
 // Shutdown releases everything the sandbox holds and forgets it.
 func (c *Controller) Shutdown(ctx context.Context, id string) error {

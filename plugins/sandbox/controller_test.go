@@ -110,8 +110,17 @@ func TestControllerLifecycle(t *testing.T) {
 		t.Fatalf("status %+v %v", st, err)
 	}
 	var info map[string]any
-	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info["fake"] != true {
-		t.Fatalf("info %q: %v", st.Info["info"], err)
+	if err := json.Unmarshal([]byte(st.Info[InfoKey]), &info); err != nil || info["fake"] != true {
+		t.Fatalf("info %q: %v", st.Info[InfoKey], err)
+	}
+	// What CRI keeps of "info" (its podsandbox SandboxInfo schema).
+	var cri struct {
+		Pid     int    `json:"pid"`
+		Status  string `json:"processStatus"`
+		Runtime string `json:"runtimeType"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &cri); err != nil || cri.Status != "running" || cri.Runtime == "" {
+		t.Fatalf("CRI's info %q: %v", st.Info["info"], err)
 	}
 
 	waited := make(chan sandbox.ExitStatus, 1)

@@ -12,6 +12,7 @@ package sandbox
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -41,6 +42,15 @@ type Kind interface {
 // record.
 type PodNamespaces interface {
 	PodNamespaces() []specs.LinuxNamespace
+}
+
+// PortForwarder is implemented by an Instance whose pod's localhost is not
+// its network namespace's on the node (a VM's): CRI's port-forward, which
+// connects to localhost in that namespace, reaches the pod through the
+// instance instead. It relays stream and the pod's localhost:port until
+// either ends, then closes stream.
+type PortForwarder interface {
+	PortForward(ctx context.Context, port int32, stream io.ReadWriteCloser) error
 }
 
 // Reconciler is implemented by a kind that can find what a daemon killed

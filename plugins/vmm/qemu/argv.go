@@ -84,7 +84,7 @@ func Argv(cfg hypervisor.Config) []string {
 				"-device", fmt.Sprintf("vhost-user-fs-pci,chardev=vfs%d,tag=%s", i, s.Tag),
 			)
 		default:
-			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=passthrough", i, escape(s.Path))
+			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=passthrough,multidevs=remap", i, escape(s.Path))
 			if s.ReadOnly {
 				fsdev += ",readonly=on"
 			}

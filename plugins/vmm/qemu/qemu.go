@@ -111,6 +111,14 @@ func stateOf(cfg hypervisor.Config) hypervisor.State {
 	return st
 }
 
+// StateIn is the state of whatever VM runs in runDir, known by its files
+// only: Attach to it finds the QEMU by its pid file (if its command line
+// names the directory's control socket), e.g. to end a VM no record owns.
+func StateIn(runDir string) hypervisor.State {
+	st := stateOf(hypervisor.Config{ID: filepath.Base(runDir), RunDir: runDir, Channel: hypervisor.ChannelSerial})
+	return st
+}
+
 // Attach connects to the QEMU of st: it waits for its pid file if st has
 // no pid, checks that the process is still the one recorded, and opens
 // QMP. A VM that is gone is NotFound.
