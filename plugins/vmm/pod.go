@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -149,7 +150,12 @@ func (p *pod) Start(ctx context.Context) (retErr error) {
 	spawned := time.Since(begin)
 	s, err := p.guest.session(ctx)
 	if err != nil {
-		return fmt.Errorf("the VM's agent did not answer within %s (boot_timeout; the guest's console is %s): %w", p.k.bootTimeout, p.st.VM.ConsoleLog, err)
+		if ctx.Err() != nil {
+			// Out of time, whatever the last attempt said.
+			return fmt.Errorf("the VM's agent did not answer within %s (raise boot_timeout under [plugins.'io.containerd.sandbox.controller.v1.%s']; the guest's console ended with %q): %v: %w",
+				p.k.bootTimeout, ID, consoleTail(p.st.VM.ConsoleLog), err, context.DeadlineExceeded)
+		}
+		return fmt.Errorf("reaching the VM's agent (the guest's console ended with %q): %w", consoleTail(p.st.VM.ConsoleLog), err)
 	}
 	if _, err := s.agent.SyncClock(ctx, &agentapi.SyncClockRequest{HostTime: timestamppb.Now()}); err != nil {
 		return fmt.Errorf("setting the guest's clock: %w", err)
@@ -201,7 +207,7 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 	}
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
-		return fmt.Errorf("the VM did not come up (see %s): %w", st.ConsoleLog, err)
+		return fmt.Errorf("the VM did not come up (its console ended with %q): %w", consoleTail(st.ConsoleLog), err)
 	}
 	p.mu.Lock()
 	p.vm, p.guest = vm, newGuestConn(vm)
@@ -502,4 +508,20 @@ func (p *pod) PortForward(ctx context.Context, port int32, stream io.ReadWriteCl
 		return fmt.Errorf("port-forward to localhost:%d in the pod's VM: %w", port, err)
 	}
 	return nil
+}
+
+// consoleTail is the end of a VM's console log, for errors: the log goes
+// with the VM's run directory when a start fails.
+func consoleTail(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const max = 400
+	if st, err := f.Stat(); err == nil && st.Size() > max {
+		_, _ = f.Seek(st.Size()-max, io.SeekStart)
+	}
+	b, _ := io.ReadAll(io.LimitReader(f, max))
+	return strings.TrimSpace(string(b))
 }
