@@ -46,7 +46,7 @@ func TestGuestCannotWriteShareOutsideMounts(t *testing.T) {
 	p := testPod(t)
 	fakeVMM(t, p)
 	share := p.shareDir()
-	if err := makeInShare(share, "c1/rootfs", true); err != nil {
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
 		t.Fatal(err)
 	}
 	m, err := cloneTree(t.TempDir(), hostBind{}, "c1/rootfs")

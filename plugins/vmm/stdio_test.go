@@ -52,13 +52,14 @@ type socketVM struct {
 	exited chan struct{}
 }
 
-func (v *socketVM) Pid() int                       { return 0 }
-func (v *socketVM) State() hypervisor.State        { return hypervisor.State{ID: "fake"} }
-func (v *socketVM) Stop(context.Context) error     { return nil }
-func (v *socketVM) Wait(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
-func (v *socketVM) Exited() <-chan struct{}        { return v.exited }
-func (v *socketVM) Close() error                   { return nil }
-func (v *socketVM) Cleanup() error                 { return nil }
+func (v *socketVM) Pid() int                            { return 0 }
+func (v *socketVM) State() hypervisor.State             { return hypervisor.State{ID: "fake"} }
+func (v *socketVM) Stop(context.Context) error          { return nil }
+func (v *socketVM) Console(context.Context, int) string { return "" }
+func (v *socketVM) Wait(ctx context.Context) error      { <-ctx.Done(); return ctx.Err() }
+func (v *socketVM) Exited() <-chan struct{}             { return v.exited }
+func (v *socketVM) Close() error                        { return nil }
+func (v *socketVM) Cleanup() error                      { return nil }
 func (v *socketVM) DialAgent(ctx context.Context) (net.Conn, error) {
 	var d net.Dialer
 	return d.DialContext(ctx, "unix", v.path)
