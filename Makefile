@@ -56,7 +56,7 @@ GVISOR_LDFLAGS := -s -w -X gvisor.dev/gvisor/runsc/version.version=$(GVISOR_VERS
 GUEST_OUT := $(OUT)/share/kuasar/guest
 GUEST_FILES := vmlinux initramfs.cpio guest.json
 
-.PHONY: all build deps tools stock lint unit e2e test demo run install clean bench conformance protos check-protos guest FORCE
+.PHONY: all build deps tools stock lint unit e2e e2e-vmm-cold test demo run install clean bench conformance protos check-protos guest FORCE
 
 all: build tools
 
@@ -183,8 +183,16 @@ e2e: build tools guest
 		go test -count=1 -tags e2e -timeout 30m -v ./integration/ $(E2E_FLAGS) 2>&1 | tee $(OUT)/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
+## e2e-vmm-cold: the kuasar-vmm suite again with every pod VM booted
+## (template = "off"); e2e runs it on clones of templates, the default
+e2e-vmm-cold: build tools guest
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) KUASAR_GUEST_DIR=$(GUEST_OUT) \
+	KUASAR_VMM_TEMPLATE=off \
+		go test -count=1 -tags e2e -timeout 20m -v ./integration/ -run 'TestVMM' -skip 'TestVMMTemplate|TestVMMBoot|TestVMMAgent' 2>&1 | tee $(OUT)/e2e-vmm-cold.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
 ## test: everything CI runs
-test: deps lint unit e2e conformance
+test: deps lint unit e2e e2e-vmm-cold conformance
 
 ## run: the daemon in the foreground on the scratch config
 SCRATCH ?= /tmp/containerd-kuasar

@@ -164,6 +164,12 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 	// kuasar-vmm keeps its templates' RAM in a tmpfs directory of this
 	// daemon's, removed at cleanup.
 	d.TemplateDir = filepath.Join("/dev/shm", filepath.Base(dir))
+	// KUASAR_VMM_TEMPLATE runs the VM tests that do not choose on either
+	// start path ("auto": clones of a template, the default; "off": every
+	// pod VM boots).
+	if tmpl := os.Getenv("KUASAR_VMM_TEMPLATE"); tmpl != "" && !strings.Contains(o.vmmConfig, "template =") {
+		o.vmmConfig += fmt.Sprintf("\n  template = %q", tmpl)
+	}
 	o.extraConfig = fmt.Sprintf("\n[plugins.'io.containerd.sandbox.controller.v1.kuasar-vmm']\n  template_dir = %q\n%s\n", d.TemplateDir, o.vmmConfig) + o.extraConfig
 	if o.extraConfig != "" {
 		f, err := os.OpenFile(d.Config, os.O_APPEND|os.O_WRONLY, 0)

@@ -197,10 +197,12 @@ func (b *bootedVM) connect(conn net.Conn) {
 // logs returns QEMU's output and the guest console, for failures.
 func (b *bootedVM) logs() string {
 	var s strings.Builder
-	for _, f := range []string{filepath.Join(b.st.RunDir, "qemu.log"), b.st.ConsoleLog} {
-		if data, err := os.ReadFile(f); err == nil && len(data) > 0 {
-			fmt.Fprintf(&s, "\n--- %s:\n%s", f, data[max(0, len(data)-4000):])
-		}
+	f := filepath.Join(b.st.RunDir, "qemu.log")
+	if data, err := os.ReadFile(f); err == nil && len(data) > 0 {
+		fmt.Fprintf(&s, "\n--- %s:\n%s", f, data[max(0, len(data)-4000):])
+	}
+	if b.vm != nil {
+		fmt.Fprintf(&s, "\n--- the guest's console:\n%s", b.vm.Console(context.Background(), 4000))
 	}
 	return s.String()
 }

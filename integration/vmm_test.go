@@ -318,6 +318,9 @@ func TestVMMBadInput(t *testing.T) {
 		{"missing kernel", `  kernel_path = "/nonexistent/vmlinux"` + "\n" + `  initrd_path = "/nonexistent/initrd"`, codes.FailedPrecondition, "kernel_path"},
 		{"missing hypervisor", `  hypervisor_path = "/nonexistent/qemu"`, codes.NotFound, "hypervisor_path"},
 		{"kvm asked for", `  accel = "kvm"`, codes.FailedPrecondition, "accel"},
+		{"missing initramfs", fmt.Sprintf("  kernel_path = %q\n  initrd_path = \"/nonexistent/initrd\"", guestImage(t).Kernel), codes.FailedPrecondition, "initrd_path"},
+		// A VM that does not answer in time: none does in a second here.
+		{"VM too slow", "  boot_timeout = \"1s\"\n  template = \"off\"", codes.DeadlineExceeded, "boot_timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.name == "kvm asked for" && kvmUsable() {

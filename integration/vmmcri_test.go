@@ -5,6 +5,7 @@ package integration
 import (
 	"encoding/json"
 	"os"
+	"strings"
 	"testing"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -27,7 +28,14 @@ func vmmPod(t *testing.T, name string, o daemonOptions) (*Daemon, string, *runti
 	d := startDaemon(t, o)
 	cfg := d.podConfig(name)
 	cfg.DnsConfig = &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10"}, Searches: []string{"e2e.svc.cluster.local"}}
-	return d, d.runPod(t, kuasarVMM, cfg), cfg
+	pod := d.runPod(t, kuasarVMM, cfg)
+	// The start path the run asked for (KUASAR_VMM_TEMPLATE) is the one
+	// the pod took.
+	want := map[string]string{"": "template", "auto": "template", "off": "cold"}[os.Getenv("KUASAR_VMM_TEMPLATE")]
+	if got := d.vmInfo(t, pod).Boot; want != "" && !strings.Contains(o.vmmConfig, "template =") && got != want {
+		t.Fatalf("the pod VM started by %q, want %q (KUASAR_VMM_TEMPLATE=%q)", got, want, os.Getenv("KUASAR_VMM_TEMPLATE"))
+	}
+	return d, pod, cfg
 }
 
 // vmInfo is the pod's status info from kuasar-vmm.

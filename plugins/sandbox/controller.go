@@ -223,6 +223,13 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 			ep.Close()
 		}
 	}()
+	// CRI forgets a sandbox whose Start failed and never shuts it down:
+	// undo it all here, as its Create would have.
+	defer func() {
+		if retErr != nil {
+			c.discardLocked(context.WithoutCancel(ctx), e)
+		}
+	}()
 	if err := e.inst.Start(ctx); err != nil {
 		return sandbox.ControllerInstance{}, fmt.Errorf("starting %s sandbox: %w", c.id, err)
 	}
@@ -246,6 +253,22 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 		// it with the sandbox, where NRI reads it.
 		Spec: spec,
 	}, nil
+}
+
+// discardLocked undoes a sandbox that failed to start: what its kind made,
+// its directory and its entry. Errors are logged: the start's error is the
+// one CRI reports.
+func (c *Controller) discardLocked(ctx context.Context, e *entry) {
+	e.tasks.DeleteAll(ctx)
+	if err := e.inst.Shutdown(ctx); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", e.sb.ID).Warn("cleaning up a sandbox that failed to start")
+	}
+	if err := removeDir(e.sb.Dir); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", e.sb.ID).Warn("removing the directory of a sandbox that failed to start")
+	}
+	c.mu.Lock()
+	delete(c.sandboxes, e.sb.ID)
+	c.mu.Unlock()
 }
 
 // Platform of the sandbox: the host's.

@@ -29,7 +29,7 @@ func vmCgroup(sb *sandbox.Sandbox) string {
 	case strings.HasSuffix(parent, ".slice"):
 		parent = cgroupstats.ExpandSlice(parent)
 	}
-	return filepath.Join(parent, sb.ID)
+	return filepath.Join("/", parent, sb.ID)
 }
 
 // joinCgroup moves pid into the cgroup at path (made if needed).

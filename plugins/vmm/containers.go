@@ -56,7 +56,7 @@ func (r *containers) conn() (*guestConn, error) { return r.pod.conn() }
 
 // shareDir is a container's directory in the pod's share.
 func (r *containers) shareDir(c *task.Container) string {
-	return filepath.Join(r.pod.shareDir(), c.ID)
+	return filepath.Join(r.pod.shareRW(), c.ID)
 }
 
 func (r *containers) sharedPID() bool {
@@ -74,7 +74,7 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 	if err != nil {
 		return err
 	}
-	share := r.pod.shareDir()
+	share := r.pod.shareRW()
 	if err := makeInShare(share, filepath.Join(c.ID, "rootfs"), true); err != nil {
 		return err
 	}
@@ -361,7 +361,7 @@ func (r *containers) shareMounts(c *task.Container, binds []hostBind) (_ []share
 		}
 		ms = append(ms, m)
 	}
-	share := r.pod.shareDir()
+	share := r.pod.shareRW()
 	for _, b := range binds {
 		st, err := os.Stat(b.Source)
 		if err != nil {

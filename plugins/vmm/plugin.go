@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -144,6 +145,12 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	if err := os.MkdirAll(tdir, 0o700); err != nil {
 		return nil, fmt.Errorf("template_dir: %w", err)
 	}
+	if err := privateDir(tdir); err != nil && k.cfg.Template == "auto" {
+		// Every clone runs what is in there: never a directory someone
+		// else can write, or made first (the default's name is known).
+		log.G(ic.Context).WithError(err).Errorf("kuasar-vmm templates are off: every pod VM boots; remove it, or set template_dir under [plugins.'io.containerd.sandbox.controller.v1.%s'] to a directory of root's only", ID)
+		k.cfg.Template, tdir = "off", ""
+	}
 	k.templates = newTemplates(k, filepath.Join(env.State, "templates"), tdir)
 	if err := k.check(); err != nil {
 		// Not fatal: reported on each pod, found again at each start.
@@ -227,4 +234,23 @@ func (k *kind) Recover(ctx context.Context, sb *sandbox.Sandbox) (sandbox.Instan
 		return nil, err
 	}
 	return p, nil
+}
+
+// privateDir checks that dir is a directory (not a symlink) of the
+// daemon's user that no one else may write or enter.
+func privateDir(dir string) error {
+	st, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	switch {
+	case !st.IsDir():
+		return fmt.Errorf("template_dir %s is not a directory (%v)", dir, st.Mode().Type())
+	case !ok || int(sys.Uid) != os.Geteuid():
+		return fmt.Errorf("template_dir %s belongs to uid %d, not to the daemon's", dir, sys.Uid)
+	case st.Mode().Perm()&0o077 != 0:
+		return fmt.Errorf("template_dir %s has mode %v: others may use it", dir, st.Mode().Perm())
+	}
+	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -69,6 +71,34 @@ type pod struct {
 // shareDir is the host directory the guest mounts at guest.ShareDir.
 func (p *pod) shareDir() string { return filepath.Join(p.sb.Dir, "shared") }
 
+// shareRW is the share's own directory, where the daemon makes what the
+// guest sees; shareDir is a read-only bind of it, which the hypervisor
+// exports: the guest writes only in the mounts attached beneath (a
+// container's rootfs, its volumes), on their file systems, never in the
+// share's own directories on the node's state file system (a tmpfs).
+func (p *pod) shareRW() string { return filepath.Join(p.sb.Dir, "share") }
+
+// prepareShare makes the share and its read-only bind (again, after a
+// crash left part of it).
+func (p *pod) prepareShare() error {
+	for _, d := range []string{p.shareRW(), p.shareDir()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+	}
+	if ok, err := mountinfo.Mounted(p.shareDir()); err != nil || ok {
+		return err
+	}
+	if err := unix.Mount(p.shareRW(), p.shareDir(), "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("binding the pod's share: %w", err)
+	}
+	if err := unix.Mount("", p.shareDir(), "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		_ = unix.Unmount(p.shareDir(), unix.MNT_DETACH)
+		return fmt.Errorf("making the pod's share read-only: %w", err)
+	}
+	return nil
+}
+
 func (p *pod) create(ctx context.Context) (retErr error) {
 	sb := p.sb
 	ns := sb.Config.GetLinux().GetSecurityContext().GetNamespaceOptions()
@@ -97,7 +127,7 @@ func (p *pod) create(ctx context.Context) (retErr error) {
 		RunDir:    filepath.Join(p.k.runDirs, hex.EncodeToString(h[:8])),
 		Cgroup:    vmCgroup(sb),
 	}
-	if err := os.MkdirAll(p.shareDir(), 0o700); err != nil {
+	if err := p.prepareShare(); err != nil {
 		return err
 	}
 	return p.saveState()
@@ -149,7 +179,12 @@ func (p *pod) Start(ctx context.Context) (retErr error) {
 	spawned := time.Since(begin)
 	s, err := p.guest.session(ctx)
 	if err != nil {
-		return fmt.Errorf("the VM's agent did not answer within %s (boot_timeout; the guest's console is %s): %w", p.k.bootTimeout, p.st.VM.ConsoleLog, err)
+		if ctx.Err() != nil {
+			// Out of time, whatever the last attempt said.
+			return fmt.Errorf("the VM's agent did not answer within %s (raise boot_timeout under [plugins.'io.containerd.sandbox.controller.v1.%s']; the guest's console ended with %q): %v: %w",
+				p.k.bootTimeout, ID, p.consoleTail(ctx), err, context.DeadlineExceeded)
+		}
+		return fmt.Errorf("reaching the VM's agent (the guest's console ended with %q): %w", p.consoleTail(ctx), err)
 	}
 	if _, err := s.agent.SyncClock(ctx, &agentapi.SyncClockRequest{HostTime: timestamppb.Now()}); err != nil {
 		return fmt.Errorf("setting the guest's clock: %w", err)
@@ -201,7 +236,7 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 	}
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
-		return fmt.Errorf("the VM did not come up (see %s): %w", st.ConsoleLog, err)
+		return fmt.Errorf("the VM did not come up (QEMU's output is in %s): %w", filepath.Join(st.RunDir, "qemu.log"), err)
 	}
 	p.mu.Lock()
 	p.vm, p.guest = vm, newGuestConn(vm)
@@ -445,7 +480,6 @@ func (p *pod) Info() map[string]any {
 	}
 	if p.st.VM != nil {
 		info["vmPid"] = p.st.VM.Pid
-		info["console"] = p.st.VM.ConsoleLog
 	}
 	return info
 }
@@ -502,4 +536,15 @@ func (p *pod) PortForward(ctx context.Context, port int32, stream io.ReadWriteCl
 		return fmt.Errorf("port-forward to localhost:%d in the pod's VM: %w", port, err)
 	}
 	return nil
+}
+
+// consoleTail is the end of the VM's console, for errors.
+func (p *pod) consoleTail(ctx context.Context) string {
+	p.mu.Lock()
+	vm := p.vm
+	p.mu.Unlock()
+	if vm == nil {
+		return ""
+	}
+	return strings.TrimSpace(vm.Console(context.WithoutCancel(ctx), 400))
 }

@@ -15,10 +15,11 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
 
-// The guest writes in the pod's share (9p, passthrough): whatever it
-// leaves there, a symlink in particular, must never lead the daemon to a
-// path of the node outside the share. These tests play the guest by
-// writing in the share's host directory, as QEMU does for it.
+// The guest sees the pod's share (9p, passthrough) read-only but for the
+// mounts attached beneath. Were it to write there anyway, whatever it
+// left, a symlink in particular, must never lead the daemon to a path of
+// the node outside the share. These tests play such a guest by writing in
+// the share's own directory.
 
 func requireRoot(t *testing.T) {
 	t.Helper()
@@ -55,9 +56,10 @@ func testPod(t *testing.T) *pod {
 	t.Helper()
 	sb := &sandbox.Sandbox{ID: "p1", Namespace: "k8s.io", Dir: filepath.Join(t.TempDir(), "sb")}
 	p := &pod{k: &kind{}, sb: sb}
-	if err := os.MkdirAll(p.shareDir(), 0o700); err != nil {
+	if err := p.prepareShare(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = unix.Unmount(p.shareDir(), unix.MNT_DETACH) })
 	return p
 }
 
@@ -84,7 +86,7 @@ func TestUnshareIgnoresGuestSymlink(t *testing.T) {
 	requireRoot(t)
 	victim := victimMount(t)
 	p := testPod(t)
-	link := filepath.Join(p.shareDir(), "c1")
+	link := filepath.Join(p.shareRW(), "c1")
 	if err := os.Symlink(victim, link); err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +106,7 @@ func TestShareMountsRefuseGuestSymlink(t *testing.T) {
 	if err := os.MkdirAll(outside, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(p.shareDir(), "c1")
+	dir := filepath.Join(p.shareRW(), "c1")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -137,14 +139,14 @@ func TestRootfsStagedOutsideShare(t *testing.T) {
 	requireRoot(t)
 	victim := victimMount(t)
 	p := testPod(t)
-	dir := filepath.Join(p.shareDir(), "c1")
+	dir := filepath.Join(p.shareRW(), "c1")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Symlink(victim, filepath.Join(dir, "rootfs")); err != nil {
 		t.Fatal(err)
 	}
-	if err := makeInShare(p.shareDir(), "c1/rootfs", true); err == nil {
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err == nil {
 		t.Errorf("making the rootfs directory over the guest's symlink: no error")
 	}
 	r := &containers{pod: p}

@@ -41,6 +41,8 @@ type streams struct {
 	// once the stdin pump has.
 	outDone chan struct{}
 	inDone  chan struct{}
+	// inCancel ends the stdin pump's calls to the guest.
+	inCancel context.CancelFunc
 
 	mu      sync.Mutex
 	stdin   io.Closer // the FIFO the stdin pump reads
@@ -101,11 +103,14 @@ func startStreams(g *guestConn, p *task.Process, resumed bool) (*streams, error)
 		}
 		s.stdin, s.keep, s.stdinUp = in, keep, true
 		s.inDone = make(chan struct{})
+		inCtx, inCancel := context.WithCancel(ctx)
+		s.inCancel = inCancel
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
 			defer close(s.inDone)
-			s.copyIn(ctx, g, in)
+			defer inCancel()
+			s.copyIn(inCtx, g, in)
 		}()
 	}
 	return s, nil
@@ -213,7 +218,14 @@ func (s *streams) closeStdin(ctx context.Context, g *guestConn) error {
 		// A writer is still open: input ends here all the same.
 	}
 	in.Close()
-	<-s.inDone
+	select {
+	case <-s.inDone:
+	case <-ctx.Done():
+	case <-time.After(stdinDrain):
+	}
+	// A write the guest does not answer ends here: CloseIO must not hang
+	// on it.
+	s.inCancel()
 	return g.call(ctx, true, func(ctx context.Context, ss *session) error {
 		_, err := ss.agent.CloseStdin(ctx, s.proc)
 		return err

@@ -177,7 +177,7 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
 		killVMIn(ctx, cfg.RunDir)
-		return nil, fmt.Errorf("the template VM did not come up (see %s): %w", st.ConsoleLog, err)
+		return nil, fmt.Errorf("the template VM did not come up (QEMU's output is in %s): %w", filepath.Join(st.RunDir, "qemu.log"), err)
 	}
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -190,7 +190,7 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	s, err := g.session(ctx)
 	if err != nil {
 		g.close()
-		return nil, fmt.Errorf("the template VM's agent: %w (see %s)", err, st.ConsoleLog)
+		return nil, fmt.Errorf("the template VM's agent: %w (its console ended with %q)", err, strings.TrimSpace(vm.Console(context.WithoutCancel(ctx), 400)))
 	}
 	// Saved with every module loaded, so a clone has nothing to wait for.
 	for {

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"errors"
+	"math"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -125,5 +126,28 @@ func TestSize(t *testing.T) {
 				t.Fatalf("size %d vCPUs %d MiB (%v), want %d %d", v, m, err, tc.vcpus, tc.mb)
 			}
 		})
+	}
+}
+
+// A pod's resources come from the CRI client: values past what max_vcpus
+// and max_memory_mib allow must be refused, however large. Near the top of
+// int64 the rounding overflows, the result is negative, and the pod gets a
+// default-sized VM instead of an error.
+func TestSizeHugeValuesRefused(t *testing.T) {
+	k := &kind{cfg: *DefaultConfig()}
+	res := func(quota, period, mem int64) *runtime.PodSandboxConfig {
+		return &runtime.PodSandboxConfig{Linux: &runtime.LinuxPodSandboxConfig{Resources: &runtime.LinuxContainerResources{
+			CpuQuota: quota, CpuPeriod: period, MemoryLimitInBytes: mem,
+		}}}
+	}
+	for name, cfg := range map[string]*runtime.PodSandboxConfig{
+		"cpu quota max int64":   res(math.MaxInt64, 100000, 0),
+		"memory max int64":      res(0, 0, math.MaxInt64),
+		"memory max int64 - 1M": res(0, 0, math.MaxInt64-1<<20),
+	} {
+		v, m, err := k.size(cfg)
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("%s: a VM of %d vCPUs and %d MiB (%v), want InvalidArgument", name, v, m, err)
+		}
 	}
 }

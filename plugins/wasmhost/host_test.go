@@ -598,6 +598,13 @@ func TestClientReconnects(t *testing.T) {
 	}
 	stop()
 	<-done
+	// ttrpc closes a server's connections asynchronously: wait until the
+	// client saw its connection end, as it does when a host process exits.
+	for deadline := time.Now().Add(10 * time.Second); c.current() != nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the client never saw the old host's connection end")
+		}
+	}
 	stop, done = serve()
 	defer func() { stop(); <-done }()
 	st, err := c.HostStats(context.Background())
