@@ -3,7 +3,10 @@
 // (runsc-<sandbox id>.sock). kuasar-gvisor uses it in place of a management
 // process per pod or container: waits for the exits of containers and
 // execs, execs, signals, process lists and statistics are calls on that
-// socket, made from the daemon, with gVisor's own urpc package.
+// socket, made from the daemon. The calls speak urpc's protocol (a JSON
+// call, descriptors alongside, and a JSON result) with this package's own
+// reader: a sentry is untrusted (a container may escape into it), and its
+// replies are bounded (maxReply) where urpc's client decodes without end.
 //
 // The argument and result types mirror those of the pinned gVisor
 // (runsc/boot's containerManager and pkg/sentry/control): urpc encodes them
@@ -13,9 +16,13 @@ package sentry
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -96,20 +103,18 @@ func (c *Client) call(ctx context.Context, method string, arg, result any) error
 	if err != nil {
 		return err
 	}
-	cl := urpc.NewClient(s)
 	done := make(chan struct{})
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
 		select {
 		case <-ctx.Done():
-			// Wakes a call blocked reading the reply (the client's own
-			// Close would wait for the call to end).
+			// Wakes a call blocked reading the reply.
 			s.Close()
 		case <-done:
 		}
 	}()
-	err = cl.Call(method, arg, result)
+	err = roundTrip(s, method, arg, result)
 	close(done)
 	<-stopped
 	s.Close()
@@ -122,8 +127,76 @@ func (c *Client) call(ctx context.Context, method string, arg, result any) error
 	return nil
 }
 
+// maxReply bounds a reply of the sentry (a process list of a few thousand
+// processes is well under it).
+const maxReply = 4 << 20
+
+// errReplyTooLarge is a reply past maxReply.
+var errReplyTooLarge = fmt.Errorf("the sandbox's reply is larger than %d bytes: %w", maxReply, errdefs.ErrResourceExhausted)
+
+// roundTrip sends one urpc call on s, with the files of an ExecArgs as
+// descriptors, and decodes its result into result.
+func roundTrip(s *unet.Socket, method string, arg, result any) error {
+	data, err := json.Marshal(struct {
+		Method string `json:"method"`
+		Arg    any    `json:"arg"`
+	}{method, arg})
+	if err != nil {
+		return fmt.Errorf("encoding the call: %w", err)
+	}
+	var files []*os.File
+	if e, ok := arg.(*ExecArgs); ok {
+		files = e.Files
+	}
+	w := s.Writer(true)
+	if len(files) > 0 {
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		w.PackFDs(fds...)
+	}
+	for n := 0; n < len(data); {
+		cur, err := w.WriteVec([][]byte{data[n:]})
+		if n == 0 && cur > 0 {
+			w.PackFDs() // the descriptors went with the first bytes
+		}
+		n += cur
+		if err != nil {
+			return fmt.Errorf("sending the call: %w", err)
+		}
+	}
+	runtime.KeepAlive(files)
+	// Descriptors the sentry might send back are not received (a plain
+	// read drops them): no call here takes any.
+	lr := &io.LimitedReader{R: s, N: maxReply}
+	var reply struct {
+		Success bool            `json:"success"`
+		Err     string          `json:"err"`
+		Result  json.RawMessage `json:"result"`
+	}
+	if err := json.NewDecoder(lr).Decode(&reply); err != nil {
+		if lr.N <= 0 {
+			return errReplyTooLarge
+		}
+		return fmt.Errorf("reading the reply: %w", err)
+	}
+	if !reply.Success {
+		return urpc.RemoteError{Message: reply.Err}
+	}
+	if result != nil && len(reply.Result) > 0 {
+		if err := json.Unmarshal(reply.Result, result); err != nil {
+			return fmt.Errorf("decoding the result: %v: %w", err, errdefs.ErrUnknown)
+		}
+	}
+	return nil
+}
+
 // classify turns an error of a call into an errdefs class.
 func classify(method string, err error) error {
+	if errors.Is(err, errReplyTooLarge) {
+		return fmt.Errorf("%s: %w", method, err)
+	}
 	var remote urpc.RemoteError
 	if !errors.As(err, &remote) {
 		// The connection broke: the sentry went away during the call.
