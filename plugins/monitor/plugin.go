@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/plugin/registry"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 )
 
 // Type is the plugin type of the monitor.
@@ -55,6 +56,9 @@ func init() {
 				LogPath: filepath.Join(state, "keeper.log"),
 			})
 			m.find = func() (string, error) { return FindKeeper(cfg.KeeperPath) }
+			if err := metrics.Register(m.collector()); err != nil {
+				log.G(ic.Context).WithError(err).Error("the keeper's metrics are not exported")
+			}
 			return m, nil
 		},
 	})

@@ -102,7 +102,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 		args = append(args, "--cache-dir", cacheDir)
 	}
 	containerdRoot := filepath.Dir(env.Root)
-	return &kind{
+	k := &kind{
 		cfg: cfg,
 		env: env,
 		host: wasmhost.NewClient(wasmhost.Launch{
@@ -116,7 +116,9 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 		content:     db.ContentStore(),
 		contentRoot: filepath.Join(containerdRoot, plugins.ContentPlugin.String()+".content", "blobs"),
 		blobDir:     filepath.Join(env.Root, "blobs"),
-	}, nil
+	}
+	k.addMetrics(env.Metrics)
+	return k, nil
 }
 
 // findHost resolves the host binary: an explicit path, else one beside the
