@@ -134,7 +134,7 @@ func TestControllerMetrics(t *testing.T) {
 		perHandler("kuasar_sandbox_recoveries_total", "fast", "result", "lost"):             1,
 		perHandler("kuasar_sandbox_recoveries_total", "kuasar-test", "result", "discarded"): 1,
 		sandboxes("kuasar-test", "ready"):                                                   1,
-		sandboxes("fast", "notready"):                                                      1,
+		sandboxes("fast", "notready"):                                                       1,
 	})
 }
 
