@@ -24,11 +24,11 @@ const ID = "keeper"
 type Config struct {
 	// KeeperPath is the kuasar-keeper binary; empty looks beside the daemon
 	// and on PATH.
-	KeeperPath string `toml:"keeper_path"`
+	KeeperPath string `toml:"keeper_path" comment:"kuasar-keeper binary: a path, or \"\" for the one beside containerd-kuasar, else on PATH"`
 	// Socket the keeper serves on; empty is keeper-v<protocol>.sock in
 	// the plugin's state directory (a keeper of another protocol version
 	// keeps its own socket and children).
-	Socket string `toml:"socket"`
+	Socket string `toml:"socket" comment:"Socket the keeper serves on; \"\" is keeper-v<protocol>.sock in the plugin's state directory"`
 }
 
 func init() {
