@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -93,7 +94,7 @@ func (c metricsCheck) atLeast(key string, want float64) {
 // and what recovery found after a restart.
 func TestMetrics(t *testing.T) {
 	addr := freeLoopbackAddr(t)
-	d := startDaemon(t, daemonOptions{extraConfig: fmt.Sprintf("[metrics]\n  address = %q\n", addr)})
+	d := startDaemon(t, daemonOptions{extraConfig: fmt.Sprintf("[plugins.'io.containerd.server.v1.metrics']\n  address = %q\n", addr)})
 	d.pull(t, images.WasmLayer)
 	handlers := []string{kuasarRunc, kuasarWasm}
 
@@ -151,6 +152,14 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 	c = metricsCheck{t, running}
+	var lines []string
+	for k, v := range running {
+		if strings.HasPrefix(k, "kuasar_") {
+			lines = append(lines, fmt.Sprintf("%s %v", k, v))
+		}
+	}
+	sort.Strings(lines)
+	t.Logf("Kuasar series with a pod of each handler running:\n%s", strings.Join(lines, "\n"))
 	for _, h := range handlers {
 		c.is(series("kuasar_sandboxes", h, "state", "ready"), 1)
 		c.is(series("kuasar_sandboxes", h, "state", "created"), 0)
