@@ -2,6 +2,7 @@ package wasm
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/containerd/log"
@@ -15,6 +16,8 @@ import (
 // statsTimeout bounds the Wasm host's answer to a scrape.
 const statsTimeout = 2 * time.Second
 
+var errNoHostYet = errors.New("no Wasm host reached yet")
+
 // addMetrics exports kuasar_wasm_host_*: the node's Wasm host's figures,
 // asked at each scrape of a host that runs (a scrape never starts one;
 // without a host every figure is 0).
@@ -22,7 +25,7 @@ func (k *kind) addMetrics(m *kmetrics.Controller) {
 	if m == nil {
 		return
 	}
-	up := m.Desc("wasm_host_up", "1 while the node's Wasm host runs and answers", "")
+	up := m.Desc("wasm_host_up", "1 while the node's Wasm host answers the daemon", "")
 	instances := m.Desc("wasm_host_instances", "Module instances running in the Wasm host (containers' and execs')", "")
 	modules := m.Desc("wasm_host_compiled_modules", "Compiled modules the Wasm host holds in memory (in use, and the last unused ones it keeps)", "")
 	compiling := m.Desc("wasm_host_compiling_modules", "Modules the Wasm host is compiling now", "")
@@ -32,7 +35,13 @@ func (k *kind) addMetrics(m *kmetrics.Controller) {
 	m.Add(kmetrics.NewGauges(func(emit func(*prometheus.Desc, float64, ...string)) {
 		ctx, cancel := context.WithTimeout(context.Background(), statsTimeout)
 		defer cancel()
-		st, err := k.host.HostStats(ctx)
+		// A daemon that never reached a host (none was needed since it
+		// started) does not dial one for a scrape: that would wait for a
+		// host being started by a pod meanwhile.
+		st, err := &api.HostStatsResponse{}, errNoHostYet
+		if k.host.Boot() != "" {
+			st, err = k.host.HostStats(ctx)
+		}
 		if err != nil {
 			log.G(ctx).WithError(err).Debug("no Wasm host figures for this scrape")
 			st = &api.HostStatsResponse{}
