@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -26,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
 
@@ -49,9 +51,13 @@ type Controller struct {
 	kind      Kind
 	paths     Paths
 	publisher events.Publisher
+	metrics   *metrics.Controller
 
 	mu        sync.Mutex
 	sandboxes map[string]*entry
+	// handlers are the CRI runtime handlers of the sandboxes seen (a few:
+	// the ones the node's config gives this controller).
+	handlers map[string]bool
 }
 
 var _ sandbox.Controller = (*Controller)(nil)
@@ -63,7 +69,10 @@ type entry struct {
 	tasks    *task.Service
 	endpoint *task.Endpoint
 
-	state      string // "" (created), SANDBOX_READY or SANDBOX_NOTREADY
+	state      string // "" (created), SANDBOX_READY or SANDBOX_NOTREADY; set with setState
+	shown      atomic.Value
+	handler    string        // the CRI runtime handler (metrics label)
+	createTook time.Duration // how long Create took (for metrics)
 	exitStatus uint32
 	exitedAt   time.Time
 	exited     chan struct{}
@@ -79,14 +88,19 @@ func (e *entry) closeExited() {
 }
 
 // NewController returns the controller of kind, registered as id.
-func NewController(id string, kind Kind, paths Paths, publisher events.Publisher) *Controller {
-	return &Controller{
+func NewController(id string, kind Kind, paths Paths, publisher events.Publisher, opts ...Option) *Controller {
+	c := &Controller{
 		id:        id,
 		kind:      kind,
 		paths:     paths,
 		publisher: publisher,
 		sandboxes: map[string]*entry{},
+		handlers:  map[string]bool{id: true},
 	}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
 }
 
 func (c *Controller) get(id string) (*entry, error) {
@@ -119,6 +133,16 @@ func (c *Controller) socketPath(ns, id string) string {
 
 // Create builds a sandbox's isolation.
 func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+	began := time.Now()
+	handler := runtimeHandler(info)
+	if handler == "" {
+		handler = c.id
+	}
+	defer func() {
+		if retErr != nil {
+			c.metrics.SandboxStartFailed(handler)
+		}
+	}()
 	if err := identifiers.Validate(info.ID); err != nil {
 		return err
 	}
@@ -144,7 +168,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		c.mu.Unlock()
 		return fmt.Errorf("sandbox %q: %w", info.ID, errdefs.ErrAlreadyExists)
 	}
-	e := &entry{exited: make(chan struct{})}
+	e := c.newEntry(handler)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	c.sandboxes[info.ID] = e
@@ -164,6 +188,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		NetNSPath:   o.NetNSPath,
 		Annotations: o.Annotations,
 		CreatedAt:   time.Now().UTC(),
+		Handler:     handler,
 		Dir:         filepath.Join(c.paths.State, info.ID),
 	}
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
@@ -197,17 +222,29 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		return err
 	}
 	e.sb, e.inst, e.tasks = sb, inst, tasks
-	return c.save(e)
+	if err := c.save(e); err != nil {
+		return err
+	}
+	e.createTook = time.Since(began)
+	return nil
 }
 
 // Start makes the sandbox ready and returns its task endpoint.
 func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.ControllerInstance, retErr error) {
+	began := time.Now()
 	e, err := c.get(id)
 	if err != nil {
 		return sandbox.ControllerInstance{}, err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			c.metrics.SandboxStartFailed(e.handler)
+		} else {
+			c.metrics.SandboxStarted(e.handler, e.createTook+time.Since(began))
+		}
+	}()
 	if e.sb == nil {
 		return sandbox.ControllerInstance{}, fmt.Errorf("sandbox %q was not created: %w", id, errdefs.ErrFailedPrecondition)
 	}
@@ -238,9 +275,10 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 		return sandbox.ControllerInstance{}, fmt.Errorf("encoding the pod's spec: %w", err)
 	}
 	e.endpoint = ep
-	e.state = stateReady
+	e.setState(stateReady)
 	if err := c.save(e); err != nil {
-		e.endpoint, e.state = nil, ""
+		e.endpoint = nil
+		e.setState("")
 		return sandbox.ControllerInstance{}, err
 	}
 	return sandbox.ControllerInstance{
@@ -313,7 +351,7 @@ func (c *Controller) markExited(e *entry, status uint32) {
 	if e.state == stateNotReady {
 		return
 	}
-	e.state = stateNotReady
+	e.setState(stateNotReady)
 	e.exitStatus = status
 	e.exitedAt = time.Now().UTC()
 	// Recorded before anyone is told, so that a restart cannot find the
@@ -478,11 +516,15 @@ var errNotRecorded = errors.New("no sandbox record")
 // newTasks returns the task service of a sandbox, which gives every CRI
 // container the pod's files and /dev/shm.
 func (c *Controller) newTasks(sb *Sandbox, inst Instance) (*task.Service, error) {
+	var opts []task.Option
+	if c.metrics != nil {
+		opts = append(opts, task.WithMetrics(taskMetrics{m: c.metrics, handler: sb.Handler}))
+	}
 	return task.NewService(sb.ID, sb.Namespace, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher,
 		func(ctr *task.Container) error {
 			AddPodMounts(sb, ctr.Spec)
 			return nil
-		})
+		}, opts...)
 }
 
 // removeDir removes a sandbox's directory, unmounting first whatever is

@@ -95,6 +95,10 @@ type Sandbox struct {
 	NetNSPath   string                    `json:"netnsPath,omitempty"`
 	Annotations map[string]string         `json:"annotations,omitempty"`
 	CreatedAt   time.Time                 `json:"createdAt"`
+	// Handler is the CRI runtime handler the pod was created with (the
+	// controller's ID for clients other than CRI, and for sandboxes
+	// recorded before it was kept): the handler label of its metrics.
+	Handler string `json:"handler,omitempty"`
 
 	// Dir is the sandbox's private state directory. The pod's files
 	// (hostname, hosts, resolv.conf) are under it (PodFile).

@@ -104,6 +104,8 @@ type Container struct {
 	svc   *Service
 	mu    sync.Mutex
 	execs map[string]*Process
+	// createTook is how long the Runtime's Create took (for metrics).
+	createTook time.Duration
 }
 
 // Process returns the init process ("") or the exec with that ID.
