@@ -37,23 +37,23 @@ const (
 type Config struct {
 	// RunscPath is the runsc binary; empty looks beside containerd-kuasar,
 	// then on PATH.
-	RunscPath string `toml:"runsc_path"`
+	RunscPath string `toml:"runsc_path" comment:"The runsc binary, gVisor built static; empty: beside containerd-kuasar, then on PATH"`
 	// Platform is how the sentry intercepts the application's system
 	// calls: "systrap" (the default; needs nothing of the host), "ptrace",
 	// or "kvm" (needs a /dev/kvm with hardware virtualisation).
-	Platform string `toml:"platform"`
+	Platform string `toml:"platform" comment:"How the sentry intercepts system calls: \"systrap\" (works anywhere), \"ptrace\", or \"kvm\" (needs /dev/kvm with VMX or SVM)"`
 	// Root is runsc's state directory; empty is "runsc" in the controller's
 	// state directory.
-	Root string `toml:"root"`
+	Root string `toml:"root" comment:"runsc state directory; empty: \"runsc\" in the controller state directory"`
 	// RunscFlags are more runsc flags for every sandbox, "name" or
 	// "name=value" (for example "net-raw", "overlay2=none").
-	RunscFlags []string `toml:"runsc_flags"`
+	RunscFlags []string `toml:"runsc_flags" comment:"More runsc flags for every sandbox, \"name\" or \"name=value\" (e.g. \"net-raw\", \"overlay2=none\")"`
 	// SandboxMemoryOverhead is added to the sum of the memory limits of a
 	// pod's containers to make the limit of its sandbox, which also holds
 	// gVisor's own memory (sentry and gofers), in bytes.
-	SandboxMemoryOverhead int64 `toml:"sandbox_memory_overhead"`
+	SandboxMemoryOverhead int64 `toml:"sandbox_memory_overhead" comment:"Bytes added to the sum of container memory limits for the sandbox cgroup (gVisor own memory: sentry and gofers)"`
 	// Debug has runsc write debug logs in each sandbox's directory.
-	Debug bool `toml:"debug"`
+	Debug bool `toml:"debug" comment:"runsc debug logs in each sandbox directory"`
 }
 
 // DefaultSandboxMemoryOverhead is what gVisor's own processes of a pod

@@ -42,42 +42,42 @@ const ID = "kuasar-vmm"
 // Config of the kuasar-vmm controller.
 type Config struct {
 	// Hypervisor is the VMM driver: "qemu".
-	Hypervisor string `toml:"hypervisor"`
+	Hypervisor string `toml:"hypervisor" comment:"The VMM driver: \"qemu\""`
 	// HypervisorPath is the VMM binary: a path, or a name on PATH (""
 	// for qemu-system-x86_64).
-	HypervisorPath string `toml:"hypervisor_path"`
+	HypervisorPath string `toml:"hypervisor_path" comment:"The VMM binary: a path, or a name on PATH (empty: qemu-system-x86_64)"`
 	// KernelPath and InitrdPath are the guest image (`make guest`); empty
 	// looks in ImageDir.
-	KernelPath string `toml:"kernel_path"`
-	InitrdPath string `toml:"initrd_path"`
+	KernelPath string `toml:"kernel_path" comment:"The guest kernel (vmlinux of make guest); empty: the one in image_dir"`
+	InitrdPath string `toml:"initrd_path" comment:"The guest initramfs (make guest); empty: the one in image_dir"`
 	// ImageDir holds a guest image (vmlinux, initramfs.cpio, guest.json);
 	// empty looks beside the daemon (../share/kuasar/guest) and in
 	// /usr/share/kuasar/guest and /usr/local/share/kuasar/guest.
-	ImageDir string `toml:"image_dir"`
+	ImageDir string `toml:"image_dir" comment:"A guest image directory (vmlinux, initramfs.cpio, guest.json); empty: ../share/kuasar/guest beside the daemon, then /usr/share and /usr/local/share/kuasar/guest"`
 	// Accel is "auto" (KVM where it is usable, else TCG), "kvm" or "tcg".
-	Accel string `toml:"accel"`
+	Accel string `toml:"accel" comment:"\"auto\" (KVM where usable, else TCG), \"kvm\" (refuse pods without KVM) or \"tcg\" (software emulation)"`
 	// DefaultVCPUs and DefaultMemoryMiB size a VM whose pod says nothing
 	// of its resources (and are the least a VM gets); a pod's memory
 	// limit gets OverheadMemoryMiB more, for the guest's kernel and
 	// agent; MaxVCPUs and MaxMemoryMiB bound what a pod may ask for.
-	DefaultVCPUs      int `toml:"default_vcpus"`
-	DefaultMemoryMiB  int `toml:"default_memory_mib"`
-	OverheadMemoryMiB int `toml:"overhead_memory_mib"`
-	MaxVCPUs          int `toml:"max_vcpus"`
-	MaxMemoryMiB      int `toml:"max_memory_mib"`
+	DefaultVCPUs      int `toml:"default_vcpus" comment:"vCPUs of a VM whose pod sets no CPU limit, and the least a VM gets"`
+	DefaultMemoryMiB  int `toml:"default_memory_mib" comment:"Memory (MiB) of a VM whose pod sets no memory limit, and the least a VM gets"`
+	OverheadMemoryMiB int `toml:"overhead_memory_mib" comment:"MiB added to a pod memory limit for the guest kernel and agent"`
+	MaxVCPUs          int `toml:"max_vcpus" comment:"The most vCPUs a pod may ask for (more is InvalidArgument)"`
+	MaxMemoryMiB      int `toml:"max_memory_mib" comment:"The most memory (MiB) a pod VM may get (more is InvalidArgument)"`
 	// TBSizeMiB is TCG's translation cache per VM (its default, 1 GiB,
 	// costs memory as it fills). At 32 runc's init thrashes it (a
 	// container's create and start take ~3 s under TCG); 64 brings that
 	// to ~0.6 s for ~23 MB more per VM.
-	TBSizeMiB int `toml:"tb_size_mib"`
+	TBSizeMiB int `toml:"tb_size_mib" comment:"TCG translation cache per VM, MiB (QEMU default 1 GiB; 64 keeps a container start under a second)"`
 	// BootTimeout bounds the wait for a VM's agent.
-	BootTimeout string `toml:"boot_timeout"`
+	BootTimeout string `toml:"boot_timeout" comment:"How long a VM may take to answer (a Go duration); past it the pod fails with DeadlineExceeded"`
 	// Template is "auto" (start pod VMs as clones of a VM booted once per
 	// guest image and size) or "off" (boot each one).
-	Template string `toml:"template"`
+	Template string `toml:"template" comment:"\"auto\": pod VMs are clones of a VM booted once per guest image and size; \"off\": every pod VM boots"`
 	// TemplateDir keeps templates' RAM files (a tmpfs, only this daemon's);
 	// empty is a directory of /dev/shm named after the daemon's state.
-	TemplateDir string `toml:"template_dir"`
+	TemplateDir string `toml:"template_dir" comment:"Where templates keep their RAM (a tmpfs, root-only); empty: /dev/shm/kuasar-vmm-<hash of the state dir>"`
 }
 
 // DefaultConfig is the controller's default configuration.

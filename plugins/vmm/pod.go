@@ -190,6 +190,11 @@ func (p *pod) Start(ctx context.Context) (retErr error) {
 		return fmt.Errorf("setting the guest's clock: %w", err)
 	}
 	ready := time.Since(begin)
+	boot := "cold"
+	if clone {
+		boot = "template"
+	}
+	p.k.env.Metrics.VMBooted(p.sb.Handler, string(p.k.accel), boot, ready)
 	if err := p.joinNetwork(ctx); err != nil {
 		return err
 	}
