@@ -106,11 +106,15 @@ func runtimeHandler(info sandbox.Sandbox) string {
 	if !ok || ext == nil {
 		return ""
 	}
-	var md struct{ RuntimeHandler string }
+	// CRI's store writes its metadata versioned: {"Version": "v1",
+	// "Metadata": {...}}.
+	var md struct {
+		Metadata struct{ RuntimeHandler string }
+	}
 	if err := json.Unmarshal(ext.GetValue(), &md); err != nil {
 		return ""
 	}
-	return md.RuntimeHandler
+	return md.Metadata.RuntimeHandler
 }
 
 // taskMetrics reports the containers of one sandbox to the controller's

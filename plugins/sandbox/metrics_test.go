@@ -15,9 +15,9 @@ import (
 )
 
 // criSandbox is a sandbox as CRI creates it, with the runtime handler in
-// its metadata extension.
+// its metadata extension (CRI's store writes it versioned).
 func criSandbox(id, handler string) sandbox.Sandbox {
-	md := []byte(`{"ID":"` + id + `","Name":"pod","RuntimeHandler":"` + handler + `"}`)
+	md := []byte(`{"Version":"v1","Metadata":{"ID":"` + id + `","Name":"pod","RuntimeHandler":"` + handler + `"}}`)
 	return sandbox.Sandbox{ID: id, Extensions: map[string]typeurl.Any{
 		criMetadataKey: &anypb.Any{TypeUrl: "github.com/containerd/cri/pkg/store/sandbox/Metadata", Value: md},
 	}}

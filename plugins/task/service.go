@@ -517,7 +517,7 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (_ *taskAP
 	if err != nil {
 		return nil, err
 	}
-	return &taskAPI.StatsResponse{Stats: typeurl.MarshalProto(st)}, nil
+	return &taskAPI.StatsResponse{Stats: typeurl.MarshalProto(completeStats(st))}, nil
 }
 
 // Connect returns the pid serving the task (containerd-kuasar's own: there
