@@ -108,7 +108,7 @@ wasmhost=$(pgrep -f "kuasar-wasm-host --socket $DIR/" || true)
 echo "$wasmhost" > "$DIR/wasmhost.pid"
 for handler in kuasar-runc kuasar-wasm kuasar-vmm kuasar-gvisor runc; do
 	if [ "$handler" = kuasar-vmm ]; then
-		vm=$("${CRICTL[@]}" inspectp -o go-template --template '{{.info.vmPid}}' "${POD[$handler]}")
+		vm=$("${CRICTL[@]}" inspectp -o go-template --template '{{.kuasar.vmPid}}' "${POD[$handler]}")
 		echo "-- $handler pod ${POD[$handler]:0:12}"
 		printf '   %-8s %-12s %-20s PSS %6s kB\n' "$vm" "$(cat /proc/$vm/comm)" "the VM (isolation)" "$(pss $vm)"
 		echo "   the pod's processes run in the guest; on the node, only its hypervisor"
