@@ -118,7 +118,7 @@ for handler in kuasar-runc kuasar-wasm kuasar-vmm kuasar-gvisor runc; do
 		echo "-- $handler pod ${POD[$handler]:0:12}"
 		root="$DIR/state/io.containerd.sandbox.controller.v1.kuasar-appkernel"
 		for p in $(ls /proc | grep -E '^[0-9]+$'); do
-			args=$(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null) || continue
+			args=$({ tr '\0' ' ' < /proc/$p/cmdline; } 2>/dev/null) || continue
 			case "$args" in
 			runsc-sandbox*"$root"*"${POD[$handler]}"*) printf '   %-8s %-12s %-20s PSS %6s kB\n' "$p" sentry "gVisor (isolation)" "$(pss $p)" ;;
 			runsc-gofer*"$root"*) grep -q -e "${POD[$handler]}" -e "${CTR[$handler]}" /proc/$p/cmdline && printf '   %-8s %-12s %-20s PSS %6s kB\n' "$p" gofer "gVisor (isolation)" "$(pss $p)" ;;
