@@ -134,6 +134,7 @@ tools: stock
 	@mkdir -p $(BIN)
 	cd integration/tools && go build -trimpath -o $(BIN)/crictl sigs.k8s.io/cri-tools/cmd/crictl
 	cd integration/tools && go test -c -trimpath -o $(BIN)/critest sigs.k8s.io/cri-tools/cmd/critest
+	cd integration/tools && go build -trimpath -o $(BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo
 	go build -trimpath -o $(BIN)/testimages ./integration/cmd/testimages
 
 ## stock: stock containerd, its runc shim and ctr, same version and flags;
@@ -183,12 +184,12 @@ e2e: build tools guest
 		go test -count=1 -tags e2e -timeout 30m -v ./integration/ $(E2E_FLAGS) 2>&1 | tee $(OUT)/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
-## e2e-vmm-cold: the kuasar-vmm suite again with every pod VM booted
-## (template = "off"); e2e runs it on clones of templates, the default
+## e2e-vmm-cold: the kuasar-vmm pod tests again with every pod VM booted
+## (template = "off"); e2e runs them on clones of templates, the default
 e2e-vmm-cold: build tools guest
 	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) KUASAR_GUEST_DIR=$(GUEST_OUT) \
 	KUASAR_VMM_TEMPLATE=off \
-		go test -count=1 -tags e2e -timeout 20m -v ./integration/ -run 'TestVMM' -skip 'TestVMMTemplate|TestVMMBoot|TestVMMAgent' 2>&1 | tee $(OUT)/e2e-vmm-cold.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		go test -count=1 -tags e2e -timeout 20m -v ./integration/ -run 'TestVMM(Lifecycle|Streams|PodNetwork|Restart|PortForward)$$' 2>&1 | tee $(OUT)/e2e-vmm-cold.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs

@@ -174,6 +174,15 @@ func critest(t *testing.T, d *Daemon, handler string, skips []struct{ spec, reas
 	return res
 }
 
+// critestParallel is how many specs run at once: KUASAR_CRITEST_PARALLEL,
+// else 2 (most of a spec is waiting on the runtime).
+func critestParallel() int {
+	if n, err := strconv.Atoi(os.Getenv("KUASAR_CRITEST_PARALLEL")); err == nil && n > 0 {
+		return n
+	}
+	return 2
+}
+
 // runCritest runs critest once and reads its report.
 func runCritest(t *testing.T, d *Daemon, handler, report string, extra []string) map[string]specResult {
 	t.Helper()
@@ -188,6 +197,11 @@ func runCritest(t *testing.T, d *Daemon, handler, report string, extra []string)
 	}
 	if handler != "" {
 		args = append(args, "-runtime-handler", handler)
+	}
+	// Specs run on critestParallel ginkgo nodes (ginkgo's CLI, a pinned
+	// tool); those that fail are run again alone.
+	if n := critestParallel(); n > 1 && !strings.Contains(strings.Join(extra, " "), "-ginkgo.focus") {
+		args = append(args, "-parallel", strconv.Itoa(n))
 	}
 	args = append(args, extra...)
 	cmd := exec.Command(filepath.Join(binDir, "critest"), args...)
