@@ -27,7 +27,10 @@ func conformanceGVisor(t *testing.T, out string, runcRes map[string]specResult) 
 	var stockRes, kuasarRes map[string]specResult
 	t.Run("stock-runsc", func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{stock: true, stockGVisor: true, portMap: true})
-		stockRes = critest(t, d, stockGVisor, nil, filepath.Join(out, "critest-runsc.json"))
+		// No second run of what fails on the baseline: gVisor lacks those
+		// features (a spec passing there by chance would only raise the
+		// bar for kuasar-gvisor).
+		stockRes = runCritest(t, d, stockGVisor, filepath.Join(out, "critest-runsc.json"), nil)
 	})
 	t.Run(kuasarGVisor, func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{portMap: true})
