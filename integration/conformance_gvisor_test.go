@@ -34,7 +34,7 @@ func conformanceGVisor(t *testing.T, out string, runcRes map[string]specResult) 
 	})
 	t.Run(kuasarGVisor, func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{portMap: true})
-		kuasarRes = critest(t, d, kuasarGVisor, nil, filepath.Join(out, "critest-gvisor.json"))
+		kuasarRes = critest(t, d, kuasarGVisor, nil, filepath.Join(out, "critest-gvisor.json"), stockRes)
 	})
 	if stockRes == nil || kuasarRes == nil || runcRes == nil {
 		t.Fatal("a critest run produced no results")
