@@ -4,6 +4,7 @@ package integration
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -336,6 +337,10 @@ func (d *Daemon) cleanup() {
 	if t.Failed() {
 		d.dumpLog()
 	}
+	// A daemon that died (or leaked) leaves its pods' processes running:
+	// they are this test's (in its cgroups, or named after its root), and
+	// go before their mounts and cgroups do, whether the test failed or not.
+	killLeftovers(d.CgroupParent, d.Dir)
 	forceUnmountUnder(d.Dir)
 	removeCgroups(d.CgroupParent)
 	os.RemoveAll(d.TemplateDir)
@@ -591,6 +596,55 @@ func cgroupChildren(parent string) []string {
 }
 
 // removeCgroups removes the (empty) cgroup tree of parent.
+// killLeftovers SIGKILLs the processes in the cgroups under parent and
+// those whose command line names dir (a VM's QEMU, gVisor's sentry and
+// gofers), and waits briefly for them to go.
+func killLeftovers(parent, dir string) {
+	pids := map[int]bool{}
+	for _, root := range cgroupRoots() {
+		_ = filepath.WalkDir(filepath.Join(root, parent), func(p string, e os.DirEntry, err error) error {
+			if err != nil || e.IsDir() || e.Name() != "cgroup.procs" {
+				return nil
+			}
+			b, _ := os.ReadFile(p)
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 1 && pid != os.Getpid() {
+					pids[pid] = true
+				}
+			}
+			return nil
+		})
+	}
+	if dir != "" {
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && bytes.Contains(b, []byte(dir+"/")) {
+				pids[pid] = true
+			}
+		}
+	}
+	for pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		alive := 0
+		for pid := range pids {
+			if syscall.Kill(pid, 0) == nil {
+				if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !bytes.Contains(st, []byte(") Z ")) {
+					alive++
+				}
+			}
+		}
+		if alive == 0 {
+			return
+		}
+	}
+}
+
 func removeCgroups(parent string) {
 	for _, root := range cgroupRoots() {
 		base := filepath.Join(root, parent)
