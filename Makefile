@@ -16,6 +16,8 @@ STOCK_BIN   := $(OUT)/stock/bin
 CACHE       ?= /var/cache/containerd-kuasar
 export GOCACHE    ?= $(CACHE)/go-build
 export GOMODCACHE ?= $(CACHE)/go-mod
+# The checksum database's cache (GOPATH/pkg/sumdb) too, not ~/go.
+export GOPATH     ?= $(CACHE)/gopath
 export GOFLAGS    ?= -mod=mod
 export GONOSUMDB  := sigs.k8s.io/cri-tools,k8s.io
 export PATH       := $(BIN):/usr/local/go/bin:$(PATH)
