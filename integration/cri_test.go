@@ -1,4 +1,4 @@
-//go:build e2e || bench || conformance
+//go:build e2e || bench || conformance || kube
 
 package integration
 

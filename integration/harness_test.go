@@ -1,4 +1,4 @@
-//go:build e2e || bench || conformance
+//go:build e2e || bench || conformance || kube
 
 package integration
 
@@ -8,7 +8,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -86,6 +88,7 @@ type Daemon struct {
 	Config string
 	Addr   string
 	Bridge string
+	Subnet string // the pod network (CNI host-local range)
 	// CgroupParent is where this daemon's pods put their cgroups.
 	CgroupParent string
 	RS           runtimeapi.RuntimeServiceClient
@@ -143,10 +146,11 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 	if o.stock {
 		d.Binary = filepath.Join(stockBinDir, "containerd")
 	}
+	d.Subnet = subnet(o.bigSubnet, b)
 	layout, err := scratch.Write(scratch.Options{
 		Dir:            dir,
 		Bridge:         d.Bridge,
-		Subnet:         subnet(o.bigSubnet, b),
+		Subnet:         d.Subnet,
 		Mirror:         registry,
 		DefaultHandler: o.defaultHandler,
 		PortMap:        o.portMap,
@@ -589,6 +593,26 @@ func waitPort(addr string, d time.Duration) error {
 			return err
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitHTTP fetches url until its body contains want.
+func waitHTTP(url, want string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(body), want) {
+				return nil
+			}
+			err = fmt.Errorf("%s: body %q", resp.Status, body)
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

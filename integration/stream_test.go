@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -170,20 +169,7 @@ func TestPortForward(t *testing.T) {
 	if err := waitPort(addr, 15*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/")
-		if err == nil {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if strings.TrimSpace(string(body)) == "kuasar-web" {
-				return
-			}
-			err = fmt.Errorf("body %q", body)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("port-forward: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if err := waitHTTP("http://"+addr+"/", "kuasar-web", 15*time.Second); err != nil {
+		t.Fatalf("port-forward: %v", err)
 	}
 }
