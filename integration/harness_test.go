@@ -100,6 +100,14 @@ type Daemon struct {
 	netnsSeen map[string]bool
 	keeperPid int
 	wasmHost  int // pid of the node's Wasm host, once seen
+	// ownMounts are mounts under Dir that are not the pods' (a kubelet's
+	// root directory, which it makes a shared mount of itself): the leak
+	// check passes over them.
+	ownMounts map[string]bool
+	// ownProcs are processes started from Dir that are not the pods' (a
+	// test's kubelet, API server and etcd), passed over by the leak check
+	// while they run.
+	ownProcs map[int]bool
 }
 
 type daemonOptions struct {
@@ -362,12 +370,14 @@ func (d *Daemon) checkLeaks() {
 		daemon = d.cmd.Process.Pid // checked while running, between rounds
 	}
 	for _, p := range processesMentioning(d.Dir) {
-		if p != d.keeperPid && p != d.wasmHost && p != daemon {
+		if p != d.keeperPid && p != d.wasmHost && p != daemon && !d.ownProcs[p] {
 			t.Errorf("leak: process %d still runs from %s: %s", p, d.Dir, cmdline(p))
 		}
 	}
 	for _, m := range mountsUnder(d.Dir) {
-		t.Errorf("leak: mount %s", m)
+		if !d.ownMounts[m] {
+			t.Errorf("leak: mount %s", m)
+		}
 	}
 	// Other daemons on the machine (tests run side by side) make network
 	// namespaces too: count those this daemon's log names.

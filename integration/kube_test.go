@@ -60,6 +60,10 @@ type kubeWorkload struct {
 	// (%s in the command), and it logs a line containing "serving".
 	web            func(word string) kubeCmd
 	webAnnotations map[string]string // pod annotations of the web pod
+	// webPage is the path port-forward fetches, and webWant what its page
+	// holds.
+	webPage string
+	webWant func(word string) string
 	// healthy and failing are exec probe commands (in the web image, and in
 	// the :latest image).
 	healthy, failing []string
@@ -84,6 +88,8 @@ var linuxWorkload = &kubeWorkload{
 	web: func(word string) kubeCmd {
 		return kubeCmd{command: []string{"sh", "-c", "mkdir -p /www && echo " + word + " > /www/index.html && echo serving $(hostname) && exec httpd -f -p 8080 -h /www"}}
 	},
+	webPage:  "/",
+	webWant:  func(word string) string { return word },
 	healthy:  []string{"test", "-f", "/www/index.html"},
 	failing:  []string{"cat", "/no-such-file"},
 	job:      kubeCmd{command: []string{"sh", "-c", "echo job done by $(KUASAR_HANDLER)"}},
@@ -110,6 +116,8 @@ var wasmWorkload = &kubeWorkload{
 	// WASI preview 1 cannot open sockets: the module gets its listener
 	// pre-opened, from the pod's annotation.
 	webAnnotations: map[string]string{"wasm.kuasar.io/listen": "0.0.0.0:8080"},
+	webPage:        "/kube",
+	webWant:        func(string) string { return "hello from wasm over http: GET /kube" },
 	healthy:        []string{"/app/app.wasm", "cat", "/app/notes.txt"},
 	failing:        []string{"/app.wasm", "exit", "3"},
 	job:            kubeCmd{args: []string{"echo", "job done by $(KUASAR_HANDLER)"}},
@@ -161,7 +169,7 @@ func TestKube(t *testing.T) {
 		p := newKubePods(h, digests[h.workload])
 		pods[h.handler] = p
 		for _, pod := range p.all() {
-			c.apply(t, pod)
+			c.apply(t, pod.obj)
 		}
 	}
 
@@ -370,9 +378,15 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 		return p.Status.Phase == "Running" && p.condition("Ready") == "True"
 	})
 	// The RuntimeClass reached CRI: the pod's sandbox runs on its handler.
+	// A pod without a RuntimeClass reaches CRI with no handler, and CRI
+	// runs it on its default one (stock runc).
+	criHandler := h.handler
+	if h.runtimeClass == "" {
+		criHandler = ""
+	}
 	sbs := c.sandboxOf(t, web.Metadata.UID)
-	if len(sbs) != 1 || sbs[0].RuntimeHandler != h.handler || sbs[0].State != runtimeapi.PodSandboxState_SANDBOX_READY {
-		t.Fatalf("sandboxes of %s: %v, want one ready on handler %q", pods.web.name, sbs, h.handler)
+	if len(sbs) != 1 || sbs[0].RuntimeHandler != criHandler || sbs[0].State != runtimeapi.PodSandboxState_SANDBOX_READY {
+		t.Fatalf("sandboxes of %s: %v, want one ready on handler %q", pods.web.name, sbs, criHandler)
 	}
 	t.Logf("%s: running and ready, sandbox %s on %s, image %s (%s)", pods.web.name, short(sbs[0].Id), h.handler, web.ctr().Image, web.ctr().ImageID)
 
@@ -445,11 +459,8 @@ func (c *kubeCluster) checkPortForward(t *testing.T, h kubeHandler, pod string) 
 	if err := waitPort(addr, 30*time.Second); err != nil {
 		t.Fatalf("port-forward: %v\n%s", err, out.String())
 	}
-	want := webWord(h)
-	if h.workload.webAnnotations != nil {
-		want = "hello from wasm over http: GET /kube"
-	}
-	if err := waitHTTP("http://"+addr+"/kube", want, 30*time.Second); err != nil {
+	want := h.workload.webWant(webWord(h))
+	if err := waitHTTP("http://"+addr+h.workload.webPage, want, 30*time.Second); err != nil {
 		t.Fatalf("port-forward to %s: %v, want %q\n%s", pod, err, want, out.String())
 	}
 }
@@ -557,7 +568,46 @@ func (c *kubeCluster) checkDeleteAndGC(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	t.Logf("the kubelet removed every sandbox and container %v after the pods were deleted", time.Since(begin).Round(time.Second))
+	// The kubelet removes the pods' cgroups (which the sandboxes' own
+	// cgroups live in) and their folders, volumes unmounted.
+	for {
+		left := c.podLeftovers()
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("left by the kubelet after its pods went: %v", left)
+		}
+		time.Sleep(time.Second)
+	}
 	// What the daemon's pods leave is checked now, with the kubelet still
 	// running, and again when the daemon stops.
 	c.d.checkLeaks()
+}
+
+// podLeftovers lists what of the kubelet's pods is still on the machine:
+// pod cgroups (pod<uid>, in any hierarchy), pod folders in its root, links
+// to container logs.
+func (c *kubeCluster) podLeftovers() []string {
+	var left []string
+	for _, root := range cgroupRoots() {
+		_ = filepath.WalkDir(filepath.Join(root, c.d.CgroupParent), func(p string, e os.DirEntry, err error) error {
+			if err == nil && e.IsDir() && strings.HasPrefix(e.Name(), "pod") {
+				left = append(left, "cgroup "+p)
+				return filepath.SkipDir
+			}
+			return nil
+		})
+	}
+	entries, _ := os.ReadDir(filepath.Join(c.kubeletRoot(), "pods"))
+	for _, e := range entries {
+		left = append(left, "pod folder "+e.Name())
+	}
+	entries, _ = os.ReadDir(kubeContainerLogs)
+	for _, e := range entries {
+		if target, err := os.Readlink(filepath.Join(kubeContainerLogs, e.Name())); err == nil && strings.HasPrefix(target, c.dir+"/") {
+			left = append(left, "log link "+e.Name())
+		}
+	}
+	return left
 }

@@ -187,6 +187,10 @@ func (c *kubeCluster) start(name, bin string, args ...string) {
 	p := &kubeProc{cmd: cmd, exited: make(chan error, 1), log: logPath}
 	go func() { p.exited <- cmd.Wait() }()
 	c.procs[name] = p
+	if c.d.ownProcs == nil {
+		c.d.ownProcs = map[int]bool{}
+	}
+	c.d.ownProcs[cmd.Process.Pid] = true
 	t.Logf("%s started (pid %d), log %s", name, cmd.Process.Pid, logPath)
 }
 
@@ -205,6 +209,7 @@ func (c *kubeCluster) stopProc(name string) {
 		_ = p.cmd.Process.Kill()
 		<-p.exited
 	}
+	delete(c.d.ownProcs, p.cmd.Process.Pid)
 }
 
 // alive fails the test if a component exited.
@@ -242,10 +247,20 @@ func (c *kubeCluster) stop() {
 	for _, name := range []string{"kubelet", "kube-apiserver", "etcd"} {
 		c.stopProc(name)
 	}
+	c.unmountKubeletRoot()
 	c.restoreSysctls()
+	c.removeContainerLogLinks()
 	for i := len(c.madeDirs) - 1; i >= 0; i-- {
-		if err := os.RemoveAll(c.madeDirs[i]); err != nil {
-			c.t.Errorf("removing %s: %v", c.madeDirs[i], err)
+		dir := c.madeDirs[i]
+		if dir == kubeContainerLogs {
+			// Only if empty: another kubelet may link there now.
+			if err := os.Remove(dir); err != nil {
+				c.t.Logf("leaving %s: %v", dir, err)
+			}
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			c.t.Errorf("removing %s: %v", dir, err)
 		}
 	}
 	// The kubelet's QoS cgroups (kubepods, burstable, besteffort) are
@@ -276,13 +291,33 @@ func (c *kubeCluster) restoreSysctls() {
 	}
 }
 
+// kubeContainerLogs is where a kubelet links its containers' logs, whatever
+// its flags.
+const kubeContainerLogs = "/var/log/containers"
+
 // noteGlobalDirs records which of the directories the kubelet makes
 // whatever its flags are missing now: those are removed at the end.
 func (c *kubeCluster) noteGlobalDirs() {
 	for _, dir := range []string{"/var/lib/kubelet", "/var/lib/kubelet/device-plugins"} {
 		if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 			c.madeDirs = append(c.madeDirs, dir)
-			return // its children go with it
+			break // its children go with it
+		}
+	}
+	if _, err := os.Stat(kubeContainerLogs); errors.Is(err, os.ErrNotExist) {
+		c.madeDirs = append(c.madeDirs, kubeContainerLogs)
+	}
+}
+
+// removeContainerLogLinks removes the links the kubelet left in
+// /var/log/containers to logs of this cluster's pods (it removes them
+// itself when it collects a container: only a test cut short leaves some).
+func (c *kubeCluster) removeContainerLogLinks() {
+	entries, _ := os.ReadDir(kubeContainerLogs)
+	for _, e := range entries {
+		p := filepath.Join(kubeContainerLogs, e.Name())
+		if target, err := os.Readlink(p); err == nil && strings.HasPrefix(target, c.dir+"/") {
+			_ = os.Remove(p)
 		}
 	}
 }
@@ -349,8 +384,12 @@ func (c *kubeCluster) waitAPIServer() {
 func (c *kubeCluster) startKubelet() {
 	t := c.t
 	t.Helper()
-	root := filepath.Join(c.dir, "kubelet")
+	root := c.kubeletRoot()
 	must(t, os.MkdirAll(root, 0o750), "kubelet root")
+	if c.d.ownMounts == nil {
+		c.d.ownMounts = map[string]bool{}
+	}
+	c.d.ownMounts[root] = true
 	must(t, makeCgroupRoot(c.d.CgroupParent), "cgroup root %s", c.d.CgroupParent)
 	port := freePort(t)
 	endpoint := "unix://" + c.d.Addr
@@ -407,6 +446,34 @@ func (c *kubeCluster) startKubelet() {
 		"--config="+cfgPath, "--kubeconfig="+kubeconfig, "--root-dir="+root,
 		"--hostname-override="+kubeNodeName, "--v=2")
 }
+
+// unmountKubeletRoot undoes the bind mount the kubelet makes of its root
+// directory (to make it a shared mount). Pod volumes still mounted beneath
+// it once the kubelet is gone are leaks of the kubelet's (it unmounts them
+// when a pod goes): reported, then unmounted.
+func (c *kubeCluster) unmountKubeletRoot() {
+	root := c.kubeletRoot()
+	ms := mountsUnder(root)
+	for i := len(ms) - 1; i >= 0; i-- {
+		if !c.t.Failed() {
+			c.t.Errorf("leak: mount %s left by the kubelet", ms[i])
+		}
+		if err := syscall.Unmount(ms[i], syscall.MNT_DETACH); err != nil {
+			c.t.Errorf("unmounting %s: %v", ms[i], err)
+		}
+	}
+	for _, m := range mountsUnder(filepath.Dir(root)) {
+		if m != root {
+			continue
+		}
+		if err := syscall.Unmount(root, syscall.MNT_DETACH); err != nil {
+			c.t.Errorf("unmounting %s: %v", root, err)
+		}
+	}
+	delete(c.d.ownMounts, root)
+}
+
+func (c *kubeCluster) kubeletRoot() string { return filepath.Join(c.dir, "kubelet") }
 
 // makeCgroupRoot creates a cgroup in every hierarchy, as the kubelet
 // requires of its cgroupRoot (on cgroup v1, name=systemd included), with
