@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	introspection "github.com/containerd/containerd/api/services/introspection/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -28,14 +29,18 @@ import (
 // Linux images: linuxWorkload).
 var kubeHandlers = []kubeHandler{
 	{handler: stockRunc, workload: linuxWorkload},
-	{handler: kuasarRunc, runtimeClass: kuasarRunc, workload: linuxWorkload},
-	{handler: kuasarWasm, runtimeClass: kuasarWasm, workload: wasmWorkload},
+	{handler: kuasarRunc, runtimeClass: kuasarRunc, controller: kuasarRunc, workload: linuxWorkload},
+	{handler: kuasarWasm, runtimeClass: kuasarWasm, controller: kuasarWasm, workload: wasmWorkload},
 }
 
 type kubeHandler struct {
 	handler      string
 	runtimeClass string
-	workload     *kubeWorkload
+	// controller is the ID of the sandbox controller behind the handler
+	// ("" for stock containerd's): a controller that does not load on this
+	// machine (it says why) skips its line, with its reason.
+	controller string
+	workload   *kubeWorkload
 }
 
 // kubeCmd is what a container runs: the image's entrypoint replaced
@@ -138,8 +143,9 @@ const kubeNamespace = "kuasar-e2e"
 func TestKube(t *testing.T) {
 	d := startDaemon(t, daemonOptions{})
 	ctx := context.Background()
+	handlers := d.kubeHandlersHere(t)
 	digests := map[*kubeWorkload]string{}
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		w := h.workload
 		if _, done := digests[w]; done {
 			continue
@@ -165,7 +171,7 @@ func TestKube(t *testing.T) {
 
 	// Every pod of every handler at once, as a node gets them.
 	pods := map[string]*kubePods{}
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		p := newKubePods(h, digests[h.workload])
 		pods[h.handler] = p
 		for _, pod := range p.all() {
@@ -173,7 +179,7 @@ func TestKube(t *testing.T) {
 		}
 	}
 
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		t.Run(h.handler, func(t *testing.T) { c.checkPods(t, h, pods[h.handler]) })
 	}
 	if t.Failed() {
@@ -182,14 +188,48 @@ func TestKube(t *testing.T) {
 
 	// The pods whose liveness probe fails restart all the time: gone
 	// before the daemon restarts, whose check is that nothing restarts.
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		c.kubectlOut(t, "-n", kubeNamespace, "delete", "pod", pods[h.handler].probe.name, "--wait=true", "--timeout=2m")
 	}
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
-		t.Run("restart-"+sig.String(), func(t *testing.T) { c.checkRestart(t, sig, pods) })
+		t.Run("restart-"+sig.String(), func(t *testing.T) { c.checkRestart(t, sig, handlers, pods) })
 	}
 
 	t.Run("delete-and-gc", func(t *testing.T) { c.checkDeleteAndGC(t) })
+}
+
+// kubeHandlersHere are the lines of kubeHandlers whose controller loaded in
+// d; each of the others is a skipped subtest that says why.
+func (d *Daemon) kubeHandlersHere(t *testing.T) []kubeHandler {
+	t.Helper()
+	r, err := introspection.NewIntrospectionClient(d.conn).Plugins(ctx(t), &introspection.PluginsRequest{
+		Filters: []string{"type==io.containerd.sandbox.controller.v1"},
+	})
+	must(t, err, "listing the daemon's sandbox controllers")
+	loaded := map[string]error{}
+	for _, p := range r.Plugins {
+		if e := p.GetInitErr(); e != nil {
+			loaded[p.ID] = fmt.Errorf("its controller %s did not load: %s", p.ID, e.GetMessage())
+		} else {
+			loaded[p.ID] = nil
+		}
+	}
+	var out []kubeHandler
+	for _, h := range kubeHandlers {
+		err, known := loaded[h.controller]
+		if h.controller != "" && !known {
+			err = fmt.Errorf("this containerd-kuasar has no controller %s", h.controller)
+		}
+		if h.controller == "" || err == nil {
+			out = append(out, h)
+			continue
+		}
+		t.Run(h.handler, func(t *testing.T) { t.Skipf("skipping pods of handler %s: %v", h.handler, err) })
+	}
+	if len(out) == 0 {
+		t.Fatal("no handler to run pods of")
+	}
+	return out
 }
 
 // kubePod is a pod manifest and what the test expects of it.
@@ -398,6 +438,13 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 		t.Errorf("%s: image ID %s, want the digest it was pulled by (%s)", pods.job.name, job.ctr().ImageID, want)
 	}
 
+	t.Run("pulled", func(t *testing.T) {
+		// The kubelet pulled each image itself, by the name the pod
+		// gives: a short name, a tag, a digest.
+		for _, pod := range []kubePod{pods.web, pods.job, pods.probe} {
+			c.waitPulled(t, pod)
+		}
+	})
 	t.Run("logs", func(t *testing.T) {
 		if out := c.kubectlOut(t, "-n", kubeNamespace, "logs", pods.job.name); !strings.Contains(out, "job done by "+h.handler) {
 			t.Errorf("kubectl logs %s: %q", pods.job.name, out)
@@ -443,6 +490,27 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 		// A failing liveness probe makes the kubelet restart the container.
 		c.waitPod(t, pods.probe.name, "restarted by its liveness probe", func(p *podState) bool { return p.ctr().RestartCount >= 1 })
 	})
+}
+
+// waitPulled waits for the kubelet's event that it pulled the pod's image
+// by the name the pod gives (events reach the API server asynchronously).
+func (c *kubeCluster) waitPulled(t *testing.T, pod kubePod) {
+	t.Helper()
+	image := pod.obj["spec"].(map[string]any)["containers"].([]any)[0].(map[string]any)["image"].(string)
+	want := fmt.Sprintf("Successfully pulled image %q", image)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out := c.kubectlOut(t, "-n", kubeNamespace, "get", "events", "--field-selector", "reason=Pulled,involvedObject.name="+pod.name,
+			"-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}")
+		if strings.Contains(out, want) {
+			t.Logf("%s: %s", pod.name, strings.SplitN(strings.TrimSpace(out), "\n", 2)[0])
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no event %q from the kubelet, only %q", pod.name, want, out)
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 // checkPortForward forwards a local port to the web pod's 8080 with
@@ -493,16 +561,16 @@ func (c *kubeCluster) snapshot(t *testing.T, names []string) map[string]running 
 // checkRestart restarts containerd-kuasar under the running kubelet: the
 // kubelet gets its runtime back and restarts no pod (same sandboxes, same
 // containers, no new restart), and the pods still serve.
-func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, pods map[string]*kubePods) {
+func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, handlers []kubeHandler, pods map[string]*kubePods) {
 	var names []string
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		p := pods[h.handler]
 		names = append(names, p.web.name, p.job.name, p.oom.name)
 	}
 	before := c.snapshot(t, names)
 	c.d.restart(sig)
 	c.waitNodeReady()
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		// Served by the new daemon: exec and logs through CRI.
 		w, p := h.workload, pods[h.handler]
 		if out := c.kubectlOut(t, append([]string{"-n", kubeNamespace, "exec", p.web.name, "--"}, w.exec...)...); !strings.Contains(out, w.execWant) {
@@ -511,6 +579,8 @@ func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, pods map[st
 		if out := c.kubectlOut(t, "-n", kubeNamespace, "logs", p.job.name); !strings.Contains(out, "job done by "+h.handler) {
 			t.Errorf("kubectl logs %s after the restart: %q", p.job.name, out)
 		}
+		// The pod still serves, through the new daemon's streaming server.
+		c.checkPortForward(t, h, p.web.name)
 	}
 	// The kubelet relists the runtime every second and syncs each pod
 	// every 10 s (syncFrequency) and at each probe: look for as long as
@@ -526,7 +596,7 @@ func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, pods map[st
 		}
 		time.Sleep(time.Second)
 	}
-	for _, h := range kubeHandlers {
+	for _, h := range handlers {
 		p := pods[h.handler]
 		if st := c.pod(t, p.web.name); st.condition("Ready") != "True" {
 			t.Errorf("%s not ready after the restart: %s", p.web.name, st)

@@ -178,9 +178,10 @@ func (c *kubeCluster) start(name, bin string, args ...string) {
 	cmd := exec.Command(bin, args...)
 	cmd.Env = c.d.env()
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own process group, so that the end of the test's process (or a
-	// ^C) does not race the orderly stop below.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Its own process group, so that a ^C does not race the orderly stop
+	// below; killed if the test's process dies without it (a panic, a
+	// timeout, a second ^C).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting %s: %v", name, err)
 	}
