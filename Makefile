@@ -1,7 +1,7 @@
 # containerd-kuasar
 #
 #   make demo    install what is needed, build, run a pod of every handler
-#   make test    install what is needed, unit, end-to-end and conformance tests
+#   make test    install what is needed, unit, end-to-end, conformance and kubelet tests
 #
 # Builds are cached machine-wide under $(CACHE) (default /var/cache/containerd-kuasar,
 # outside the clone), so a new clone on the same machine starts warm.
