@@ -41,6 +41,22 @@ type kubeHandler struct {
 	// machine (it says why) skips its line, with its reason.
 	controller string
 	workload   *kubeWorkload
+	// gaps are checks (subtests of each handler: pulled, logs, exec,
+	// port-forward, limits, probes) the kind cannot pass yet, with why:
+	// each is a skipped subtest that prints it.
+	gaps map[string]string
+}
+
+// run runs one check of the handler's, or skips it with the reason the
+// handler's line gives.
+func (h kubeHandler) run(t *testing.T, name string, f func(t *testing.T)) {
+	t.Helper()
+	t.Run(name, func(t *testing.T) {
+		if why := h.gaps[name]; why != "" {
+			t.Skipf("skipping %s for %s: %s", name, h.handler, why)
+		}
+		f(t)
+	})
 }
 
 // kubeCmd is what a container runs: the image's entrypoint replaced
@@ -102,7 +118,10 @@ var linuxWorkload = &kubeWorkload{
 	execWant: "exec-42 in ",
 	stdin:    []string{"sh", "-c", "read x; echo got $x"},
 	limits:   []string{"sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max"},
-	oom:      kubeCmd{command: []string{"sh", "-c", "echo start; exec dd if=/dev/zero of=/dev/null bs=128M count=1"}},
+	// tail keeps its whole input, which has no newline: memory grows until
+	// the OOM killer ends it (one big allocation could just fail, as in a
+	// small VM).
+	oom: kubeCmd{command: []string{"sh", "-c", "echo start; head -c 400m /dev/zero | tail > /dev/null"}},
 }
 
 // wasmWorkload runs the WASI test module (integration/wasmapp), from its
@@ -283,12 +302,13 @@ func newKubePods(h kubeHandler, digest string) *kubePods {
 		return map[string]any{"exec": map[string]any{"command": cmd}, "periodSeconds": period, "failureThreshold": 1, "timeoutSeconds": 30}
 	}
 	return &kubePods{
-		// Guaranteed: requests = limits, 500m CPU and 64 MiB.
+		// Guaranteed: requests = limits, 100m CPU and 64 MiB (the pods
+		// of every handler fit the 2 CPUs of a small node together).
 		web: mk("web", w.tagged, w.web(webWord(h)), "Always", w.webAnnotations, map[string]any{
 			"ports":          []any{map[string]any{"containerPort": 8080}},
 			"readinessProbe": map[string]any{"httpGet": map[string]any{"path": "/", "port": 8080}, "periodSeconds": 2},
 			"livenessProbe":  execProbe(w.healthy, 3),
-			"resources":      map[string]any{"limits": map[string]string{"cpu": "500m", "memory": "64Mi"}},
+			"resources":      map[string]any{"limits": map[string]string{"cpu": "100m", "memory": "64Mi"}},
 		}),
 		job:   mk("job", w.digestRepo+"@"+digest, w.job, "Never", nil, nil),
 		probe: mk("probe", w.latest, w.web(webWord(h)), "Always", w.webAnnotations, map[string]any{"livenessProbe": execProbe(w.failing, 1)}),
@@ -393,7 +413,9 @@ func (c *kubeCluster) waitPod(t *testing.T, name, what string, ok func(*podState
 		if ok(p) {
 			return p
 		}
-		if time.Now().After(deadline) {
+		// Succeeded and Failed are final (a pod the kubelet refused is
+		// Failed at once).
+		if final := p.Status.Phase == "Succeeded" || p.Status.Phase == "Failed"; final || time.Now().After(deadline) {
 			ev := c.kubectlOut(t, "-n", kubeNamespace, "get", "events", "--field-selector", "involvedObject.name="+name)
 			t.Fatalf("pod %s is not %s: %s\nevents:\n%s", name, what, p, ev)
 		}
@@ -438,14 +460,14 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 		t.Errorf("%s: image ID %s, want the digest it was pulled by (%s)", pods.job.name, job.ctr().ImageID, want)
 	}
 
-	t.Run("pulled", func(t *testing.T) {
+	h.run(t, "pulled", func(t *testing.T) {
 		// The kubelet pulled each image itself, by the name the pod
 		// gives: a short name, a tag, a digest.
 		for _, pod := range []kubePod{pods.web, pods.job, pods.probe} {
 			c.waitPulled(t, pod)
 		}
 	})
-	t.Run("logs", func(t *testing.T) {
+	h.run(t, "logs", func(t *testing.T) {
 		if out := c.kubectlOut(t, "-n", kubeNamespace, "logs", pods.job.name); !strings.Contains(out, "job done by "+h.handler) {
 			t.Errorf("kubectl logs %s: %q", pods.job.name, out)
 		}
@@ -453,7 +475,7 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 			t.Errorf("kubectl logs %s: %q", pods.web.name, out)
 		}
 	})
-	t.Run("exec", func(t *testing.T) {
+	h.run(t, "exec", func(t *testing.T) {
 		args := append([]string{"-n", kubeNamespace, "exec", pods.web.name, "--"}, w.exec...)
 		if out := c.kubectlOut(t, args...); !strings.Contains(out, w.execWant) {
 			t.Errorf("kubectl exec %v: %q, want %q", w.exec, out, w.execWant)
@@ -468,13 +490,13 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 			t.Errorf("kubectl exec %v succeeded", w.failing)
 		}
 	})
-	t.Run("port-forward", func(t *testing.T) { c.checkPortForward(t, h, pods.web.name) })
-	t.Run("limits", func(t *testing.T) {
+	h.run(t, "port-forward", func(t *testing.T) { c.checkPortForward(t, h, pods.web.name) })
+	h.run(t, "limits", func(t *testing.T) {
 		if w.limits != nil {
 			out := c.kubectlOut(t, append([]string{"-n", kubeNamespace, "exec", pods.web.name, "--"}, w.limits...)...)
-			// 64 MiB, and 500m of a 100 ms CFS period.
-			if f := strings.Fields(out); len(f) < 2 || f[0] != fmt.Sprint(64<<20) || f[1] != "50000" {
-				t.Errorf("limits seen inside %s: %q, want 67108864 and 50000", pods.web.name, out)
+			// 64 MiB, and 100m of a 100 ms CFS period.
+			if f := strings.Fields(out); len(f) < 2 || f[0] != fmt.Sprint(64<<20) || f[1] != "10000" {
+				t.Errorf("limits seen inside %s: %q, want 67108864 and 10000", pods.web.name, out)
 			}
 		}
 		oom := c.waitPod(t, pods.oom.name, "ended", func(p *podState) bool { return p.Status.Phase == "Failed" || p.Status.Phase == "Succeeded" })
@@ -482,7 +504,7 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 			t.Errorf("%s over its 32 MiB: %s, want OOMKilled, exit code 137", pods.oom.name, oom)
 		}
 	})
-	t.Run("probes", func(t *testing.T) {
+	h.run(t, "probes", func(t *testing.T) {
 		// The web pod's probes pass: ready, never restarted.
 		if st := c.pod(t, pods.web.name); st.ctr().RestartCount != 0 || !st.ctr().Ready {
 			t.Errorf("%s with passing probes: %s", pods.web.name, st)
@@ -580,7 +602,9 @@ func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, handlers []
 			t.Errorf("kubectl logs %s after the restart: %q", p.job.name, out)
 		}
 		// The pod still serves, through the new daemon's streaming server.
-		c.checkPortForward(t, h, p.web.name)
+		if h.gaps["port-forward"] == "" {
+			c.checkPortForward(t, h, p.web.name)
+		}
 	}
 	// The kubelet relists the runtime every second and syncs each pod
 	// every 10 s (syncFrequency) and at each probe: look for as long as
