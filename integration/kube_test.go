@@ -592,6 +592,7 @@ func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, handlers []
 	before := c.snapshot(t, names)
 	c.d.restart(sig)
 	c.waitNodeReady()
+	c.waitKubeletBack(t, handlers[0], pods[handlers[0].handler].web.name)
 	for _, h := range handlers {
 		// Served by the new daemon: exec and logs through CRI.
 		w, p := h.workload, pods[h.handler]
@@ -627,6 +628,30 @@ func (c *kubeCluster) checkRestart(t *testing.T, sig syscall.Signal, handlers []
 		}
 	}
 	t.Logf("%d pods unchanged across the daemon's restart by %v", len(names), sig)
+}
+
+// waitKubeletBack waits until the kubelet reaches the restarted daemon
+// again. Its gRPC connection to the runtime backs off while the daemon is
+// down (longer the longer it is down), and until it redials, its CRI calls
+// fail at once with the last dial error, as they do on a real node: an
+// exec that fails so is tried again, anything else fails the test.
+func (c *kubeCluster) waitKubeletBack(t *testing.T, h kubeHandler, pod string) {
+	t.Helper()
+	begin := time.Now()
+	for {
+		var out bytes.Buffer
+		cmd := c.kubectl(append([]string{"-n", kubeNamespace, "exec", pod, "--"}, h.workload.exec...)...)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		if err == nil {
+			t.Logf("the kubelet reached the restarted daemon %v after it was up", time.Since(begin).Round(100*time.Millisecond))
+			return
+		}
+		if !strings.Contains(out.String(), "code = Unavailable") || time.Since(begin) > 3*time.Minute {
+			t.Fatalf("kubectl exec %s after the restart: %v\n%s", pod, err, out.String())
+		}
+		time.Sleep(time.Second)
+	}
 }
 
 // checkDeleteAndGC deletes every pod through the API: the kubelet stops
