@@ -298,20 +298,27 @@ func newKubePods(h kubeHandler, digest string) *kubePods {
 		}
 		return kubePod{name: h.handler + "-" + name, obj: map[string]any{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}}
 	}
-	execProbe := func(cmd []string, period int) map[string]any {
-		return map[string]any{"exec": map[string]any{"command": cmd}, "periodSeconds": period, "failureThreshold": 1, "timeoutSeconds": 30}
+	execProbe := func(cmd []string, period, failures int) map[string]any {
+		return map[string]any{"exec": map[string]any{"command": cmd}, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 60}
 	}
 	return &kubePods{
-		// Guaranteed: requests = limits, 100m CPU and 64 MiB (the pods
-		// of every handler fit the 2 CPUs of a small node together).
+		// Burstable: 500m CPU and 64 MiB at most, 50m CPU asked for (the
+		// pods of every handler fit the 2 CPUs of a small node together;
+		// an exec runs in the container's cgroup, and a small quota makes
+		// it crawl in an emulated VM). Probes that pass: generous with
+		// time, for a busy machine and an emulated VM.
 		web: mk("web", w.tagged, w.web(webWord(h)), "Always", w.webAnnotations, map[string]any{
-			"ports":          []any{map[string]any{"containerPort": 8080}},
-			"readinessProbe": map[string]any{"httpGet": map[string]any{"path": "/", "port": 8080}, "periodSeconds": 2},
-			"livenessProbe":  execProbe(w.healthy, 3),
-			"resources":      map[string]any{"limits": map[string]string{"cpu": "100m", "memory": "64Mi"}},
+			"ports": []any{map[string]any{"containerPort": 8080}},
+			"readinessProbe": map[string]any{"httpGet": map[string]any{"path": "/", "port": 8080},
+				"periodSeconds": 2, "timeoutSeconds": 10, "failureThreshold": 3},
+			"livenessProbe": execProbe(w.healthy, 10, 3),
+			"resources": map[string]any{
+				"requests": map[string]string{"cpu": "50m", "memory": "64Mi"},
+				"limits":   map[string]string{"cpu": "500m", "memory": "64Mi"},
+			},
 		}),
 		job:   mk("job", w.digestRepo+"@"+digest, w.job, "Never", nil, nil),
-		probe: mk("probe", w.latest, w.web(webWord(h)), "Always", w.webAnnotations, map[string]any{"livenessProbe": execProbe(w.failing, 1)}),
+		probe: mk("probe", w.latest, w.web(webWord(h)), "Always", w.webAnnotations, map[string]any{"livenessProbe": execProbe(w.failing, 1, 1)}),
 		oom: mk("oom", w.tagged, w.oom, "Never", nil, map[string]any{
 			"resources": map[string]any{"limits": map[string]string{"memory": "32Mi"}},
 		}),
@@ -494,9 +501,9 @@ func (c *kubeCluster) checkPods(t *testing.T, h kubeHandler, pods *kubePods) {
 	h.run(t, "limits", func(t *testing.T) {
 		if w.limits != nil {
 			out := c.kubectlOut(t, append([]string{"-n", kubeNamespace, "exec", pods.web.name, "--"}, w.limits...)...)
-			// 64 MiB, and 100m of a 100 ms CFS period.
-			if f := strings.Fields(out); len(f) < 2 || f[0] != fmt.Sprint(64<<20) || f[1] != "10000" {
-				t.Errorf("limits seen inside %s: %q, want 67108864 and 10000", pods.web.name, out)
+			// 64 MiB, and 500m of a 100 ms CFS period.
+			if f := strings.Fields(out); len(f) < 2 || f[0] != fmt.Sprint(64<<20) || f[1] != "50000" {
+				t.Errorf("limits seen inside %s: %q, want 67108864 and 50000", pods.web.name, out)
 			}
 		}
 		oom := c.waitPod(t, pods.oom.name, "ended", func(p *podState) bool { return p.Status.Phase == "Failed" || p.Status.Phase == "Succeeded" })
