@@ -160,6 +160,7 @@ const kubeNamespace = "kuasar-e2e"
 // restart of the daemon under the running kubelet, deletion and the
 // kubelet's garbage collection, and that nothing leaked.
 func TestKube(t *testing.T) {
+	lockKubeNode(t)
 	d := startDaemon(t, daemonOptions{})
 	ctx := context.Background()
 	handlers := d.kubeHandlersHere(t)

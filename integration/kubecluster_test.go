@@ -82,6 +82,34 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// kubeLock is the machine-wide lock of a test's kubelet.
+const kubeLock = "/run/kuasar-e2e-kube.lock"
+
+// lockKubeNode waits until no other test's kubelet runs on the machine: a
+// kubelet changes settings of the whole machine (sysctls, which each test
+// puts back as it found them) and serves a socket at a fixed path
+// (/var/lib/kubelet/device-plugins), so two at once would undo each
+// other's. The lock goes with the test's process, and at its end.
+func lockKubeNode(t *testing.T) {
+	t.Helper()
+	f, err := os.OpenFile(kubeLock, os.O_CREATE|os.O_RDWR, 0o644)
+	must(t, err, "opening %s", kubeLock)
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			t.Fatalf("locking %s: %v", kubeLock, err)
+		}
+		t.Logf("waiting for another test's kubelet on this machine to end (%s)", kubeLock)
+		begin := time.Now()
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+			f.Close()
+			t.Fatalf("locking %s: %v", kubeLock, err)
+		}
+		t.Logf("waited %v for %s", time.Since(begin).Round(time.Second), kubeLock)
+	}
+	t.Cleanup(func() { f.Close() })
+}
+
 // startKubeCluster brings up etcd, the API server and a kubelet against d.
 // Its cleanup stops them (before d's own cleanup, which checks for leaks)
 // and restores what the kubelet changed on the machine.
