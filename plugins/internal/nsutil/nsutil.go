@@ -26,9 +26,14 @@ const (
 	UTS Kind = "uts"
 	Net Kind = "net"
 	PID Kind = "pid"
+	Mnt Kind = "mnt"
 )
 
+// cloneFlag are the unshare(2) flags of the kinds Create can make.
 var cloneFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET}
+
+// setnsFlag are the setns(2) flags of the kinds Do can join.
+var setnsFlag = map[Kind]int{IPC: unix.CLONE_NEWIPC, UTS: unix.CLONE_NEWUTS, Net: unix.CLONE_NEWNET, Mnt: unix.CLONE_NEWNS}
 
 // Create makes new namespaces of the given kinds, sets hostname in a new
 // UTS namespace, and pins each at dir/<kind>. It returns the pinned paths.
@@ -48,20 +53,57 @@ func Create(dir string, kinds []Kind, hostname string) (map[Kind]string, error) 
 		}
 		flags |= f
 	}
-	type result struct {
-		paths map[Kind]string
-		err   error
-	}
-	ch := make(chan result, 1)
+	var paths map[Kind]string
+	err := onThread(kinds, false, func() (err error) {
+		paths, err = unshareAndPin(dir, kinds, flags, hostname)
+		return err
+	})
+	return paths, err
+}
+
+// onThread runs fn on a new goroutine locked to its OS thread, for fn to
+// change that thread's namespaces of the given kinds. The thread is put
+// back into the namespaces it had before and handed back to the scheduler;
+// if that fails, or if fn was allowed to unshare the thread's file system
+// attributes (unshareFS), the goroutine ends locked and the runtime
+// discards the thread. Restoring matters even then: the runtime cannot end
+// the main thread and parks it instead, and /proc/self (the main thread's
+// view) must keep showing the node's namespaces to the whole process.
+func onThread(kinds []Kind, unshareFS bool, fn func() error) error {
+	ch := make(chan error, 1)
 	go func() {
-		// The thread is never unlocked: it exits with the goroutine, taking
-		// its altered namespaces with it.
 		runtime.LockOSThread()
-		paths, err := unshareAndPin(dir, kinds, flags, hostname)
-		ch <- result{paths, err}
+		tid := unix.Gettid()
+		saved := map[Kind]int{}
+		defer func() {
+			restored := true
+			for k, fd := range saved {
+				if err := unix.Setns(fd, setnsFlag[k]); err != nil {
+					restored = false
+				}
+				unix.Close(fd)
+			}
+			if restored && !unshareFS {
+				runtime.UnlockOSThread()
+			}
+		}()
+		for _, k := range kinds {
+			fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				ch <- fmt.Errorf("opening this thread's %s namespace: %w", k, err)
+				return
+			}
+			saved[k] = fd
+		}
+		if unshareFS {
+			if err := unix.Unshare(unix.CLONE_FS); err != nil {
+				ch <- fmt.Errorf("unshare CLONE_FS: %w", err)
+				return
+			}
+		}
+		ch <- fn()
 	}()
-	r := <-ch
-	return r.paths, r.err
+	return <-ch
 }
 
 func unshareAndPin(dir string, kinds []Kind, flags int, hostname string) (_ map[Kind]string, retErr error) {
@@ -145,27 +187,34 @@ func IsPinned(path string) bool {
 }
 
 // Do runs fn on a thread that has joined the namespaces at paths (kinds to
-// namespace file paths). The thread is discarded afterwards.
+// namespace file paths); the thread goes back to its own namespaces after.
+// Joining a mount namespace gives the thread its own root and working
+// directory first (unshare CLONE_FS: the process's other threads share
+// theirs), and that thread is then discarded. fn must not hand work that
+// expects the namespaces to other goroutines.
 func Do(paths map[Kind]string, fn func() error) error {
-	ch := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		for k, p := range paths {
-			fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	kinds := make([]Kind, 0, len(paths))
+	for k := range paths {
+		if _, ok := setnsFlag[k]; !ok {
+			return fmt.Errorf("joining a %s namespace is not supported", k)
+		}
+		kinds = append(kinds, k)
+	}
+	_, mnt := paths[Mnt]
+	return onThread(kinds, mnt, func() error {
+		for _, k := range kinds {
+			fd, err := unix.Open(paths[k], unix.O_RDONLY|unix.O_CLOEXEC, 0)
 			if err != nil {
-				ch <- fmt.Errorf("opening %s namespace %s: %w", k, p, err)
-				return
+				return fmt.Errorf("opening %s namespace %s: %w", k, paths[k], err)
 			}
-			err = unix.Setns(fd, cloneFlag[k])
+			err = unix.Setns(fd, setnsFlag[k])
 			unix.Close(fd)
 			if err != nil {
-				ch <- fmt.Errorf("joining %s namespace %s: %w", k, p, err)
-				return
+				return fmt.Errorf("joining %s namespace %s: %w", k, paths[k], err)
 			}
 		}
-		ch <- fn()
-	}()
-	return <-ch
+		return fn()
+	})
 }
 
 // ProcPath returns /proc/PID/ns/KIND.

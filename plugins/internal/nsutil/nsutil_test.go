@@ -2,10 +2,14 @@ package nsutil
 
 import (
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -109,7 +113,121 @@ func TestCreatePinsNamespaces(t *testing.T) {
 		t.Fatalf("sysctl inside = %q (want %q), host %q -> %q", inside, want, before, after)
 	}
 	if now, _ := os.Readlink("/proc/self/ns/uts"); now != self {
-		t.Fatal("the calling thread's namespace changed")
+		t.Fatal("the main thread's namespace changed")
+	}
+}
+
+// TestThreadsGoBack: the threads Create and Do use are back in the node's
+// namespaces when they return (a thread left in a pod's namespace and
+// parked by the runtime, as the main thread is, makes /proc/self show the
+// pod's namespaces to the whole process), and the mount namespace thread
+// of Do is not handed back.
+func TestThreadsGoBack(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: creating namespaces needs root")
+	}
+	want := map[string]string{}
+	for _, k := range []string{"uts", "ipc", "net", "mnt"} {
+		want[k], _ = os.Readlink("/proc/self/ns/" + k)
+	}
+	inOwn := func(tid int) error {
+		for k, w := range want {
+			got, err := os.Readlink(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k))
+			if err != nil {
+				return err
+			}
+			if got != w {
+				return fmt.Errorf("thread %d is in %s, want %s", tid, got, w)
+			}
+		}
+		return nil
+	}
+	for i := 0; i < 20; i++ {
+		dir := t.TempDir()
+		paths, err := Create(dir, []Kind{IPC, UTS, Net}, "pod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tid := 0
+		err = Do(paths, func() error { tid = unix.Gettid(); return nil })
+		for _, p := range paths {
+			Release(p)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := inOwn(tid); err != nil {
+			t.Fatalf("after Do: %v", err)
+		}
+	}
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	tid := 0
+	if err := Do(map[Kind]string{Mnt: ProcPath(cmd.Process.Pid, "mnt")}, func() error { tid = unix.Gettid(); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	// The thread ends (in its own namespaces until then), or, if it was the
+	// main thread, is parked back in them.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		err := inOwn(tid)
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) || errors.Is(err, os.ErrPermission) { // gone or exiting
+			break
+		}
+		if err != nil {
+			t.Fatalf("mount namespace thread: %v", err)
+		}
+		if tid == os.Getpid() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the thread that joined a mount namespace (own root and cwd) is still in use")
+		}
+	}
+}
+
+// TestDoMountNamespace: a mount made by Do in another process's mount
+// namespace is there and not in ours.
+func TestDoMountNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to join a mount namespace")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	before, _ := os.Readlink("/proc/self/ns/mnt")
+	err := Do(map[Kind]string{Mnt: ProcPath(cmd.Process.Pid, "mnt")}, func() error {
+		return unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.Readlink("/proc/self/ns/mnt"); after != before {
+		t.Fatalf("our mount namespace changed: %s, was %s", after, before)
+	}
+	has := func(mountinfo string) bool {
+		b, err := os.ReadFile(mountinfo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(string(b), " "+dir+" ")
+	}
+	if !has(fmt.Sprintf("/proc/%d/mountinfo", cmd.Process.Pid)) {
+		t.Errorf("the mount is not in the other namespace")
+	}
+	if has("/proc/self/mountinfo") {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		t.Errorf("the mount leaked into ours")
+	}
+	if err := Do(map[Kind]string{"cgroup": "/proc/self/ns/cgroup"}, func() error { return nil }); err == nil {
+		t.Errorf("joining an unsupported kind: no error")
 	}
 }
 
