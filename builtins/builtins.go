@@ -11,6 +11,8 @@ import (
 	_ "github.com/containerd/containerd/v2/cmd/containerd/builtins"
 
 	// Kuasar sandbox controllers.
+	_ "github.com/kuasar-io/containerd-kuasar/plugins/appkernel"
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/runc"
+	_ "github.com/kuasar-io/containerd-kuasar/plugins/vmm"
 	_ "github.com/kuasar-io/containerd-kuasar/plugins/wasm"
 )

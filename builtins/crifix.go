@@ -14,6 +14,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	ksandbox "github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
 )
 
 // criGRPCPluginURI is the CRI plugin that serves the CRI gRPC API.
@@ -22,37 +24,49 @@ var criGRPCPluginURI = plugins.GRPCPlugin.String() + ".cri"
 // criNamespace is the containerd namespace CRI keeps its objects in.
 const criNamespace = "k8s.io"
 
-// containerd v2.4's CRI recovery builds the status of every sandbox that is
-// not podsandbox's without its creation time (internal/cri/server/
-// restart.go: sandboxstore.NewSandbox(metadata, Status{State: state})), so
-// after a restart ListPodSandbox reports such pods as created in 1754. The
-// sandbox store has the right time. withRecoveredCreatedAt fills it in,
-// between CRI's instrumentation (logs, traces, the initialized check) and
-// its service, by replacing the RuntimeServiceServer the CRI plugin's
-// instance embeds. When the instance does not have the expected shape (a
-// containerd version that changed it), it logs and leaves CRI as it is.
-func withRecoveredCreatedAt(r *plugin.Registration) {
+// withCRIFixes wraps CRI's runtime service, between CRI's instrumentation
+// (logs, traces, the initialized check) and its service, by replacing the
+// RuntimeServiceServer the CRI plugin's instance embeds, with:
+//
+//   - createdAtFix: containerd v2.4's CRI recovery builds the status of
+//     every sandbox that is not podsandbox's without its creation time
+//     (internal/cri/server/restart.go: sandboxstore.NewSandbox(metadata,
+//     Status{State: state})), so after a restart ListPodSandbox reports
+//     such pods as created in 1754. The sandbox store has the right time.
+//   - portForwardFix: port-forwards of pods whose kind forwards ports
+//     itself (VM pods) go through the kind (portforward.go).
+//
+// When the instance does not have the expected shape (a containerd version
+// that changed it), it logs and leaves CRI as it is.
+func withCRIFixes(r *plugin.Registration) {
 	initFn := r.InitFn
-	r.Requires = append(r.Requires, plugins.SandboxStorePlugin)
+	r.Requires = append(r.Requires, plugins.SandboxStorePlugin, plugins.SandboxControllerPlugin)
 	r.InitFn = func(ic *plugin.InitContext) (any, error) {
 		inst, err := initFn(ic)
 		if err != nil {
 			return inst, err
 		}
-		s, err := ic.GetSingle(plugins.SandboxStorePlugin)
-		if err != nil {
+		var store sandbox.Store
+		if s, err := ic.GetSingle(plugins.SandboxStorePlugin); err != nil {
 			log.G(ic.Context).WithError(err).Warn("no sandbox store: pods of Kuasar sandboxes will be listed without their creation time after a restart")
-			return inst, nil
-		}
-		store, ok := s.(sandbox.Store)
-		if !ok {
+		} else if store, _ = s.(sandbox.Store); store == nil {
 			log.G(ic.Context).Warnf("sandbox store of type %T: pods will be listed without their creation time after a restart", s)
-			return inst, nil
+		}
+		var controllers []*ksandbox.Controller
+		if cs, err := ic.GetByType(plugins.SandboxControllerPlugin); err == nil {
+			for _, c := range cs {
+				if kc, ok := c.(*ksandbox.Controller); ok {
+					controllers = append(controllers, kc)
+				}
+			}
 		}
 		if err := interposeRuntimeService(inst, func(rs runtime.RuntimeServiceServer) runtime.RuntimeServiceServer {
-			return &createdAtFix{RuntimeServiceServer: rs, store: store}
+			if store != nil {
+				rs = &createdAtFix{RuntimeServiceServer: rs, store: store}
+			}
+			return &portForwardFix{RuntimeServiceServer: rs, controllers: controllers}
 		}); err != nil {
-			log.G(ic.Context).WithError(err).Warn("cannot fix CRI's sandbox creation times after a restart")
+			log.G(ic.Context).WithError(err).Warn("cannot wrap CRI's runtime service: Kuasar pods will be listed without their creation time after a restart, and VM pods cannot be port-forwarded")
 		}
 		return inst, nil
 	}

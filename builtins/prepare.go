@@ -32,12 +32,22 @@ runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-runc"
 disable_pause_image_pull = true
 
+[containerd.runtimes.kuasar-vmm]
+runtime_type = "io.containerd.kuasar.v1"
+sandboxer = "kuasar-vmm"
+disable_pause_image_pull = true
+
 [containerd.runtimes.kuasar-wasm]
 runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-wasm"
 disable_pause_image_pull = true
 pod_annotations = ["wasm.kuasar.io/*"]
 container_annotations = ["wasm.kuasar.io/*"]
+
+[containerd.runtimes.kuasar-gvisor]
+runtime_type = "io.containerd.kuasar.v1"
+sandboxer = "kuasar-appkernel"
+disable_pause_image_pull = true
 `
 
 // IsKuasar reports whether a registration belongs to containerd-kuasar.
@@ -52,7 +62,7 @@ func IsKuasar(r *plugin.Registration) bool {
 // first in initialisation order, in particular before containerd's task
 // runtime, (2) the CRI runtime plugin's defaults carry the Kuasar runtime
 // handlers, and (3) CRI lists recovered Kuasar pods with their creation
-// time (see withRecoveredCreatedAt). It must run before the daemon reads the
+// time and port-forward VM pods (see withCRIFixes). It must run before the daemon reads the
 // registry.
 func Prepare() error {
 	all := registry.Graph(func(*plugin.Registration) bool { return false })
@@ -75,7 +85,7 @@ func Prepare() error {
 				return fmt.Errorf("adding kuasar runtime handlers to CRI defaults: %w", err)
 			}
 		case criGRPCPluginURI:
-			withRecoveredCreatedAt(&ordered[i])
+			withCRIFixes(&ordered[i])
 		}
 	}
 

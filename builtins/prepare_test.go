@@ -29,7 +29,7 @@ func TestPrepareOrdersKuasarBeforeTaskRuntime(t *testing.T) {
 			}
 		}
 	}
-	for _, want := range []string{"io.containerd.sandbox.controller.v1.kuasar-runc", "io.containerd.sandbox.controller.v1.kuasar-wasm", "io.containerd.kuasar.monitor.v1.keeper"} {
+	for _, want := range []string{"io.containerd.sandbox.controller.v1.kuasar-runc", "io.containerd.sandbox.controller.v1.kuasar-wasm", "io.containerd.sandbox.controller.v1.kuasar-appkernel", "io.containerd.kuasar.monitor.v1.keeper"} {
 		if !slices.Contains(kuasar, want) {
 			t.Errorf("%s is not registered (have %v)", want, kuasar)
 		}
@@ -67,10 +67,11 @@ func TestDefaultHandlersInCRIConfig(t *testing.T) {
 	var found bool
 	for _, r := range registryGraph() {
 		if r.URI() == criRuntimePluginURI {
-			found = strings.Contains(dump(t, r.Config), "kuasar-runc") && strings.Contains(dump(t, r.Config), "kuasar-wasm")
+			cfg := dump(t, r.Config)
+			found = strings.Contains(cfg, "kuasar-runc") && strings.Contains(cfg, "kuasar-wasm") && strings.Contains(cfg, "kuasar-gvisor") && strings.Contains(cfg, "kuasar-appkernel")
 		}
 	}
 	if !found {
-		t.Fatal("the CRI runtime plugin's defaults lack the kuasar-runc or kuasar-wasm handler")
+		t.Fatal("the CRI runtime plugin's defaults lack the kuasar-runc, kuasar-wasm or kuasar-gvisor handler")
 	}
 }

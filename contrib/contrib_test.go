@@ -29,7 +29,9 @@ func TestNodeConfig(t *testing.T) {
 	}
 	rt := cfg.Plugins["io.containerd.cri.v1.runtime"].Containerd.Runtimes
 	if cfg.Version != 4 || rt["kuasar-runc"].Sandboxer != "kuasar-runc" || rt["kuasar-runc"].RuntimeType != "io.containerd.kuasar.v1" || rt["runc"].Sandboxer != "podsandbox" ||
-		rt["kuasar-wasm"].Sandboxer != "kuasar-wasm" || rt["kuasar-wasm"].RuntimeType != "io.containerd.kuasar.v1" {
+		rt["kuasar-wasm"].Sandboxer != "kuasar-wasm" || rt["kuasar-wasm"].RuntimeType != "io.containerd.kuasar.v1" ||
+		rt["kuasar-vmm"].Sandboxer != "kuasar-vmm" || rt["kuasar-vmm"].RuntimeType != "io.containerd.kuasar.v1" ||
+		rt["kuasar-gvisor"].Sandboxer != "kuasar-appkernel" || rt["kuasar-gvisor"].RuntimeType != "io.containerd.kuasar.v1" {
 		t.Fatalf("unexpected handlers: %+v (version %d)", rt, cfg.Version)
 	}
 }

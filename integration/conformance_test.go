@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -30,10 +31,23 @@ var conformanceSkips = []struct{ spec, reason string }{
 	{"public image with digest should be pulled and removed", "the image is pinned by a digest of the original registry, which no local build can reproduce"},
 }
 
-// TestConformance runs critest's CRI validation suite twice: against stock
-// containerd's runc handler (podsandbox) as the reference, and against
-// containerd-kuasar's kuasar-runc. Every spec that passes on stock must pass
-// on kuasar-runc.
+// vmmSkips are specs that cannot apply to a pod in a VM, with the reason;
+// the README lists the same.
+var vmmSkips = []struct{ spec, reason string }{
+	{"HostNetwork is true", "a VM cannot share the node's network namespace (refused with InvalidArgument)"},
+	{"HostIpc is true", "a VM cannot share the node's IPC namespace (refused with InvalidArgument)"},
+	{"should support HostPID", "a VM cannot share the node's PID namespace (refused with InvalidArgument)"},
+	{"portforward in host network", "needs a pod on the node's network"},
+	{"mount with 'rshared' should support propagation from host to container and vice versa", "mounts do not propagate across the VM boundary (9p share)"},
+	{"mount with 'rslave' should support propagation from host to container", "mounts do not propagate across the VM boundary (9p share)"},
+}
+
+// TestConformance runs critest's CRI validation suite against stock
+// containerd's runc handler (podsandbox) as the reference, then against
+// containerd-kuasar's kuasar-runc and kuasar-vmm. Every spec that passes on
+// stock must pass on each of them, but the specs that cannot apply to a VM
+// (vmmSkips) on kuasar-vmm. kuasar-gvisor is compared with gVisor's own
+// shim on stock containerd (conformanceGVisor).
 func TestConformance(t *testing.T) {
 	out := os.Getenv("KUASAR_CONFORMANCE_OUT")
 	if out == "" {
@@ -49,30 +63,53 @@ func TestConformance(t *testing.T) {
 	if err := images.PushSet(context.Background(), registry, images.CritestBuilders); err != nil {
 		t.Fatalf("critest images: %v", err)
 	}
+	runs := []*handlerRun{
+		{name: kuasarRunc, handler: kuasarRunc},
+		{name: kuasarVMM, handler: kuasarVMM, skips: vmmSkips},
+	}
+	selected := func(string) bool { return true }
+	if h := os.Getenv("KUASAR_CONFORMANCE_HANDLERS"); h != "" {
+		selected = func(name string) bool { return strings.Contains(","+h+",", ","+name+",") }
+	}
+	runs = slices.DeleteFunc(runs, func(r *handlerRun) bool { return !selected(r.name) })
 	// One daemon at a time: each is stopped, and checked for leaks, at the
 	// end of its subtest.
-	var stockRes, kuasarRes map[string]specResult
+	var stockRes map[string]specResult
 	t.Run("stock-runc", func(t *testing.T) {
 		d := startDaemon(t, daemonOptions{stock: true, portMap: true})
-		stockRes = critest(t, d, "", filepath.Join(out, "critest-stock.json"))
+		stockRes = critest(t, d, "", nil, filepath.Join(out, "critest-stock.json"), nil)
 	})
-	t.Run(kuasarRunc, func(t *testing.T) {
-		d := startDaemon(t, daemonOptions{portMap: true})
-		kuasarRes = critest(t, d, kuasarRunc, filepath.Join(out, "critest-kuasar-runc.json"))
-	})
-	if stockRes == nil || kuasarRes == nil {
-		t.Fatal("a critest run produced no results")
+	for _, r := range runs {
+		t.Run(r.name, func(t *testing.T) {
+			d := startDaemon(t, daemonOptions{portMap: true})
+			r.res = critest(t, d, r.handler, r.skips, filepath.Join(out, "critest-"+r.name+".json"), stockRes)
+		})
+	}
+	if stockRes == nil {
+		t.Fatal("the stock critest run produced no results")
+	}
+	for _, r := range runs {
+		if r.res == nil {
+			t.Fatalf("the %s critest run produced no results", r.name)
+		}
 	}
 
-	table, regressions, counts := compare(stockRes, kuasarRes)
-	md := fmt.Sprintf("### critest v1.34.0: stock containerd `runc` vs containerd-kuasar `kuasar-runc` (%s)\n\n%s\n%s",
-		time.Now().UTC().Format(time.RFC3339), counts, table)
+	table, regressions, counts := compare(stockRes, runs)
+	var names []string
+	for _, r := range runs {
+		names = append(names, "`"+r.name+"`")
+	}
+	md := fmt.Sprintf("### critest v1.34.0: stock containerd `runc` vs containerd-kuasar %s (%s)\n\n%s\n%s",
+		strings.Join(names, ", "), time.Now().UTC().Format(time.RFC3339), counts, table)
 	if err := os.WriteFile(filepath.Join(out, "conformance.md"), []byte(md), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Log("\n" + md)
 	for _, r := range regressions {
-		t.Errorf("passes on stock, not on kuasar-runc: %s\n%s", r, kuasarRes[r].Failure)
+		t.Errorf("passes on stock, not on %s: %s\n%s", r.handler, r.spec, r.failure)
+	}
+	if selected(kuasarGVisor) {
+		t.Run("gvisor", func(t *testing.T) { conformanceGVisor(t, out, stockRes) })
 	}
 	// A spec that fails on stock is not compared: that is a problem of the
 	// host, the harness or a stand-in image, to be fixed or skipped.
@@ -81,6 +118,24 @@ func TestConformance(t *testing.T) {
 			t.Errorf("fails on stock too, so it is not compared (fix the stand-in or skip it with a reason): %s\n%s", name, r.Failure)
 		}
 	}
+}
+
+// handlerRun is one handler's critest run.
+type handlerRun struct {
+	name, handler string
+	// skips are specs that cannot apply to the handler, with the reason.
+	skips []struct{ spec, reason string }
+	res   map[string]specResult
+}
+
+// skipped reports whether spec is one the handler cannot run.
+func (r *handlerRun) skipped(spec string) bool {
+	for _, s := range r.skips {
+		if strings.Contains(spec, s.spec) {
+			return true
+		}
+	}
+	return false
 }
 
 // specResult is one spec's outcome in a critest run.
@@ -92,27 +147,41 @@ type specResult struct {
 }
 
 // critest runs the validation suite against d and returns results by spec.
-// Specs that fail are run once more, alone: one that passes then counts as
-// passed, marked as retried in the table.
-func critest(t *testing.T, d *Daemon, handler, report string) map[string]specResult {
+// Specs that fail are run once more, alone, those that passed on the
+// reference run ref (all of them without one): one that passes then counts
+// as passed, marked as retried in the table.
+func critest(t *testing.T, d *Daemon, handler string, skips []struct{ spec, reason string }, report string, ref map[string]specResult) map[string]specResult {
 	t.Helper()
-	res := runCritest(t, d, handler, report, nil)
+	var extra []string
+	for _, s := range skips {
+		extra = append(extra, "-ginkgo.skip", regexp.QuoteMeta(s.spec))
+	}
+	res := runCritest(t, d, handler, report, extra)
 	var focus []string
-	for _, r := range res {
-		if r.State != "passed" && r.State != "skipped" {
+	for name, r := range res {
+		if r.State != "passed" && r.State != "skipped" && (ref == nil || ref[name].State == "passed") {
 			focus = append(focus, "-ginkgo.focus", regexp.QuoteMeta(r.Leaf))
 		}
 	}
 	if len(focus) == 0 {
 		return res
 	}
-	again := runCritest(t, d, handler, strings.TrimSuffix(report, ".json")+"-retry.json", focus)
+	again := runCritest(t, d, handler, strings.TrimSuffix(report, ".json")+"-retry.json", append(extra, focus...))
 	for name, r := range again {
 		if first, ok := res[name]; ok && first.State != "passed" && r.State == "passed" {
 			res[name] = specResult{State: "passed", Leaf: r.Leaf, Retried: true}
 		}
 	}
 	return res
+}
+
+// critestParallel is how many specs run at once: KUASAR_CRITEST_PARALLEL,
+// else 2 (most of a spec is waiting on the runtime).
+func critestParallel() int {
+	if n, err := strconv.Atoi(os.Getenv("KUASAR_CRITEST_PARALLEL")); err == nil && n > 0 {
+		return n
+	}
+	return 2
 }
 
 // runCritest runs critest once and reads its report.
@@ -130,6 +199,11 @@ func runCritest(t *testing.T, d *Daemon, handler, report string, extra []string)
 	if handler != "" {
 		args = append(args, "-runtime-handler", handler)
 	}
+	// Specs run on critestParallel ginkgo nodes (ginkgo's CLI, a pinned
+	// tool); those that fail are run again alone.
+	if n := critestParallel(); n > 1 && !strings.Contains(strings.Join(extra, " "), "-ginkgo.focus") {
+		args = append(args, "-parallel", strconv.Itoa(n))
+	}
 	args = append(args, extra...)
 	cmd := exec.Command(filepath.Join(binDir, "critest"), args...)
 	cmd.Dir = t.TempDir()
@@ -145,8 +219,8 @@ func runCritest(t *testing.T, d *Daemon, handler, report string, extra []string)
 	begin := time.Now()
 	runErr := cmd.Run() // non-zero when any spec fails; the report says which
 	what := "the suite"
-	if len(extra) > 0 {
-		what = fmt.Sprintf("%d failed specs again", len(extra)/2)
+	if n := strings.Count(strings.Join(extra, " "), "-ginkgo.focus"); n > 0 {
+		what = fmt.Sprintf("%d failed specs again", n)
 	}
 	t.Logf("critest, %s, against %s (handler %q): %v in %v", what, filepath.Base(d.Binary), handler, runErr, time.Since(begin).Round(time.Second))
 	b, err := os.ReadFile(report)
@@ -199,15 +273,20 @@ func firstLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// regression is a spec that passes on stock and not on a handler.
+type regression struct{ handler, spec, failure string }
+
 // compare builds the side-by-side table and lists specs that pass on stock
-// but not on kuasar-runc.
-func compare(stock, kuasar map[string]specResult) (table string, regressions []string, counts string) {
+// but not on a handler (leaving out those the handler cannot run).
+func compare(stock map[string]specResult, runs []*handlerRun) (table string, regressions []regression, counts string) {
 	names := map[string]bool{}
 	for n := range stock {
 		names[n] = true
 	}
-	for n := range kuasar {
-		names[n] = true
+	for _, r := range runs {
+		for n := range r.res {
+			names[n] = true
+		}
 	}
 	var sorted []string
 	for n := range names {
@@ -236,24 +315,43 @@ func compare(stock, kuasar map[string]specResult) (table string, regressions []s
 		return out
 	}
 	var b strings.Builder
-	b.WriteString("| spec | stock `runc` | `kuasar-runc` |\n|---|---|---|\n")
+	b.WriteString("| spec | stock `runc` |")
+	for _, r := range runs {
+		fmt.Fprintf(&b, " `%s` |", r.name)
+	}
+	b.WriteString("\n|---|---|" + strings.Repeat("---|", len(runs)) + "\n")
 	for _, n := range sorted {
-		s, k := stock[n].result(), kuasar[n].result()
+		s := stock[n].result()
 		if s == "" {
 			s = "absent"
 		}
-		if k == "" {
-			k = "absent"
+		fmt.Fprintf(&b, "| %s | %s |", strings.ReplaceAll(n, "|", "\\|"), s)
+		for _, r := range runs {
+			k := r.res[n].result()
+			switch {
+			case r.skipped(n):
+				k += " (cannot apply)"
+			case k == "":
+				k = "absent"
+			case stock[n].State == "passed" && r.res[n].State != "passed":
+				regressions = append(regressions, regression{r.name, n, r.res[n].Failure})
+				k += " **REGRESSION**"
+			}
+			fmt.Fprintf(&b, " %s |", k)
 		}
-		mark := ""
-		if stock[n].State == "passed" && kuasar[n].State != "passed" {
-			regressions = append(regressions, n)
-			mark = " **REGRESSION**"
-		}
-		fmt.Fprintf(&b, "| %s | %s | %s%s |\n", strings.ReplaceAll(n, "|", "\\|"), s, k, mark)
+		b.WriteString("\n")
 	}
-	counts = fmt.Sprintf("Stock: %s. kuasar-runc: %s. Specs passing on stock and not on kuasar-runc: %d.\n", count(stock), count(kuasar), len(regressions))
-	return b.String(), regressions, counts
+	counts = fmt.Sprintf("Stock: %s.", count(stock))
+	for _, r := range runs {
+		var lost int
+		for _, g := range regressions {
+			if g.handler == r.name {
+				lost++
+			}
+		}
+		counts += fmt.Sprintf(" %s: %s (%d specs that cannot apply skipped); passing on stock and not on %s: %d.", r.name, count(r.res), len(r.skips), r.name, lost)
+	}
+	return b.String(), regressions, counts + "\n"
 }
 
 // shmSegments lists the host's System V shared memory segments: id and

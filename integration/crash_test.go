@@ -35,7 +35,7 @@ func TestKillDuringPodStarts(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				startPodUnchecked(d, fmt.Sprintf("crash-%d-%d", round, i), i)
+				startPodUnchecked(d, kuasarRunc, fmt.Sprintf("crash-%d-%d", round, i), i)
 			}()
 		}
 		delay := time.Duration(rand.IntN(1200)) * time.Millisecond
@@ -70,10 +70,11 @@ func TestKillDuringPodStarts(t *testing.T) {
 	}
 }
 
-// startPodUnchecked runs a pod and a container in it, as a kubelet would,
-// ignoring errors (the daemon is killed under it). Some pods share their
-// PID namespace (they have an init), some containers have a terminal.
-func startPodUnchecked(d *Daemon, name string, i int) {
+// startPodUnchecked runs a pod of handler and a container in it, as a
+// kubelet would, ignoring errors (the daemon is killed under it). Some pods
+// share their PID namespace (they have an init), some containers have a
+// terminal.
+func startPodUnchecked(d *Daemon, handler, name string, i int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	cfg := d.podConfig(name)
@@ -82,7 +83,7 @@ func startPodUnchecked(d *Daemon, name string, i int) {
 		pid = runtimeapi.NamespaceMode_POD
 	}
 	cfg.Linux.SecurityContext.NamespaceOptions.Pid = pid
-	r, err := d.RS.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: kuasarRunc})
+	r, err := d.RS.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: handler})
 	if err != nil {
 		return
 	}

@@ -36,6 +36,8 @@ cleanup() {
 		[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
 	done
 	grep " $DIR/" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+	# kuasar-vmm's template RAM, named after the daemon's state directory.
+	rm -rf "/dev/shm/kuasar-vmm-$(printf %s "$DIR/state/io.containerd.sandbox.controller.v1.kuasar-vmm" | sha256sum | cut -c1-12)"
 	rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -60,7 +62,7 @@ for _ in $(seq 100); do "${CRICTL[@]}" version >/dev/null 2>&1 && break; sleep 0
 "${CRICTL[@]}" pull docker.io/library/wasm-app:layer >/dev/null
 
 declare -A POD CTR
-for handler in kuasar-runc kuasar-wasm runc; do
+for handler in kuasar-runc kuasar-wasm kuasar-vmm kuasar-gvisor runc; do
 	name=demo-${handler/-/}
 	cat > "$DIR/$name-pod.json" <<JSON
 {"metadata": {"name": "$name", "namespace": "demo", "uid": "$name-uid"},
@@ -88,6 +90,9 @@ JSON
 	end=$(date +%s%N)
 	echo "runp + create + start (crictl, 3 processes): $(( (end - start) / 1000000 )) ms"
 	[ "$handler" = kuasar-wasm ] && echo "(the node's first Wasm pod: the Wasm host starts and compiles the module; later pods of the image reuse it)"
+	[ "$handler" = kuasar-gvisor ] && echo "(the pod is one gVisor sandbox: ps in it shows gVisor's view, with kuasar-gvisor's idle root container)"
+	[ "$handler" = kuasar-vmm ] && echo "(the node's first VM pod of its size: a template VM boots once and is saved; later pods are clones of it)" &&
+		"${CRICTL[@]}" inspectp "${POD[$handler]}" | grep -oE '"(accel|boot|vcpus|memoryMiB)": *("[^"]*"|[0-9]+)' | tr '\n' ' ' && echo
 	sleep 1
 	"${CRICTL[@]}" logs "${CTR[$handler]}"
 done
@@ -101,7 +106,28 @@ keeper=$(pgrep -f "kuasar-keeper --socket $DIR/" || true)
 echo "$keeper" > "$DIR/keeper.pid"
 wasmhost=$(pgrep -f "kuasar-wasm-host --socket $DIR/" || true)
 echo "$wasmhost" > "$DIR/wasmhost.pid"
-for handler in kuasar-runc kuasar-wasm runc; do
+for handler in kuasar-runc kuasar-wasm kuasar-vmm kuasar-gvisor runc; do
+	if [ "$handler" = kuasar-vmm ]; then
+		vm=$("${CRICTL[@]}" inspectp -o go-template --template '{{.kuasar.vmPid}}' "${POD[$handler]}")
+		echo "-- $handler pod ${POD[$handler]:0:12}"
+		printf '   %-8s %-12s %-20s PSS %6s kB\n' "$vm" "$(cat /proc/$vm/comm)" "the VM (isolation)" "$(pss $vm)"
+		echo "   the pod's processes run in the guest; on the node, only its hypervisor"
+		echo "   management processes for this pod: 0 kB PSS"
+		continue
+	elif [ "$handler" = kuasar-gvisor ]; then
+		echo "-- $handler pod ${POD[$handler]:0:12}"
+		root="$DIR/state/io.containerd.sandbox.controller.v1.kuasar-appkernel"
+		for p in $(ls /proc | grep -E '^[0-9]+$'); do
+			args=$({ tr '\0' ' ' < /proc/$p/cmdline; } 2>/dev/null) || continue
+			case "$args" in
+			runsc-sandbox*"$root"*"${POD[$handler]}"*) printf '   %-8s %-12s %-20s PSS %6s kB\n' "$p" sentry "gVisor (isolation)" "$(pss $p)" ;;
+			runsc-gofer*"$root"*) grep -q -e "${POD[$handler]}" -e "${CTR[$handler]}" /proc/$p/cmdline && printf '   %-8s %-12s %-20s PSS %6s kB\n' "$p" gofer "gVisor (isolation)" "$(pss $p)" ;;
+			esac
+		done
+		echo "   the workload runs inside the sentry; no shim, no pause, no runsc left running"
+		echo "   management processes for this pod: 0 kB PSS"
+		continue
+	fi
 	if [ "$handler" = kuasar-wasm ]; then
 		tid=$("${CRICTL[@]}" inspect -o go-template --template '{{.info.pid}}' "${CTR[$handler]}")
 		mem=$("${CRICTL[@]}" stats -o json "${CTR[$handler]}" | tr -d ' \n' | grep -o '"workingSetBytes":{"value":"[0-9]*"' | grep -o '[0-9][0-9]*' || echo 0)

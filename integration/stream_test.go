@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -152,24 +153,60 @@ func TestPortForward(t *testing.T) {
 	podCfg := d.podConfig("web")
 	pod := d.runPod(t, kuasarRunc, podCfg)
 	d.run(t, pod, podCfg, ctrConfig("httpd", "sh", "-c", "mkdir -p /www && echo kuasar-web > /www/index.html && exec httpd -f -p 8080 -h /www"))
+	if got := d.portForwardGet(t, pod, 8080, "/"); strings.TrimSpace(got) != "kuasar-web" {
+		t.Fatalf("port-forward: %q", got)
+	}
+}
 
+// portForwardGet forwards a local port to the pod's port with crictl and
+// returns the body of an HTTP GET of path through it.
+func (d *Daemon) portForwardGet(t *testing.T, pod string, podPort int, path string) string {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	cmd := d.crictl("port-forward", pod, fmt.Sprintf("%d:8080", port))
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	if err := waitPort(addr, 15*time.Second); err != nil {
-		t.Fatal(err)
+	// crictl ends at the first connection it cannot forward (a server
+	// not listening yet): it is started again while the deadline allows.
+	var exited chan struct{}
+	forward := func() func() {
+		cmd := d.crictl("port-forward", pod, fmt.Sprintf("%d:%d", port, podPort))
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited = make(chan struct{})
+		done := exited
+		go func() { cmd.Wait(); close(done) }()
+		if err := waitPort(addr, 15*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		return func() { cmd.Process.Kill(); <-done }
 	}
-	if err := waitHTTP("http://"+addr+"/", "kuasar-web", 15*time.Second); err != nil {
-		t.Fatalf("port-forward: %v", err)
+	stop := forward()
+	defer func() { stop() }()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		select {
+		case <-exited:
+			stop = forward()
+		default:
+		}
+		resp, err := http.Get("http://" + addr + path)
+		if err == nil {
+			body, rerr := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if rerr == nil && resp.StatusCode == http.StatusOK {
+				return string(body)
+			}
+			err = fmt.Errorf("status %s, %d bytes: %v", resp.Status, len(body), rerr)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("port-forward to %s:%d: %v", pod, podPort, err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }

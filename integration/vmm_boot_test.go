@@ -1,4 +1,4 @@
-//go:build e2e
+//go:build e2e || bench
 
 package integration
 
@@ -47,7 +47,7 @@ func TestVMMBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32)
+	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 64)
 	boots := envInt("KUASAR_VMM_BOOTS", 3)
 	t.Logf("qemu %s, accel %s, 1 vCPU, %d MiB, tb-size %d MiB, image %s (kernel %s)", bin, accel, memMiB, tbMiB, img.Key, img.KernelRelease)
 
@@ -97,7 +97,7 @@ type bootedVM struct {
 	cmd     *exec.Cmd
 	conn    net.Conn
 	client  *ttrpc.Client
-	agent   agentapi.AgentService
+	agent   agentapi.AgentClient
 	hello   time.Duration // exec to the first channel hello (0: none heard)
 	ready   time.Duration // exec to Hello's reply
 	started time.Time
@@ -197,10 +197,12 @@ func (b *bootedVM) connect(conn net.Conn) {
 // logs returns QEMU's output and the guest console, for failures.
 func (b *bootedVM) logs() string {
 	var s strings.Builder
-	for _, f := range []string{filepath.Join(b.st.RunDir, "qemu.log"), b.st.ConsoleLog} {
-		if data, err := os.ReadFile(f); err == nil && len(data) > 0 {
-			fmt.Fprintf(&s, "\n--- %s:\n%s", f, data[max(0, len(data)-4000):])
-		}
+	f := filepath.Join(b.st.RunDir, "qemu.log")
+	if data, err := os.ReadFile(f); err == nil && len(data) > 0 {
+		fmt.Fprintf(&s, "\n--- %s:\n%s", f, data[max(0, len(data)-4000):])
+	}
+	if b.vm != nil {
+		fmt.Fprintf(&s, "\n--- the guest's console:\n%s", b.vm.Console(context.Background(), 4000))
 	}
 	return s.String()
 }
@@ -437,7 +439,7 @@ func guestImage(t *testing.T) *guest.Image {
 	t.Helper()
 	dir := os.Getenv("KUASAR_GUEST_DIR")
 	if dir == "" {
-		dir = filepath.Join(binDir, "..", "guest")
+		dir = filepath.Join(binDir, "..", "share", "kuasar", "guest")
 	}
 	img, err := guest.Open(dir)
 	if err != nil {

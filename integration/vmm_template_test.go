@@ -1,4 +1,4 @@
-//go:build e2e
+//go:build e2e || bench
 
 package integration
 
@@ -35,7 +35,7 @@ func TestVMMTemplate(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 32)
+	memMiB, tbMiB := envInt("KUASAR_VMM_MEMORY_MIB", 128), envInt("KUASAR_VMM_TB_MIB", 64)
 
 	ram := filepath.Join("/dev/shm", "kvt-template-"+randHex(4))
 	t.Cleanup(func() { os.Remove(ram) })

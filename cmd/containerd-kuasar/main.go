@@ -29,6 +29,18 @@ func main() {
 	app.Usage = usage
 	app.Version = version.Version
 	app.Commands = append(app.Commands, scratchCommand())
+	serve := app.Action
+	app.Action = func(ctx context.Context, cmd *cli.Command) error {
+		// The daemon itself (containerd answers other arguments with help):
+		// a typo in a Kuasar plugin's section stops it here, where
+		// containerd would only warn and run on the default.
+		if cmd.Args().First() == "" {
+			if err := builtins.CheckConfig(ctx, cmd.String("config"), cmd.IsSet("config")); err != nil {
+				return err
+			}
+		}
+		return serve(ctx, cmd)
+	}
 	cli.VersionPrinter = func(cmd *cli.Command) { version.Fprint(cmd.Root().Writer) }
 
 	if err := app.Run(context.Background(), os.Args); err != nil {

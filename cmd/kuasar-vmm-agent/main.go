@@ -21,6 +21,10 @@ func main() {
 		version.Fprint(os.Stdout)
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == agent.PauseArg {
+		// The init of a pod's shared PID namespace: PID 1 there too.
+		agent.Pause()
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "kuasar-vmm-agent runs as PID 1 of a kuasar-vmm guest (see contrib/guest)")
 		os.Exit(2)

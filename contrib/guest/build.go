@@ -34,6 +34,9 @@ var (
 		"virtio_blk",                 // block devices (rootfs on a block snapshot)
 		"vmw_vsock_virtio_transport", // the channel where vhost-vsock exists
 		"virtio_balloon",             // returning free guest memory to the node
+		// What a privileged container may make as on a node, where the
+		// kernel loads them on demand: bridges and veth pairs.
+		"bridge", "veth",
 	}
 )
 

@@ -3,6 +3,7 @@ module github.com/kuasar-io/containerd-kuasar/integration/tools
 go 1.26
 
 tool (
+	github.com/onsi/ginkgo/v2/ginkgo
 	sigs.k8s.io/cri-tools/cmd/crictl
 	sigs.k8s.io/cri-tools/cmd/critest
 )

@@ -45,6 +45,7 @@ type heldIO struct {
 	stdinKeep *os.File // keeps stdin from seeing EOF until CloseStdin
 	console   console.Console
 	stdinSrc  io.Closer
+	inDone    chan struct{} // the terminal's stdin copy ended
 	outDone   chan struct{}
 	released  bool
 }
@@ -195,7 +196,12 @@ func (h *heldIO) attach(ctx context.Context) error {
 		h.mu.Lock()
 		h.stdinSrc, h.stdinKeep = in, keep
 		h.mu.Unlock()
+		inDone := make(chan struct{})
+		h.mu.Lock()
+		h.inDone = inDone
+		h.mu.Unlock()
 		go func() {
+			defer close(inDone)
 			n, err := io.Copy(r.c, in)
 			log.L.WithError(err).WithField("bytes", n).WithField("key", h.key).Debug("terminal stdin copy ended")
 		}()
@@ -227,15 +233,31 @@ func (h *heldIO) resize(w, ht uint32) error {
 	return c.Resize(console.WinSize{Width: uint16(w), Height: uint16(ht)})
 }
 
-func (h *heldIO) closeStdin() {
+// stdinDrain bounds the wait, at CloseStdin, for what a terminal's stdin
+// FIFO still holds to be copied to the terminal.
+const stdinDrain = 2 * time.Second
+
+func (h *heldIO) closeStdin() { h.endStdin(true) }
+
+// endStdin closes the held stdin, letting what a terminal's FIFO still
+// holds through first with drain.
+func (h *heldIO) endStdin(drain bool) {
 	h.mu.Lock()
-	keep, src := h.stdinKeep, h.stdinSrc
+	keep, src, inDone := h.stdinKeep, h.stdinSrc, h.inDone
 	h.stdinKeep, h.stdinSrc = nil, nil
 	h.mu.Unlock()
 	if keep != nil {
 		keep.Close()
 	}
 	if src != nil {
+		// What the FIFO holds goes to the terminal first (the client's
+		// writer is closed by now, so the copy ends with it).
+		if drain && inDone != nil {
+			select {
+			case <-inDone:
+			case <-time.After(stdinDrain):
+			}
+		}
 		src.Close()
 	}
 }
@@ -245,7 +267,7 @@ func (h *heldIO) release() {
 	if h == nil {
 		return
 	}
-	h.closeStdin()
+	h.endStdin(false)
 	h.mu.Lock()
 	c, sock := h.console, h.sock
 	h.console, h.sock, h.released = nil, nil, true
@@ -313,3 +335,15 @@ func checkStreamPath(path string) error {
 	}
 	return nil
 }
+
+// OpenStdin opens a stdin FIFO as the keeper does for the processes it
+// spawns: a reader to give the process (blocking reads) and a writer that
+// keeps it from seeing EOF for as long as the caller holds it. For streams
+// the daemon hands to a process itself (kuasar-gvisor's execs, which it
+// starts through the sandbox's control socket).
+func OpenStdin(path string) (r, w *os.File, err error) { return openStdin(path) }
+
+// OpenOutput opens where a process's output goes as the keeper does: a
+// FIFO read-write (it never blocks or breaks for want of a reader), a
+// file:// URI, or nothing (nil).
+func OpenOutput(path string) (*os.File, error) { return openOutput(path) }

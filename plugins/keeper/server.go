@@ -425,8 +425,9 @@ func (s *Server) Spawn(ctx context.Context, req *api.SpawnRequest) (_ *api.Spawn
 		Env:   env,
 		Files: child.fds(),
 		Sys: &syscall.SysProcAttr{
-			Setsid:     req.GetSetsid(),
-			Cloneflags: uintptr(req.GetCloneflags()),
+			Setsid:       req.GetSetsid(),
+			Cloneflags:   uintptr(req.GetCloneflags()),
+			Unshareflags: uintptr(req.GetUnshareflags()),
 		},
 	}
 

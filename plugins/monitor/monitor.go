@@ -342,6 +342,26 @@ func (m *Monitor) Close() error {
 	return nil
 }
 
+// Stats is what the monitor knows of the keeper now, without reaching it.
+type Stats struct {
+	// KeeperPid is the pid of the keeper connected to (0: none).
+	KeeperPid int
+	// Watched is how many processes' exits are waited for.
+	Watched int
+}
+
+// Stats reports the keeper connection and the processes watched.
+func (m *Monitor) Stats() Stats {
+	c, _ := m.current()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := Stats{Watched: len(m.watchers)}
+	if c != nil {
+		st.KeeperPid = c.KeeperPid
+	}
+	return st
+}
+
 // binary resolves the kuasar-keeper executable.
 func (m *Monitor) binary() (string, error) {
 	if m.launch.Binary != "" {

@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/plugin/registry"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 )
 
 // Type is the plugin type of the monitor.
@@ -23,11 +24,11 @@ const ID = "keeper"
 type Config struct {
 	// KeeperPath is the kuasar-keeper binary; empty looks beside the daemon
 	// and on PATH.
-	KeeperPath string `toml:"keeper_path"`
+	KeeperPath string `toml:"keeper_path" comment:"kuasar-keeper binary: a path, or \"\" for the one beside containerd-kuasar, else on PATH"`
 	// Socket the keeper serves on; empty is keeper-v<protocol>.sock in
 	// the plugin's state directory (a keeper of another protocol version
 	// keeps its own socket and children).
-	Socket string `toml:"socket"`
+	Socket string `toml:"socket" comment:"Socket the keeper serves on; \"\" is keeper-v<protocol>.sock in the plugin's state directory"`
 }
 
 func init() {
@@ -55,6 +56,9 @@ func init() {
 				LogPath: filepath.Join(state, "keeper.log"),
 			})
 			m.find = func() (string, error) { return FindKeeper(cfg.KeeperPath) }
+			if err := metrics.Register(m.collector()); err != nil {
+				log.G(ic.Context).WithError(err).Error("the keeper's metrics are not exported")
+			}
 			return m, nil
 		},
 	})

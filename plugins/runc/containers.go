@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
@@ -23,6 +22,7 @@ import (
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/cgroupstats"
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/runcutil"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
@@ -156,7 +156,7 @@ func (r *containers) spawn(ctx context.Context, rc *runcCLI, bundle, id, key str
 		return keeper.ProcessRef{}, fmt.Errorf("running runc %s: %w", args[0], err)
 	}
 	if res.Exit.Status != 0 {
-		msg := logError(logPath)
+		msg := runcutil.LogError(logPath)
 		if msg == "" {
 			msg = fmt.Sprintf("runc %s exited with status %d", args[0], res.Exit.Status)
 		}
@@ -321,21 +321,7 @@ func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.
 	if err != nil {
 		return nil, err
 	}
-	execs := map[int]string{}
-	for _, e := range c.Execs() {
-		execs[e.Pid()] = e.ExecID
-	}
-	out := make([]*tasktypes.ProcessInfo, 0, len(pids))
-	for _, pid := range pids {
-		pi := &tasktypes.ProcessInfo{Pid: uint32(pid)}
-		if id, ok := execs[pid]; ok {
-			if a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: id}); err == nil {
-				pi.Info = a
-			}
-		}
-		out = append(out, pi)
-	}
-	return out, nil
+	return task.ProcessInfos(c, pids), nil
 }
 
 func (r *containers) ResizePty(ctx context.Context, p *task.Process, w, h uint32) error {

@@ -28,11 +28,11 @@ const ID = "kuasar-runc"
 type Config struct {
 	// Runtime is the OCI runtime binary: a path, or a name looked up on
 	// PATH.
-	Runtime string `toml:"runtime"`
+	Runtime string `toml:"runtime" comment:"OCI runtime binary: a path, or a name looked up on PATH (at each use: installing it needs no restart)"`
 	// EnableUnprivilegedPorts and EnableUnprivilegedICMP give every pod
 	// with its own network the sysctls stock CRI gives it.
-	EnableUnprivilegedPorts bool `toml:"enable_unprivileged_ports"`
-	EnableUnprivilegedICMP  bool `toml:"enable_unprivileged_icmp"`
+	EnableUnprivilegedPorts bool `toml:"enable_unprivileged_ports" comment:"Give every pod with a network of its own net.ipv4.ip_unprivileged_port_start=0, as stock CRI does"`
+	EnableUnprivilegedICMP  bool `toml:"enable_unprivileged_icmp" comment:"Give every pod with a network of its own net.ipv4.ping_group_range=\"0 2147483647\", as stock CRI does"`
 }
 
 func init() {

@@ -2,8 +2,6 @@ package runc
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -95,43 +93,6 @@ func TestAdaptSpec(t *testing.T) {
 	}
 	if err := testPod(full, nil).adaptSpec(&specs.Spec{}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("spec without linux section: %v", err)
-	}
-}
-
-func TestRuncFailure(t *testing.T) {
-	base := errors.New("exit status 1")
-	tests := []struct {
-		msg  string
-		kind error
-	}{
-		{"container does not exist", errdefs.ErrNotFound},
-		{"cannot kill: container not running", errdefs.ErrNotFound},
-		{"something else broke", nil},
-		{"", nil},
-	}
-	for _, tt := range tests {
-		err := runcFailure(tt.msg, base)
-		if tt.kind != nil && !errors.Is(err, tt.kind) {
-			t.Errorf("%q: %v is not %v", tt.msg, err, tt.kind)
-		}
-		if tt.msg != "" && !strings.Contains(err.Error(), tt.msg) {
-			t.Errorf("%q lost from %v", tt.msg, err)
-		}
-	}
-}
-
-func TestLogError(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "log.json")
-	os.WriteFile(p, []byte(`{"level":"info","msg":"fine"}
-{"level":"error","msg":"first"}
-not json
-{"level":"error","msg":"exec: \"x\": not found"}
-`), 0o600)
-	if got := logError(p); got != `exec: "x": not found` {
-		t.Fatalf("logError = %q", got)
-	}
-	if got := logError(filepath.Join(t.TempDir(), "missing")); got != "" {
-		t.Fatalf("missing log: %q", got)
 	}
 }
 

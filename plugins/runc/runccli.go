@@ -1,18 +1,14 @@
 package runc
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"strings"
 
-	"github.com/containerd/errdefs"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/runcutil"
 )
 
 // runcCLI runs the OCI runtime binary (runc or a compatible one).
@@ -62,47 +58,9 @@ func (r *runcCLI) run(ctx context.Context, stdin io.Reader, args ...string) ([]b
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("%s %s: %w", r.path, args[0], runcFailure(stderr.String(), err))
+		return nil, fmt.Errorf("%s %s: %w", r.path, args[0], runcutil.Failure(stderr.String(), err))
 	}
 	return stdout.Bytes(), nil
-}
-
-// runcFailure maps runc's message to an error kind containerd understands.
-func runcFailure(msg string, err error) error {
-	msg = strings.TrimSpace(msg)
-	if msg == "" {
-		return err
-	}
-	lower := strings.ToLower(msg)
-	switch {
-	case strings.Contains(lower, "does not exist"), strings.Contains(lower, "not found"):
-		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
-	case strings.Contains(lower, "not running"), strings.Contains(lower, "no such process"), strings.Contains(lower, "process already finished"):
-		return fmt.Errorf("%s: %w", msg, errdefs.ErrNotFound)
-	}
-	return errors.New(msg)
-}
-
-// logError returns the last error runc wrote to its JSON log.
-func logError(path string) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	var last string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		var e struct {
-			Level string `json:"level"`
-			Msg   string `json:"msg"`
-		}
-		if json.Unmarshal(sc.Bytes(), &e) == nil && (e.Level == "error" || e.Level == "fatal") {
-			last = e.Msg
-		}
-	}
-	return last
 }
 
 // ps lists the pids of a container.
@@ -111,9 +69,5 @@ func (r *runcCLI) ps(ctx context.Context, id string) ([]int, error) {
 	if err != nil {
 		return nil, err
 	}
-	var pids []int
-	if err := json.Unmarshal(out, &pids); err != nil {
-		return nil, fmt.Errorf("decoding runc ps: %w", err)
-	}
-	return pids, nil
+	return runcutil.ParsePs(out)
 }

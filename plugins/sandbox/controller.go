@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -26,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
 
@@ -49,9 +51,13 @@ type Controller struct {
 	kind      Kind
 	paths     Paths
 	publisher events.Publisher
+	metrics   *metrics.Controller
 
 	mu        sync.Mutex
 	sandboxes map[string]*entry
+	// handlers are the CRI runtime handlers of the sandboxes seen (a few:
+	// the ones the node's config gives this controller).
+	handlers map[string]bool
 }
 
 var _ sandbox.Controller = (*Controller)(nil)
@@ -63,7 +69,10 @@ type entry struct {
 	tasks    *task.Service
 	endpoint *task.Endpoint
 
-	state      string // "" (created), SANDBOX_READY or SANDBOX_NOTREADY
+	state      string // "" (created), SANDBOX_READY or SANDBOX_NOTREADY; set with setState
+	shown      atomic.Value
+	handler    string        // the CRI runtime handler (metrics label)
+	createTook time.Duration // how long Create took (for metrics)
 	exitStatus uint32
 	exitedAt   time.Time
 	exited     chan struct{}
@@ -79,14 +88,19 @@ func (e *entry) closeExited() {
 }
 
 // NewController returns the controller of kind, registered as id.
-func NewController(id string, kind Kind, paths Paths, publisher events.Publisher) *Controller {
-	return &Controller{
+func NewController(id string, kind Kind, paths Paths, publisher events.Publisher, opts ...Option) *Controller {
+	c := &Controller{
 		id:        id,
 		kind:      kind,
 		paths:     paths,
 		publisher: publisher,
 		sandboxes: map[string]*entry{},
+		handlers:  map[string]bool{id: true},
 	}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
 }
 
 func (c *Controller) get(id string) (*entry, error) {
@@ -99,6 +113,19 @@ func (c *Controller) get(id string) (*entry, error) {
 	return e, nil
 }
 
+// PortForwarder returns the port forwarder of sandbox id, if the sandbox
+// is this controller's and its kind forwards ports itself.
+func (c *Controller) PortForwarder(id string) (PortForwarder, bool) {
+	e, err := c.get(id)
+	if err != nil {
+		return nil, false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pf, ok := e.inst.(PortForwarder)
+	return pf, ok && !e.lost && e.state == stateReady
+}
+
 func (c *Controller) socketPath(ns, id string) string {
 	h := sha256.Sum256([]byte(c.id + "/" + ns + "/" + id))
 	return filepath.Join(c.paths.Sockets, hex.EncodeToString(h[:12])+".sock")
@@ -106,6 +133,16 @@ func (c *Controller) socketPath(ns, id string) string {
 
 // Create builds a sandbox's isolation.
 func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...sandbox.CreateOpt) (retErr error) {
+	began := time.Now()
+	handler := runtimeHandler(info)
+	if handler == "" {
+		handler = c.id
+	}
+	defer func() {
+		if retErr != nil {
+			c.metrics.SandboxStartFailed(handler)
+		}
+	}()
 	if err := identifiers.Validate(info.ID); err != nil {
 		return err
 	}
@@ -131,7 +168,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		c.mu.Unlock()
 		return fmt.Errorf("sandbox %q: %w", info.ID, errdefs.ErrAlreadyExists)
 	}
-	e := &entry{exited: make(chan struct{})}
+	e := c.newEntry(handler)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	c.sandboxes[info.ID] = e
@@ -151,6 +188,7 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		NetNSPath:   o.NetNSPath,
 		Annotations: o.Annotations,
 		CreatedAt:   time.Now().UTC(),
+		Handler:     handler,
 		Dir:         filepath.Join(c.paths.State, info.ID),
 	}
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
@@ -184,17 +222,29 @@ func (c *Controller) Create(ctx context.Context, info sandbox.Sandbox, opts ...s
 		return err
 	}
 	e.sb, e.inst, e.tasks = sb, inst, tasks
-	return c.save(e)
+	if err := c.save(e); err != nil {
+		return err
+	}
+	e.createTook = time.Since(began)
+	return nil
 }
 
 // Start makes the sandbox ready and returns its task endpoint.
 func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.ControllerInstance, retErr error) {
+	began := time.Now()
 	e, err := c.get(id)
 	if err != nil {
 		return sandbox.ControllerInstance{}, err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			c.metrics.SandboxStartFailed(e.handler)
+		} else {
+			c.metrics.SandboxStarted(e.handler, e.createTook+time.Since(began))
+		}
+	}()
 	if e.sb == nil {
 		return sandbox.ControllerInstance{}, fmt.Errorf("sandbox %q was not created: %w", id, errdefs.ErrFailedPrecondition)
 	}
@@ -210,6 +260,13 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 			ep.Close()
 		}
 	}()
+	// CRI forgets a sandbox whose Start failed and never shuts it down:
+	// undo it all here, as its Create would have.
+	defer func() {
+		if retErr != nil {
+			c.discardLocked(context.WithoutCancel(ctx), e)
+		}
+	}()
 	if err := e.inst.Start(ctx); err != nil {
 		return sandbox.ControllerInstance{}, fmt.Errorf("starting %s sandbox: %w", c.id, err)
 	}
@@ -218,9 +275,10 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 		return sandbox.ControllerInstance{}, fmt.Errorf("encoding the pod's spec: %w", err)
 	}
 	e.endpoint = ep
-	e.state = stateReady
+	e.setState(stateReady)
 	if err := c.save(e); err != nil {
-		e.endpoint, e.state = nil, ""
+		e.endpoint = nil
+		e.setState("")
 		return sandbox.ControllerInstance{}, err
 	}
 	return sandbox.ControllerInstance{
@@ -233,6 +291,22 @@ func (c *Controller) Start(ctx context.Context, id string) (_ sandbox.Controller
 		// it with the sandbox, where NRI reads it.
 		Spec: spec,
 	}, nil
+}
+
+// discardLocked undoes a sandbox that failed to start: what its kind made,
+// its directory and its entry. Errors are logged: the start's error is the
+// one CRI reports.
+func (c *Controller) discardLocked(ctx context.Context, e *entry) {
+	e.tasks.DeleteAll(ctx)
+	if err := e.inst.Shutdown(ctx); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", e.sb.ID).Warn("cleaning up a sandbox that failed to start")
+	}
+	if err := removeDir(e.sb.Dir); err != nil {
+		log.G(ctx).WithError(err).WithField("sandbox", e.sb.ID).Warn("removing the directory of a sandbox that failed to start")
+	}
+	c.mu.Lock()
+	delete(c.sandboxes, e.sb.ID)
+	c.mu.Unlock()
 }
 
 // Platform of the sandbox: the host's.
@@ -277,7 +351,7 @@ func (c *Controller) markExited(e *entry, status uint32) {
 	if e.state == stateNotReady {
 		return
 	}
-	e.state = stateNotReady
+	e.setState(stateNotReady)
 	e.exitStatus = status
 	e.exitedAt = time.Now().UTC()
 	// Recorded before anyone is told, so that a restart cannot find the
@@ -356,9 +430,31 @@ func (c *Controller) Status(ctx context.Context, id string, verbose bool) (sandb
 	if err != nil {
 		return sandbox.ControllerStatus{}, err
 	}
-	st.Info = map[string]string{"info": string(b)}
+	// CRI re-encodes "info" as its podsandbox's SandboxInfo, dropping any
+	// other field: it gets the fields of that schema (crictl inspectp
+	// shows them), and the kind's own details go under their own key.
+	pid, _ := info["pid"].(int)
+	process := map[string]string{stateReady: "running", stateNotReady: "stopped", "": "created"}[e.state]
+	std, err := json.Marshal(map[string]any{
+		"pid":           pid,
+		"processStatus": process,
+		"runtimeType":   runtimeTypeOf(e.sb),
+		"config":        e.sb.Config,
+		"runtimeSpec":   podSpec(e.sb, e.inst),
+	})
+	if err != nil {
+		return sandbox.ControllerStatus{}, err
+	}
+	st.Info = map[string]string{"info": string(std), InfoKey: string(b)}
 	return st, nil
 }
+
+// InfoKey is the key of a kuasar sandbox's own details in its status info
+// (`crictl inspectp` shows it as "kuasar").
+const InfoKey = "kuasar"
+
+// runtimeTypeOf is the CRI runtime type of the sandbox's handler.
+func runtimeTypeOf(*Sandbox) string { return "io.containerd.kuasar.v1" }
 
 // Shutdown releases everything the sandbox holds and forgets it.
 func (c *Controller) Shutdown(ctx context.Context, id string) error {
@@ -420,11 +516,15 @@ var errNotRecorded = errors.New("no sandbox record")
 // newTasks returns the task service of a sandbox, which gives every CRI
 // container the pod's files and /dev/shm.
 func (c *Controller) newTasks(sb *Sandbox, inst Instance) (*task.Service, error) {
+	var opts []task.Option
+	if c.metrics != nil {
+		opts = append(opts, task.WithMetrics(taskMetrics{m: c.metrics, handler: sb.Handler}))
+	}
 	return task.NewService(sb.ID, sb.Namespace, filepath.Join(sb.Dir, "tasks"), inst.Runtime(), c.publisher,
 		func(ctr *task.Container) error {
 			AddPodMounts(sb, ctr.Spec)
 			return nil
-		})
+		}, opts...)
 }
 
 // removeDir removes a sandbox's directory, unmounting first whatever is

@@ -24,6 +24,7 @@ import (
 
 type fakeKind struct {
 	failCreate error
+	failStart  error
 	created    []*Sandbox
 	recovered  []string
 	instances  []*fakeInstance
@@ -35,7 +36,7 @@ func (k *fakeKind) Create(ctx context.Context, sb *Sandbox) (Instance, error) {
 	}
 	sb.State = json.RawMessage(`{"hello":"world"}`)
 	k.created = append(k.created, sb)
-	i := &fakeInstance{}
+	i := &fakeInstance{failStart: k.failStart}
 	k.instances = append(k.instances, i)
 	return i, nil
 }
@@ -50,9 +51,10 @@ func (k *fakeKind) Recover(ctx context.Context, sb *Sandbox) (Instance, error) {
 
 type fakeInstance struct {
 	started, stopped, shutdown int
+	failStart                  error
 }
 
-func (i *fakeInstance) Start(context.Context) error    { i.started++; return nil }
+func (i *fakeInstance) Start(context.Context) error    { i.started++; return i.failStart }
 func (i *fakeInstance) Runtime() task.Runtime          { return nil }
 func (i *fakeInstance) Stop(context.Context) error     { i.stopped++; return nil }
 func (i *fakeInstance) Shutdown(context.Context) error { i.shutdown++; return nil }
@@ -110,8 +112,17 @@ func TestControllerLifecycle(t *testing.T) {
 		t.Fatalf("status %+v %v", st, err)
 	}
 	var info map[string]any
-	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info["fake"] != true {
-		t.Fatalf("info %q: %v", st.Info["info"], err)
+	if err := json.Unmarshal([]byte(st.Info[InfoKey]), &info); err != nil || info["fake"] != true {
+		t.Fatalf("info %q: %v", st.Info[InfoKey], err)
+	}
+	// What CRI keeps of "info" (its podsandbox SandboxInfo schema).
+	var cri struct {
+		Pid     int    `json:"pid"`
+		Status  string `json:"processStatus"`
+		Runtime string `json:"runtimeType"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &cri); err != nil || cri.Status != "running" || cri.Runtime == "" {
+		t.Fatalf("CRI's info %q: %v", st.Info["info"], err)
 	}
 
 	waited := make(chan sandbox.ExitStatus, 1)
@@ -175,6 +186,35 @@ func TestControllerCreateFailureLeavesNothing(t *testing.T) {
 	if _, err := c.Start(nsCtx(), "sb1"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("start of a failed sandbox: %v", err)
 	}
+}
+
+// CRI never shuts down a sandbox whose Start failed: the controller
+// undoes it.
+func TestControllerStartFailureLeavesNothing(t *testing.T) {
+	k := &fakeKind{failStart: errors.New("the VM did not come up")}
+	paths := testPaths(t)
+	c := NewController("kuasar-test", k, paths, nopPublisher{})
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "sb1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Start(nsCtx(), "sb1"); err == nil || !strings.Contains(err.Error(), "did not come up") {
+		t.Fatalf("start: %v", err)
+	}
+	if entries, _ := os.ReadDir(paths.State); len(entries) != 0 {
+		t.Errorf("left %v", entries)
+	}
+	if entries, _ := os.ReadDir(paths.Sockets); len(entries) != 0 {
+		t.Errorf("sockets left: %v", entries)
+	}
+	if k.instances[0].shutdown != 1 {
+		t.Errorf("the instance was shut down %d times", k.instances[0].shutdown)
+	}
+	if _, err := c.Status(nsCtx(), "sb1", false); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("status of a sandbox that failed to start: %v", err)
+	}
+	// The ID can be used again.
+	k.failStart = nil
+	createStart(t, c, "sb1")
 }
 
 func TestSandboxEndingOnItsOwn(t *testing.T) {
@@ -369,5 +409,33 @@ func TestRecoverSandboxEndedWhileDown(t *testing.T) {
 			}
 		}
 		c2.mu.Unlock()
+	}
+}
+
+// A Start killed after it made the task endpoint but before it recorded the
+// sandbox started leaves a socket: recovery removes it (nothing else would).
+func TestRecoverRemovesSocketOfInterruptedStart(t *testing.T) {
+	paths := testPaths(t)
+	c := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c.Create(nsCtx(), sandbox.Sandbox{ID: "half"}, sandbox.WithOptions(&runtime.PodSandboxConfig{}), sandbox.WithNetNSPath("/var/run/netns/x")); err != nil {
+		t.Fatal(err)
+	}
+	sock := c.socketPath("k8s.io", "half")
+	if err := os.MkdirAll(filepath.Dir(sock), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+
+	c2 := NewController("kuasar-test", &fakeKind{}, paths, nopPublisher{})
+	if err := c2.Recover(nsCtx()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("the socket of an interrupted start is left: %v", err)
 	}
 }

@@ -12,6 +12,7 @@ package sandbox
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"time"
 
 	"github.com/containerd/containerd/api/types"
@@ -41,6 +42,15 @@ type Kind interface {
 // record.
 type PodNamespaces interface {
 	PodNamespaces() []specs.LinuxNamespace
+}
+
+// PortForwarder is implemented by an Instance whose pod's localhost is not
+// its network namespace's on the node (a VM's): CRI's port-forward, which
+// connects to localhost in that namespace, reaches the pod through the
+// instance instead. It relays stream and the pod's localhost:port until
+// either ends, then closes stream.
+type PortForwarder interface {
+	PortForward(ctx context.Context, port int32, stream io.ReadWriteCloser) error
 }
 
 // Reconciler is implemented by a kind that can find what a daemon killed
@@ -85,6 +95,10 @@ type Sandbox struct {
 	NetNSPath   string                    `json:"netnsPath,omitempty"`
 	Annotations map[string]string         `json:"annotations,omitempty"`
 	CreatedAt   time.Time                 `json:"createdAt"`
+	// Handler is the CRI runtime handler the pod was created with (the
+	// controller's ID for clients other than CRI, and for sandboxes
+	// recorded before it was kept): the handler label of its metrics.
+	Handler string `json:"handler,omitempty"`
 
 	// Dir is the sandbox's private state directory. The pod's files
 	// (hostname, hosts, resolv.conf) are under it (PodFile).

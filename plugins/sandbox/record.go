@@ -20,6 +20,7 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/fsutil"
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 )
 
@@ -75,6 +76,7 @@ func (c *Controller) Recover(ctx context.Context) error {
 		}
 		dir := filepath.Join(c.paths.State, d.Name())
 		if err := c.recoverOne(ctx, dir); err != nil {
+			c.metrics.SandboxRecovered(c.id, metrics.Discarded)
 			if errors.Is(err, errNotRecorded) {
 				// Left by a Create interrupted by a crash: nothing started.
 				log.G(ctx).WithField("dir", dir).Warn("removing a sandbox directory without record")
@@ -109,7 +111,13 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	if errors.Is(err, errNotRecorded) {
 		return err
 	}
-	e := &entry{exited: make(chan struct{})}
+	handler := c.id
+	if err == nil && r.Sandbox.Handler != "" {
+		handler = r.Sandbox.Handler
+	}
+	c.mu.Lock()
+	e := c.newEntry(handler)
+	c.mu.Unlock()
 	// Held until the entry is whole: an exit the kind or its containers
 	// report while they recover (a PID-namespace init that ended while the
 	// daemon was down) is applied after that.
@@ -126,7 +134,9 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	} else {
 		sb = r.Sandbox
 	}
-	e.sb, e.state, e.exitStatus, e.exitedAt = sb, r.State, r.ExitStatus, r.ExitedAt
+	sb.Handler = handler
+	e.sb, e.exitStatus, e.exitedAt = sb, r.ExitStatus, r.ExitedAt
+	e.setState(r.State)
 	sb.exit = func(status uint32) { c.exitedOnItsOwn(e, status) }
 	if err == nil {
 		if !sb.hasPodFiles() {
@@ -150,7 +160,8 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 		}
 		inst, e.lost = &lostInstance{reason: err.Error()}, true
 		if e.state != stateNotReady {
-			e.state, e.exitStatus, e.exitedAt = stateNotReady, lostStatus, time.Now().UTC()
+			e.setState(stateNotReady)
+			e.exitStatus, e.exitedAt = lostStatus, time.Now().UTC()
 		}
 	}
 	if e.state == stateNotReady {
@@ -167,6 +178,12 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 			return err
 		}
 		e.endpoint = ep
+	} else if sb.Namespace != "" {
+		// A Start killed before it recorded the sandbox started leaves
+		// the endpoint's socket, which nothing will close.
+		if err := os.Remove(c.socketPath(sb.Namespace, sb.ID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("removing the socket of an interrupted start")
+		}
 	}
 	c.mu.Lock()
 	c.sandboxes[sb.ID] = e
@@ -177,6 +194,11 @@ func (c *Controller) recoverOne(ctx context.Context, dir string) error {
 	if err := c.save(e); err != nil {
 		log.G(ctx).WithError(err).WithField("sandbox", sb.ID).Warn("saving sandbox record")
 	}
+	result := metrics.Recovered
+	if e.lost {
+		result = metrics.Lost
+	}
+	c.metrics.SandboxRecovered(handler, result)
 	log.G(ctx).WithField("sandbox", sb.ID).WithField("state", e.state).Info("recovered sandbox")
 	return nil
 }

@@ -7,9 +7,11 @@ import (
 
 	"github.com/containerd/containerd/v2/core/events/exchange"
 	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/log"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 	"github.com/kuasar-io/containerd-kuasar/plugins/monitor"
 )
 
@@ -20,6 +22,10 @@ type Env struct {
 	State string
 	// Monitor starts processes through the node's process keeper.
 	Monitor *monitor.Monitor
+	// Metrics is the controller's metrics, exported on containerd's
+	// metrics endpoint: a kind adds its own gauges to it (Add, Desc) and
+	// records what only it sees (VMBooted). Nil-safe.
+	Metrics *metrics.Controller
 }
 
 // NewKind builds a kind from its plugin config. It may return an error
@@ -51,7 +57,8 @@ func Register(id string, config any, newKind NewKind, requires ...plugin.Type) {
 					return nil, err
 				}
 			}
-			kind, err := newKind(ic, Env{Root: root, State: state, Monitor: mi.(*monitor.Monitor)})
+			m := metrics.NewController(id)
+			kind, err := newKind(ic, Env{Root: root, State: state, Monitor: mi.(*monitor.Monitor), Metrics: m})
 			if err != nil {
 				return nil, err
 			}
@@ -59,9 +66,12 @@ func Register(id string, config any, newKind NewKind, requires ...plugin.Type) {
 				State:   filepath.Join(state, "sandboxes"),
 				Sockets: filepath.Join(filepath.Dir(state), "k"),
 			}
-			c := NewController(id, kind, paths, ep.(*exchange.Exchange))
+			c := NewController(id, kind, paths, ep.(*exchange.Exchange), WithMetrics(m))
 			if err := c.Recover(ic.Context); err != nil {
 				return nil, fmt.Errorf("recovering %s sandboxes: %w", id, err)
+			}
+			if err := metrics.Register(m.Collector()); err != nil {
+				log.G(ic.Context).WithError(err).WithField("sandboxer", id).Error("the controller's metrics are not exported")
 			}
 			return c, nil
 		},

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/api/types/runc/options"
 	tasktypes "github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -25,6 +26,13 @@ import (
 // process state already checked; a Runtime reports exits by calling
 // Process.Exited. Operations a kind cannot support return an error wrapping
 // errdefs.ErrNotImplemented that names the kind.
+//
+// Nothing here assumes a process is one of the node's: a Runtime may run
+// its containers on the node (kuasar-runc: processes parented by the
+// keeper, writing straight into containerd's FIFOs), in a process of its
+// own (the Wasm host: threads), or in a VM (kuasar-vmm: processes of the
+// guest, their streams copied by the daemon). It reports, with SetPid, the
+// node pid that stands for the process: its own, or what runs it.
 type Runtime interface {
 	// Create prepares c (rootfs, IO, init process) without starting it. On
 	// error it must leave nothing behind.
@@ -96,6 +104,8 @@ type Container struct {
 	svc   *Service
 	mu    sync.Mutex
 	execs map[string]*Process
+	// createTook is how long the Runtime's Create took (for metrics).
+	createTook time.Duration
 }
 
 // Process returns the init process ("") or the exec with that ID.
@@ -170,7 +180,9 @@ func (p *Process) ID() string {
 	return p.ExecID
 }
 
-// Pid returns the process's pid in the host pid namespace (0 if none yet).
+// Pid returns the node pid that stands for the process (see Runtime): its
+// own, or, for a process with none on the node (in a VM), what runs it; 0
+// if none yet.
 func (p *Process) Pid() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -223,4 +235,27 @@ func (p *Process) setStatus(s Status) {
 		p.status = s
 	}
 	p.mu.Unlock()
+}
+
+// ProcessInfos lists pids of c for the task API's Pids, marking those of
+// its execs with their exec ID (runc options' ProcessDetails, as
+// containerd's runc shim does).
+func ProcessInfos(c *Container, pids []int) []*tasktypes.ProcessInfo {
+	execs := map[int]string{}
+	for _, e := range c.Execs() {
+		if pid := e.Pid(); pid > 0 {
+			execs[pid] = e.ExecID
+		}
+	}
+	out := make([]*tasktypes.ProcessInfo, 0, len(pids))
+	for _, pid := range pids {
+		pi := &tasktypes.ProcessInfo{Pid: uint32(pid)}
+		if id, ok := execs[pid]; ok {
+			if a, err := typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: id}); err == nil {
+				pi.Info = a
+			}
+		}
+		out = append(out, pi)
+	}
+	return out
 }

@@ -40,6 +40,7 @@ type Service struct {
 	rt        Runtime
 	publisher events.Publisher
 	prepare   func(*Container) error
+	metrics   Metrics
 
 	mu         sync.Mutex
 	containers map[string]*Container
@@ -49,15 +50,36 @@ type Service struct {
 
 var _ taskAPI.TTRPCTaskService = (*Service)(nil)
 
+// Metrics is told how container starts and recoveries went.
+type Metrics interface {
+	// ContainerStarted: a container's init took d to create and start
+	// (the Runtime's Create and Start).
+	ContainerStarted(d time.Duration)
+	// ContainerStartFailed: the Runtime failed a container's create or
+	// start.
+	ContainerStartFailed()
+	// ContainerRecovered: a container recorded by a previous daemon was
+	// taken back (metrics.Recovered) or reported exited (metrics.Lost).
+	ContainerRecovered(result string)
+}
+
+// Option configures a Service.
+type Option func(*Service)
+
+// WithMetrics has the service report container starts and recoveries to m.
+func WithMetrics(m Metrics) Option {
+	return func(s *Service) { s.metrics = m }
+}
+
 // NewService returns the task service of sandboxID. Container records are
 // kept under dir; events are published to publisher in namespace. prepare,
 // if not nil, may change a new container's spec (it is written back to the
 // bundle) before the Runtime creates it.
-func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.Publisher, prepare func(*Container) error) (*Service, error) {
+func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.Publisher, prepare func(*Container) error, opts ...Option) (*Service, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating task record dir: %w", err)
 	}
-	return &Service{
+	s := &Service{
 		sandboxID:  sandboxID,
 		namespace:  namespace,
 		dir:        dir,
@@ -67,7 +89,17 @@ func NewService(sandboxID, namespace, dir string, rt Runtime, publisher events.P
 		containers: map[string]*Container{},
 		reserved:   map[string]bool{},
 		oomSent:    map[string]bool{},
-	}, nil
+	}
+	for _, o := range opts {
+		o(s)
+	}
+	return s, nil
+}
+
+func (s *Service) startFailed() {
+	if s.metrics != nil {
+		s.metrics.ContainerStartFailed()
+	}
 }
 
 // Containers returns the sandbox's containers.
@@ -167,9 +199,12 @@ func (s *Service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			return nil, err
 		}
 	}
+	began := time.Now()
 	if err := s.rt.Create(ctx, c); err != nil {
+		s.startFailed()
 		return nil, err
 	}
+	c.createTook = time.Since(began)
 	if err := s.save(c); err != nil {
 		_ = s.rt.Delete(ctx, c.Init)
 		return nil, err
@@ -203,12 +238,19 @@ func (s *Service) Start(ctx context.Context, r *taskAPI.StartRequest) (_ *taskAP
 			return nil, fmt.Errorf("container %q is %s: an exec cannot start in it: %w", p.Container.ID, st, errdefs.ErrFailedPrecondition)
 		}
 	}
+	began := time.Now()
 	if err := s.rt.Start(ctx, p); err != nil {
+		if p.ExecID == "" {
+			s.startFailed()
+		}
 		return nil, err
 	}
 	p.setStatus(tasktypes.Status_RUNNING)
 	c := p.Container
 	if p.ExecID == "" {
+		if s.metrics != nil {
+			s.metrics.ContainerStarted(c.createTook + time.Since(began))
+		}
 		if err := s.save(c); err != nil {
 			log.G(ctx).WithError(err).Warn("saving container record")
 		}
@@ -475,7 +517,7 @@ func (s *Service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (_ *taskAP
 	if err != nil {
 		return nil, err
 	}
-	return &taskAPI.StatsResponse{Stats: typeurl.MarshalProto(st)}, nil
+	return &taskAPI.StatsResponse{Stats: typeurl.MarshalProto(completeStats(st))}, nil
 }
 
 // Connect returns the pid serving the task (containerd-kuasar's own: there

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/fsutil"
+	"github.com/kuasar-io/containerd-kuasar/plugins/metrics"
 )
 
 // record is what survives a daemon restart of one container. Execs are not
@@ -106,9 +107,14 @@ func (s *Service) Recover(ctx context.Context) error {
 		s.mu.Lock()
 		s.containers[c.ID] = c
 		s.mu.Unlock()
+		result := metrics.Recovered
 		if err := s.rt.Recover(ctx, c); err != nil {
 			log.G(ctx).WithError(err).WithField("container", c.ID).Error("container could not be recovered; reporting it exited")
 			p.Exited(255, time.Now())
+			result = metrics.Lost
+		}
+		if s.metrics != nil {
+			s.metrics.ContainerRecovered(result)
 		}
 	}
 	return nil

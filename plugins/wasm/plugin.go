@@ -39,22 +39,22 @@ const ID = "kuasar-wasm"
 type Config struct {
 	// HostPath is the kuasar-wasm-host binary: a path, or "" for the one
 	// beside containerd-kuasar, else on PATH.
-	HostPath string `toml:"host_path"`
+	HostPath string `toml:"host_path" comment:"kuasar-wasm-host binary: a path, or \"\" for the one beside containerd-kuasar, else on PATH"`
 	// CacheDir keeps compiled modules across restarts of the host; "" is
 	// a folder under the plugin's root directory, "none" disables it.
-	CacheDir string `toml:"cache_dir"`
+	CacheDir string `toml:"cache_dir" comment:"Compiled modules kept across restarts of the Wasm host: a directory, \"\" for one under the plugin's root directory, \"none\" for none"`
 	// KeepModules is how many compiled modules that no container uses the
 	// host keeps in memory, so that the next pod of the same image starts
 	// without loading them again.
-	KeepModules int `toml:"keep_modules"`
+	KeepModules int `toml:"keep_modules" comment:"Compiled modules that no container uses kept in memory, so that the next pod of the same image starts without loading them"`
 	// HostIdleTimeout is how long the host runs without containers
 	// before it exits ("0s": never).
-	HostIdleTimeout string `toml:"host_idle_timeout"`
+	HostIdleTimeout string `toml:"host_idle_timeout" comment:"How long the Wasm host runs without containers before it exits (a Go duration; \"0s\": never)"`
 	// HostOOMScoreAdj is the host's oom_score_adj (-1000 to 1000), which
 	// it sets itself rather than keep the daemon's (a node's containerd
 	// runs at -999: the kernel would kill it last, and with it every Wasm
 	// container of the node).
-	HostOOMScoreAdj int `toml:"host_oom_score_adj"`
+	HostOOMScoreAdj int `toml:"host_oom_score_adj" comment:"The Wasm host's own oom_score_adj (-1000 to 1000), rather than the daemon's (-999 under the shipped unit)"`
 }
 
 func init() {
@@ -102,7 +102,7 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 		args = append(args, "--cache-dir", cacheDir)
 	}
 	containerdRoot := filepath.Dir(env.Root)
-	return &kind{
+	k := &kind{
 		cfg: cfg,
 		env: env,
 		host: wasmhost.NewClient(wasmhost.Launch{
@@ -116,7 +116,9 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 		content:     db.ContentStore(),
 		contentRoot: filepath.Join(containerdRoot, plugins.ContentPlugin.String()+".content", "blobs"),
 		blobDir:     filepath.Join(env.Root, "blobs"),
-	}, nil
+	}
+	k.addMetrics(env.Metrics)
+	return k, nil
 }
 
 // findHost resolves the host binary: an explicit path, else one beside the

@@ -6,8 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -671,13 +674,38 @@ func (h *Host) ReleasePod(podName string) error {
 func (h *Host) HostStats() *api.HostStatsResponse {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return &api.HostStatsResponse{
-		Containers: int32(len(h.containers)),
-		Pods:       int32(len(h.pods)),
-		Modules:    int32(h.engine.count()),
-		Compiling:  h.engine.compiling.Load(),
-		OpenFiles:  h.files.open.Load(),
+	var linear uint64
+	for _, pd := range h.pods {
+		used, _, _ := pd.acc.usage()
+		linear += used
 	}
+	return &api.HostStatsResponse{
+		Containers:          int32(len(h.containers)),
+		Pods:                int32(len(h.pods)),
+		Modules:             int32(h.engine.count()),
+		Compiling:           h.engine.compiling.Load(),
+		OpenFiles:           h.files.open.Load(),
+		Instances:           int32(h.running),
+		LinearMemoryBytes:   int64(linear),
+		ResidentMemoryBytes: residentBytes(),
+	}
+}
+
+// residentBytes is the host process's resident set (0 if unknown).
+func residentBytes() int64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0
+	}
+	pages, err := strconv.ParseInt(f[1], 10, 64)
+	if err != nil {
+		return 0
+	}
+	return pages * int64(os.Getpagesize())
 }
 
 // runningChanged keeps a processor for every running module: a module's

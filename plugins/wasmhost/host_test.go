@@ -532,6 +532,12 @@ func TestConcurrentDeletes(t *testing.T) {
 		}
 		reqs = append(reqs, req)
 	}
+	// What the daemon exports as kuasar_wasm_host_*: an instance counts
+	// once its thread runs it.
+	eventually(t, "two instances running", 20*time.Second, func() bool { return f.h.HostStats().GetInstances() == 2 })
+	if st := f.h.HostStats(); st.GetModules() < 1 || st.GetLinearMemoryBytes() <= 0 || st.GetResidentMemoryBytes() <= st.GetLinearMemoryBytes() {
+		t.Fatalf("with two instances running: %+v", st)
+	}
 	gone := &api.ProcessRef{Id: reqs[0].Id}
 	if err := f.h.Kill(&api.KillRequest{Ref: gone, Signal: int32(unix.SIGKILL)}); err != nil {
 		t.Fatal(err)
@@ -554,7 +560,7 @@ func TestConcurrentDeletes(t *testing.T) {
 			t.Errorf("delete: %v", err)
 		}
 	}
-	if st := f.h.HostStats(); st.GetContainers() != 1 || st.GetPods() != 1 {
+	if st := f.h.HostStats(); st.GetContainers() != 1 || st.GetPods() != 1 || st.GetInstances() != 1 {
 		t.Fatalf("after deleting one of two containers: %+v", st)
 	}
 	if err := f.h.ReleasePod("pod"); err != nil {
@@ -598,6 +604,13 @@ func TestClientReconnects(t *testing.T) {
 	}
 	stop()
 	<-done
+	// ttrpc closes a server's connections asynchronously: wait until the
+	// client saw its connection end, as it does when a host process exits.
+	for deadline := time.Now().Add(10 * time.Second); c.current() != nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the client never saw the old host's connection end")
+		}
+	}
 	stop, done = serve()
 	defer func() { stop(); <-done }()
 	st, err := c.HostStats(context.Background())

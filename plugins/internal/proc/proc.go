@@ -124,3 +124,23 @@ func WaitPidfd(pid int) error {
 		return err
 	}
 }
+
+// Children counts the live (not zombie) processes whose parent is pid, by
+// reading every /proc/PID/stat: a scan of the node's processes.
+func Children(pid int) int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, err := ReadStat(p); err == nil && st.PPid == pid && st.State != 'Z' {
+			n++
+		}
+	}
+	return n
+}

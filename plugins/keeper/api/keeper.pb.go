@@ -284,7 +284,11 @@ type SpawnRequest struct {
 	Wait   bool `protobuf:"varint,9,opt,name=wait,proto3" json:"wait,omitempty"`
 	Setsid bool `protobuf:"varint,10,opt,name=setsid,proto3" json:"setsid,omitempty"`
 	// cloneflags are extra clone(2) flags.
-	Cloneflags    uint64 `protobuf:"varint,11,opt,name=cloneflags,proto3" json:"cloneflags,omitempty"`
+	Cloneflags uint64 `protobuf:"varint,11,opt,name=cloneflags,proto3" json:"cloneflags,omitempty"`
+	// unshareflags are unshare(2) flags applied in the child before exec;
+	// with CLONE_NEWNS its mounts are made private first (none propagate
+	// back to the keeper's namespace).
+	Unshareflags  uint64 `protobuf:"varint,12,opt,name=unshareflags,proto3" json:"unshareflags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -392,6 +396,13 @@ func (x *SpawnRequest) GetSetsid() bool {
 func (x *SpawnRequest) GetCloneflags() uint64 {
 	if x != nil {
 		return x.Cloneflags
+	}
+	return 0
+}
+
+func (x *SpawnRequest) GetUnshareflags() uint64 {
+	if x != nil {
+		return x.Unshareflags
 	}
 	return 0
 }
@@ -812,7 +823,7 @@ const file_keeper_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\tR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\tR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\tR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xae\x02\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xd2\x02\n" +
 	"\fSpawnRequest\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04args\x18\x02 \x03(\tR\x04args\x12\x10\n" +
@@ -827,7 +838,8 @@ const file_keeper_proto_rawDesc = "" +
 	" \x01(\bR\x06setsid\x12\x1e\n" +
 	"\n" +
 	"cloneflags\x18\v \x01(\x04R\n" +
-	"cloneflags\"\xa7\x01\n" +
+	"cloneflags\x12\"\n" +
+	"\funshareflags\x18\f \x01(\x04R\funshareflags\"\xa7\x01\n" +
 	"\rSpawnResponse\x126\n" +
 	"\aprocess\x18\x01 \x01(\v2\x1c.kuasar.keeper.v1.ProcessRefR\aprocess\x12*\n" +
 	"\x04exit\x18\x02 \x01(\v2\x16.kuasar.keeper.v1.ExitR\x04exit\x122\n" +

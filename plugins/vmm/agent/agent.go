@@ -1,10 +1,13 @@
 // Package agent is the kuasar-vmm guest agent (cmd/kuasar-vmm-agent is its
 // binary): PID 1 of the guest's initramfs, built by contrib/guest. It
-// brings the guest up (kernel file systems, cgroup v2, kernel modules,
-// loopback), reaps the guest's orphans (package reaper), opens the
-// virtio-serial port named guest.PortName and serves ttrpc over
-// plugins/vmm/channel to the daemon: the Agent service of
-// plugins/vmm/agentapi now, the containerd task API next (see register).
+// brings the guest up (a root pivot_root can leave, kernel file systems,
+// cgroup v2, kernel modules, loopback), reaps the guest's orphans (package
+// reaper), opens the virtio-serial port named guest.PortName and serves
+// ttrpc over plugins/vmm/channel to the daemon: the Agent service of
+// plugins/vmm/agentapi (health, clock, network, the pod: SetupSandbox, the
+// streams of its processes, pod stats) and the containerd task API of the
+// pod's containers (plugins/task.Service over a Runtime that runs them with
+// the image's runc). See plugins/vmm/README.md for how the host calls it.
 package agent
 
 import (
@@ -28,6 +31,11 @@ type Config struct {
 	Version, Revision string
 	// Started is when the process started.
 	Started time.Time
+
+	// stateDir replaces the agent's state directory (tests).
+	stateDir string
+	// runc replaces guest.RuncPath as it is (with its sealed copy).
+	runc *runcBinary
 }
 
 // portTimeout bounds the wait for the channel's port to appear.
@@ -81,9 +89,14 @@ func run(ctx context.Context, cfg Config) error {
 
 	r := reaper.New()
 	go r.Run(ctx)
-	a := newAgent(ctx, cfg, mods, r)
+	cfg.runc = sealRunc(guest.RuncPath)
+	a, err := newAgent(ctx, cfg, mods, r)
+	if err != nil {
+		return err
+	}
 	l := channel.Listen(port, channel.WithHello(a.channelHello(), 0), channel.WithPath(dev))
 	go mods.loadLate(ctx)
+	go cfg.runc.seal(ctx) // off the boot's path: runc calls wait for it
 
 	srv, err := ttrpc.NewServer(unixsock.CallInterceptor("kuasar-vmm-agent"))
 	if err != nil {

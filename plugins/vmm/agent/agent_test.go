@@ -72,13 +72,17 @@ func TestService(t *testing.T) {
 	ctx := context.Background()
 	mods := newModules(nil)
 	close(mods.done)
-	a := newAgent(ctx, Config{Version: "v1", Revision: "r", Started: time.Unix(100, 0)}, mods, reaper.New())
+	a, err := newAgent(ctx, Config{Version: "v1", Revision: "r", Started: time.Unix(100, 0), stateDir: t.TempDir()}, mods, reaper.New())
+	if err != nil {
+		t.Fatal(err)
+	}
 	var set time.Time
 	a.setClock = func(t time.Time) error { set = t; return nil }
 	powered := make(chan bool, 1)
 	a.powerOff = func(reboot bool) { powered <- reboot }
-	a.runc = filepath.Join(t.TempDir(), "runc")
-	os.WriteFile(a.runc, []byte("#!/bin/sh\necho runc version 1.1.5 \"$1\"\n"), 0o755)
+	runc := filepath.Join(t.TempDir(), "runc")
+	os.WriteFile(runc, []byte("#!/bin/sh\necho runc version 1.1.5 \"$1\"\n"), 0o755)
+	a.runc = plainRunc(runc)
 
 	h, err := a.Hello(ctx, &agentapi.HelloRequest{Version: agentapi.ProtocolVersion})
 	if err != nil || h.AgentVersion != "v1" || h.Version != agentapi.ProtocolVersion || h.StartedAt.AsTime().Unix() != 100 {

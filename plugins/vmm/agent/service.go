@@ -8,29 +8,46 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
+	taskv3 "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/task"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agent/reaper"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 )
 
-// register puts every service of the agent on its ttrpc server. The
-// containerd task service (containerd.task.v3.Task, from
-// github.com/containerd/containerd/api/runtime/task/v3) goes here too:
-//
-//	taskv3.RegisterTTRPCTaskService(srv, a.tasks)
+// register puts every service of the agent on its ttrpc server: the
+// Agent service and the containerd task service (containerd.task.v3.Task)
+// of the pod's containers.
 func register(srv *ttrpc.Server, a *agent) {
 	agentapi.RegisterAgentService(srv, a)
+	taskv3.RegisterTTRPCTaskService(srv, taskService{a.tasks, a.pod})
+}
+
+// taskService is the task service of the pod's containers. It refuses a
+// container before SetupSandbox: its bundle would not be there.
+type taskService struct {
+	*task.Service
+	pod *pod
+}
+
+func (s taskService) Create(ctx context.Context, r *taskv3.CreateTaskRequest) (*taskv3.CreateTaskResponse, error) {
+	if _, err := s.pod.specNamespaces(); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return s.Service.Create(ctx, r)
 }
 
 // agent is the state of the guest agent shared by its services.
@@ -43,7 +60,12 @@ type agent struct {
 	imageKey  string
 	mods      *modules
 	reaper    *reaper.Reaper
-	runc      string
+	runc      *runcBinary
+	// pod is what SetupSandbox made; ctrs runs the containers the task
+	// service (tasks) serves.
+	pod   *pod
+	ctrs  *containers
+	tasks *task.Service
 	// powerOff ends the guest; called after Shutdown's reply is sent.
 	powerOff func(reboot bool)
 	// setClock sets the guest's wall clock.
@@ -52,12 +74,34 @@ type agent struct {
 
 var _ agentapi.AgentService = (*agent)(nil)
 
-func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) *agent {
+// stateDir holds the agent's own state on the guest's /run tmpfs: the task
+// records, runc's state, the guest bundles, console sockets.
+const stateDir = "/run/kuasar/agent"
+
+// taskNamespace is the containerd namespace of tasks whose calls carry
+// none (the host's calls carry theirs).
+const taskNamespace = "k8s.io"
+
+func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) (*agent, error) {
 	a := &agent{
-		version: cfg.Version, revision: cfg.Revision, startedAt: cfg.Started, mods: mods, reaper: r, runc: guest.RuncPath,
+		version: cfg.Version, revision: cfg.Revision, startedAt: cfg.Started, mods: mods, reaper: r, runc: cfg.runc,
 		powerOff: func(reboot bool) { powerOff(ctx, reboot) },
 		setClock: setClock,
 	}
+	dir := cfg.stateDir
+	if dir == "" {
+		dir = stateDir
+	}
+	if a.runc == nil {
+		a.runc = plainRunc(guest.RuncPath)
+	}
+	a.pod = newPod(r)
+	a.ctrs = newContainers(r, a.pod, a.runc, dir)
+	tasks, err := task.NewService("guest", taskNamespace, filepath.Join(dir, "tasks"), a.ctrs, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	a.tasks = tasks
 	if b, err := os.ReadFile("/proc/sys/kernel/random/boot_id"); err == nil {
 		a.bootID = strings.TrimSpace(string(b))
 	}
@@ -73,7 +117,7 @@ func newAgent(ctx context.Context, cfg Config, mods *modules, r *reaper.Reaper) 
 			a.imageKey = m.Key
 		}
 	}
-	return a
+	return a, nil
 }
 
 // channelHello is what the agent says on its channel while it has no
@@ -107,11 +151,15 @@ func (a *agent) Check(ctx context.Context, req *agentapi.CheckRequest) (*agentap
 	if req.Runtime {
 		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, a.runc, "--version")
+		bin, err := a.runc.Path(ctx)
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.CommandContext(ctx, bin, "--version")
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := a.reaper.Exec(cmd); err != nil {
-			return nil, fmt.Errorf("%s --version: %v: %s: %w", a.runc, err, strings.TrimSpace(out.String()), errdefs.ErrFailedPrecondition)
+			return nil, fmt.Errorf("runc (%s) --version: %v: %s: %w", bin, err, strings.TrimSpace(out.String()), errdefs.ErrFailedPrecondition)
 		}
 		resp.RuntimeVersion = strings.TrimSpace(out.String())
 	}

@@ -41,6 +41,9 @@ var cgroupControllers = []string{"cpu", "cpuset", "io", "memory", "pids", "huget
 // systems, cgroups and the loopback interface. An error is fatal; what is
 // only nice to have is logged.
 func setupSystem(ctx context.Context) error {
+	if err := leaveRootfs(); err != nil {
+		return err
+	}
 	for _, m := range systemMounts {
 		if err := os.MkdirAll(m.target, m.mode); err != nil {
 			return fmt.Errorf("mkdir %s: %w", m.target, err)
@@ -119,4 +122,37 @@ func trimNewline(b []byte) []byte {
 		b = b[:len(b)-1]
 	}
 	return b
+}
+
+// leaveRootfs puts the agent on a root that pivot_root(2) accepts. The
+// initramfs is the kernel's rootfs, the one mount without a parent, and
+// pivot_root refuses to move a process off it (EINVAL), so runc could only
+// run containers with --no-pivot (a chroot a process can climb out of with
+// the right capabilities). A bind mount of / moved onto / and chrooted
+// into, as switch_root does with a new root, is the same files on a mount
+// that has a parent: runc pivots from it. Nothing is copied, no memory is
+// used.
+func leaveRootfs() error {
+	const tmp = "/.kuasar-root"
+	if err := os.Mkdir(tmp, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("leaving the rootfs: %w", err)
+	}
+	if err := unix.Mount("/", tmp, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("leaving the rootfs: bind mount of /: %w", err)
+	}
+	if err := unix.Chdir(tmp); err != nil {
+		return fmt.Errorf("leaving the rootfs: %w", err)
+	}
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("leaving the rootfs: moving the bind mount onto /: %w", err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("leaving the rootfs: chroot: %w", err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return fmt.Errorf("leaving the rootfs: %w", err)
+	}
+	// The directory is no mount point any more: the mount moved.
+	_ = os.Remove(tmp)
+	return nil
 }

@@ -14,6 +14,7 @@ package agentapi
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	emptypb "google.golang.org/protobuf/types/known/emptypb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -28,6 +29,542 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type Stream int32
+
+const (
+	Stream_STDOUT Stream = 0
+	Stream_STDERR Stream = 1
+)
+
+// Enum value maps for Stream.
+var (
+	Stream_name = map[int32]string{
+		0: "STDOUT",
+		1: "STDERR",
+	}
+	Stream_value = map[string]int32{
+		"STDOUT": 0,
+		"STDERR": 1,
+	}
+)
+
+func (x Stream) Enum() *Stream {
+	p := new(Stream)
+	*p = x
+	return p
+}
+
+func (x Stream) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Stream) Descriptor() protoreflect.EnumDescriptor {
+	return file_agent_proto_enumTypes[0].Descriptor()
+}
+
+func (Stream) Type() protoreflect.EnumType {
+	return &file_agent_proto_enumTypes[0]
+}
+
+func (x Stream) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Stream.Descriptor instead.
+func (Stream) EnumDescriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{0}
+}
+
+type PortForwardFrame struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// port, in the host's first frame only.
+	Port          uint32 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	Data          []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	Eof           bool   `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForwardFrame) Reset() {
+	*x = PortForwardFrame{}
+	mi := &file_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForwardFrame) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForwardFrame) ProtoMessage() {}
+
+func (x *PortForwardFrame) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForwardFrame.ProtoReflect.Descriptor instead.
+func (*PortForwardFrame) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *PortForwardFrame) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *PortForwardFrame) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *PortForwardFrame) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type SetupSandboxRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SandboxId string                 `protobuf:"bytes,1,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	Hostname  string                 `protobuf:"bytes,2,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// sysctls of the pod (net.* and namespaced ipc/kernel ones).
+	Sysctls map[string]string `protobuf:"bytes,3,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// share_pid: the pod's containers share one PID namespace.
+	SharePid bool `protobuf:"varint,4,opt,name=share_pid,json=sharePid,proto3" json:"share_pid,omitempty"`
+	// shm_size_bytes of the pod's /dev/shm (0: 64 MiB).
+	ShmSizeBytes uint64 `protobuf:"varint,5,opt,name=shm_size_bytes,json=shmSizeBytes,proto3" json:"shm_size_bytes,omitempty"`
+	// share_tag is the tag of the host's share to mount at
+	// guest.ShareDir (9p, or virtio-fs).
+	ShareTag string `protobuf:"bytes,6,opt,name=share_tag,json=shareTag,proto3" json:"share_tag,omitempty"`
+	// share_type: "9p" (default) or "virtiofs".
+	ShareType     string `protobuf:"bytes,7,opt,name=share_type,json=shareType,proto3" json:"share_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetupSandboxRequest) Reset() {
+	*x = SetupSandboxRequest{}
+	mi := &file_agent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetupSandboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetupSandboxRequest) ProtoMessage() {}
+
+func (x *SetupSandboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetupSandboxRequest.ProtoReflect.Descriptor instead.
+func (*SetupSandboxRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetupSandboxRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *SetupSandboxRequest) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *SetupSandboxRequest) GetSysctls() map[string]string {
+	if x != nil {
+		return x.Sysctls
+	}
+	return nil
+}
+
+func (x *SetupSandboxRequest) GetSharePid() bool {
+	if x != nil {
+		return x.SharePid
+	}
+	return false
+}
+
+func (x *SetupSandboxRequest) GetShmSizeBytes() uint64 {
+	if x != nil {
+		return x.ShmSizeBytes
+	}
+	return 0
+}
+
+func (x *SetupSandboxRequest) GetShareTag() string {
+	if x != nil {
+		return x.ShareTag
+	}
+	return ""
+}
+
+func (x *SetupSandboxRequest) GetShareType() string {
+	if x != nil {
+		return x.ShareType
+	}
+	return ""
+}
+
+type SetupSandboxResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetupSandboxResponse) Reset() {
+	*x = SetupSandboxResponse{}
+	mi := &file_agent_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetupSandboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetupSandboxResponse) ProtoMessage() {}
+
+func (x *SetupSandboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetupSandboxResponse.ProtoReflect.Descriptor instead.
+func (*SetupSandboxResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{2}
+}
+
+// ProcessStdio names the streams of a process of the task service: its
+// container, and the exec ("" for the container's init).
+type ProcessStdio struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	ExecId        string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessStdio) Reset() {
+	*x = ProcessStdio{}
+	mi := &file_agent_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessStdio) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessStdio) ProtoMessage() {}
+
+func (x *ProcessStdio) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessStdio.ProtoReflect.Descriptor instead.
+func (*ProcessStdio) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ProcessStdio) GetContainerId() string {
+	if x != nil {
+		return x.ContainerId
+	}
+	return ""
+}
+
+func (x *ProcessStdio) GetExecId() string {
+	if x != nil {
+		return x.ExecId
+	}
+	return ""
+}
+
+type ReadStdioRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Process *ProcessStdio          `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Stream  Stream                 `protobuf:"varint,2,opt,name=stream,proto3,enum=kuasar.vmm.agent.v1.Stream" json:"stream,omitempty"`
+	// offset of the first byte wanted, counting from the start of the
+	// stream; everything before it is acknowledged.
+	Offset uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
+	// wait_ms bounds the wait for output when there is none (0: 10 s).
+	WaitMs uint32 `protobuf:"varint,4,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
+	// max_bytes bounds the reply (0: 64 KiB).
+	MaxBytes      uint32 `protobuf:"varint,5,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadStdioRequest) Reset() {
+	*x = ReadStdioRequest{}
+	mi := &file_agent_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadStdioRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadStdioRequest) ProtoMessage() {}
+
+func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
+func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ReadStdioRequest) GetProcess() *ProcessStdio {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *ReadStdioRequest) GetStream() Stream {
+	if x != nil {
+		return x.Stream
+	}
+	return Stream_STDOUT
+}
+
+func (x *ReadStdioRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ReadStdioRequest) GetWaitMs() uint32 {
+	if x != nil {
+		return x.WaitMs
+	}
+	return 0
+}
+
+func (x *ReadStdioRequest) GetMaxBytes() uint32 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
+type ReadStdioResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// offset of data's first byte: the offset asked for, or later when
+	// output before it was lost (never, unless the process was recovered
+	// without its buffer).
+	Offset uint64 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data   []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// eof: the process's stream is closed and everything was read.
+	Eof           bool `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadStdioResponse) Reset() {
+	*x = ReadStdioResponse{}
+	mi := &file_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadStdioResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadStdioResponse) ProtoMessage() {}
+
+func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
+func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ReadStdioResponse) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ReadStdioResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *ReadStdioResponse) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+type WriteStdinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessStdio          `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteStdinRequest) Reset() {
+	*x = WriteStdinRequest{}
+	mi := &file_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteStdinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteStdinRequest) ProtoMessage() {}
+
+func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
+func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *WriteStdinRequest) GetProcess() *ProcessStdio {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *WriteStdinRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type PodStatsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// metrics: io.containerd.cgroups.v2.Metrics, as containerd's stats.
+	Metrics       *anypb.Any `protobuf:"bytes,1,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PodStatsResponse) Reset() {
+	*x = PodStatsResponse{}
+	mi := &file_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PodStatsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PodStatsResponse) ProtoMessage() {}
+
+func (x *PodStatsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PodStatsResponse.ProtoReflect.Descriptor instead.
+func (*PodStatsResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PodStatsResponse) GetMetrics() *anypb.Any {
+	if x != nil {
+		return x.Metrics
+	}
+	return nil
+}
+
 type HelloRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// version is the host's protocol version (ProtocolVersion).
@@ -38,7 +575,7 @@ type HelloRequest struct {
 
 func (x *HelloRequest) Reset() {
 	*x = HelloRequest{}
-	mi := &file_agent_proto_msgTypes[0]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +587,7 @@ func (x *HelloRequest) String() string {
 func (*HelloRequest) ProtoMessage() {}
 
 func (x *HelloRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[0]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +600,7 @@ func (x *HelloRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloRequest.ProtoReflect.Descriptor instead.
 func (*HelloRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{0}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *HelloRequest) GetVersion() uint32 {
@@ -93,7 +630,7 @@ type HelloResponse struct {
 
 func (x *HelloResponse) Reset() {
 	*x = HelloResponse{}
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +642,7 @@ func (x *HelloResponse) String() string {
 func (*HelloResponse) ProtoMessage() {}
 
 func (x *HelloResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[1]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +655,7 @@ func (x *HelloResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloResponse.ProtoReflect.Descriptor instead.
 func (*HelloResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{1}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *HelloResponse) GetVersion() uint32 {
@@ -180,7 +717,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -192,7 +729,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[2]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -205,7 +742,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{2}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckRequest) GetRuntime() bool {
@@ -234,7 +771,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -246,7 +783,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[3]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -259,7 +796,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CheckResponse) GetModulesReady() bool {
@@ -322,7 +859,7 @@ type SyncClockRequest struct {
 
 func (x *SyncClockRequest) Reset() {
 	*x = SyncClockRequest{}
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -334,7 +871,7 @@ func (x *SyncClockRequest) String() string {
 func (*SyncClockRequest) ProtoMessage() {}
 
 func (x *SyncClockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -347,7 +884,7 @@ func (x *SyncClockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncClockRequest.ProtoReflect.Descriptor instead.
 func (*SyncClockRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SyncClockRequest) GetHostTime() *timestamppb.Timestamp {
@@ -368,7 +905,7 @@ type SyncClockResponse struct {
 
 func (x *SyncClockResponse) Reset() {
 	*x = SyncClockResponse{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -380,7 +917,7 @@ func (x *SyncClockResponse) String() string {
 func (*SyncClockResponse) ProtoMessage() {}
 
 func (x *SyncClockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -393,7 +930,7 @@ func (x *SyncClockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncClockResponse.ProtoReflect.Descriptor instead.
 func (*SyncClockResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SyncClockResponse) GetGuestTime() *timestamppb.Timestamp {
@@ -412,7 +949,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -424,7 +961,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -437,7 +974,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ShutdownRequest) GetReboot() bool {
@@ -464,7 +1001,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +1013,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +1026,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Interface) GetMac() string {
@@ -537,7 +1074,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +1086,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +1099,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Route) GetDestination() string {
@@ -618,7 +1155,7 @@ type SetupNetworkRequest struct {
 
 func (x *SetupNetworkRequest) Reset() {
 	*x = SetupNetworkRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +1167,7 @@ func (x *SetupNetworkRequest) String() string {
 func (*SetupNetworkRequest) ProtoMessage() {}
 
 func (x *SetupNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +1180,7 @@ func (x *SetupNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupNetworkRequest.ProtoReflect.Descriptor instead.
 func (*SetupNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetupNetworkRequest) GetInterfaces() []*Interface {
@@ -668,7 +1205,7 @@ type SetupNetworkResponse struct {
 
 func (x *SetupNetworkResponse) Reset() {
 	*x = SetupNetworkResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -680,7 +1217,7 @@ func (x *SetupNetworkResponse) String() string {
 func (*SetupNetworkResponse) ProtoMessage() {}
 
 func (x *SetupNetworkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -693,14 +1230,50 @@ func (x *SetupNetworkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetupNetworkResponse.ProtoReflect.Descriptor instead.
 func (*SetupNetworkResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
 	"\n" +
-	"\vagent.proto\x12\x13kuasar.vmm.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n" +
+	"\vagent.proto\x12\x13kuasar.vmm.agent.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n" +
+	"\x10PortForwardFrame\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eof\"\xdc\x02\n" +
+	"\x13SetupSandboxRequest\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
+	"\bhostname\x18\x02 \x01(\tR\bhostname\x12O\n" +
+	"\asysctls\x18\x03 \x03(\v25.kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntryR\asysctls\x12\x1b\n" +
+	"\tshare_pid\x18\x04 \x01(\bR\bsharePid\x12$\n" +
+	"\x0eshm_size_bytes\x18\x05 \x01(\x04R\fshmSizeBytes\x12\x1b\n" +
+	"\tshare_tag\x18\x06 \x01(\tR\bshareTag\x12\x1d\n" +
+	"\n" +
+	"share_type\x18\a \x01(\tR\tshareType\x1a:\n" +
+	"\fSysctlsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x16\n" +
+	"\x14SetupSandboxResponse\"J\n" +
+	"\fProcessStdio\x12!\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\"\xd2\x01\n" +
+	"\x10ReadStdioRequest\x12;\n" +
+	"\aprocess\x18\x01 \x01(\v2!.kuasar.vmm.agent.v1.ProcessStdioR\aprocess\x123\n" +
+	"\x06stream\x18\x02 \x01(\x0e2\x1b.kuasar.vmm.agent.v1.StreamR\x06stream\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x04R\x06offset\x12\x17\n" +
+	"\await_ms\x18\x04 \x01(\rR\x06waitMs\x12\x1b\n" +
+	"\tmax_bytes\x18\x05 \x01(\rR\bmaxBytes\"Q\n" +
+	"\x11ReadStdioResponse\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eof\"d\n" +
+	"\x11WriteStdinRequest\x12;\n" +
+	"\aprocess\x18\x01 \x01(\v2!.kuasar.vmm.agent.v1.ProcessStdioR\aprocess\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"B\n" +
+	"\x10PodStatsResponse\x12.\n" +
+	"\ametrics\x18\x01 \x01(\v2\x14.google.protobuf.AnyR\ametrics\"(\n" +
 	"\fHelloRequest\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\"\x8d\x02\n" +
 	"\rHelloResponse\x12\x18\n" +
@@ -746,13 +1319,26 @@ const file_agent_proto_rawDesc = "" +
 	"interfaces\x18\x01 \x03(\v2\x1e.kuasar.vmm.agent.v1.InterfaceR\n" +
 	"interfaces\x122\n" +
 	"\x06routes\x18\x02 \x03(\v2\x1a.kuasar.vmm.agent.v1.RouteR\x06routes\"\x16\n" +
-	"\x14SetupNetworkResponse2\xb2\x03\n" +
+	"\x14SetupNetworkResponse* \n" +
+	"\x06Stream\x12\n" +
+	"\n" +
+	"\x06STDOUT\x10\x00\x12\n" +
+	"\n" +
+	"\x06STDERR\x10\x012\xb6\a\n" +
 	"\x05Agent\x12N\n" +
 	"\x05Hello\x12!.kuasar.vmm.agent.v1.HelloRequest\x1a\".kuasar.vmm.agent.v1.HelloResponse\x12N\n" +
 	"\x05Check\x12!.kuasar.vmm.agent.v1.CheckRequest\x1a\".kuasar.vmm.agent.v1.CheckResponse\x12Z\n" +
 	"\tSyncClock\x12%.kuasar.vmm.agent.v1.SyncClockRequest\x1a&.kuasar.vmm.agent.v1.SyncClockResponse\x12H\n" +
 	"\bShutdown\x12$.kuasar.vmm.agent.v1.ShutdownRequest\x1a\x16.google.protobuf.Empty\x12c\n" +
-	"\fSetupNetwork\x12(.kuasar.vmm.agent.v1.SetupNetworkRequest\x1a).kuasar.vmm.agent.v1.SetupNetworkResponseBFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
+	"\fSetupNetwork\x12(.kuasar.vmm.agent.v1.SetupNetworkRequest\x1a).kuasar.vmm.agent.v1.SetupNetworkResponse\x12c\n" +
+	"\fSetupSandbox\x12(.kuasar.vmm.agent.v1.SetupSandboxRequest\x1a).kuasar.vmm.agent.v1.SetupSandboxResponse\x12Z\n" +
+	"\tReadStdio\x12%.kuasar.vmm.agent.v1.ReadStdioRequest\x1a&.kuasar.vmm.agent.v1.ReadStdioResponse\x12L\n" +
+	"\n" +
+	"WriteStdin\x12&.kuasar.vmm.agent.v1.WriteStdinRequest\x1a\x16.google.protobuf.Empty\x12G\n" +
+	"\n" +
+	"CloseStdin\x12!.kuasar.vmm.agent.v1.ProcessStdio\x1a\x16.google.protobuf.Empty\x12I\n" +
+	"\bPodStats\x12\x16.google.protobuf.Empty\x1a%.kuasar.vmm.agent.v1.PodStatsResponse\x12_\n" +
+	"\vPortForward\x12%.kuasar.vmm.agent.v1.PortForwardFrame\x1a%.kuasar.vmm.agent.v1.PortForwardFrame(\x010\x01BFZDgithub.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi;agentapib\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -766,44 +1352,73 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_agent_proto_goTypes = []any{
-	(*HelloRequest)(nil),          // 0: kuasar.vmm.agent.v1.HelloRequest
-	(*HelloResponse)(nil),         // 1: kuasar.vmm.agent.v1.HelloResponse
-	(*CheckRequest)(nil),          // 2: kuasar.vmm.agent.v1.CheckRequest
-	(*CheckResponse)(nil),         // 3: kuasar.vmm.agent.v1.CheckResponse
-	(*SyncClockRequest)(nil),      // 4: kuasar.vmm.agent.v1.SyncClockRequest
-	(*SyncClockResponse)(nil),     // 5: kuasar.vmm.agent.v1.SyncClockResponse
-	(*ShutdownRequest)(nil),       // 6: kuasar.vmm.agent.v1.ShutdownRequest
-	(*Interface)(nil),             // 7: kuasar.vmm.agent.v1.Interface
-	(*Route)(nil),                 // 8: kuasar.vmm.agent.v1.Route
-	(*SetupNetworkRequest)(nil),   // 9: kuasar.vmm.agent.v1.SetupNetworkRequest
-	(*SetupNetworkResponse)(nil),  // 10: kuasar.vmm.agent.v1.SetupNetworkResponse
-	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 12: google.protobuf.Empty
+	(Stream)(0),                   // 0: kuasar.vmm.agent.v1.Stream
+	(*PortForwardFrame)(nil),      // 1: kuasar.vmm.agent.v1.PortForwardFrame
+	(*SetupSandboxRequest)(nil),   // 2: kuasar.vmm.agent.v1.SetupSandboxRequest
+	(*SetupSandboxResponse)(nil),  // 3: kuasar.vmm.agent.v1.SetupSandboxResponse
+	(*ProcessStdio)(nil),          // 4: kuasar.vmm.agent.v1.ProcessStdio
+	(*ReadStdioRequest)(nil),      // 5: kuasar.vmm.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),     // 6: kuasar.vmm.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),     // 7: kuasar.vmm.agent.v1.WriteStdinRequest
+	(*PodStatsResponse)(nil),      // 8: kuasar.vmm.agent.v1.PodStatsResponse
+	(*HelloRequest)(nil),          // 9: kuasar.vmm.agent.v1.HelloRequest
+	(*HelloResponse)(nil),         // 10: kuasar.vmm.agent.v1.HelloResponse
+	(*CheckRequest)(nil),          // 11: kuasar.vmm.agent.v1.CheckRequest
+	(*CheckResponse)(nil),         // 12: kuasar.vmm.agent.v1.CheckResponse
+	(*SyncClockRequest)(nil),      // 13: kuasar.vmm.agent.v1.SyncClockRequest
+	(*SyncClockResponse)(nil),     // 14: kuasar.vmm.agent.v1.SyncClockResponse
+	(*ShutdownRequest)(nil),       // 15: kuasar.vmm.agent.v1.ShutdownRequest
+	(*Interface)(nil),             // 16: kuasar.vmm.agent.v1.Interface
+	(*Route)(nil),                 // 17: kuasar.vmm.agent.v1.Route
+	(*SetupNetworkRequest)(nil),   // 18: kuasar.vmm.agent.v1.SetupNetworkRequest
+	(*SetupNetworkResponse)(nil),  // 19: kuasar.vmm.agent.v1.SetupNetworkResponse
+	nil,                           // 20: kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
+	(*anypb.Any)(nil),             // 21: google.protobuf.Any
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 23: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
-	11, // 0: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
-	11, // 1: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
-	11, // 2: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
-	11, // 3: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
-	7,  // 4: kuasar.vmm.agent.v1.SetupNetworkRequest.interfaces:type_name -> kuasar.vmm.agent.v1.Interface
-	8,  // 5: kuasar.vmm.agent.v1.SetupNetworkRequest.routes:type_name -> kuasar.vmm.agent.v1.Route
-	0,  // 6: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
-	2,  // 7: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
-	4,  // 8: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
-	6,  // 9: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
-	9,  // 10: kuasar.vmm.agent.v1.Agent.SetupNetwork:input_type -> kuasar.vmm.agent.v1.SetupNetworkRequest
-	1,  // 11: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
-	3,  // 12: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
-	5,  // 13: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
-	12, // 14: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
-	10, // 15: kuasar.vmm.agent.v1.Agent.SetupNetwork:output_type -> kuasar.vmm.agent.v1.SetupNetworkResponse
-	11, // [11:16] is the sub-list for method output_type
-	6,  // [6:11] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	20, // 0: kuasar.vmm.agent.v1.SetupSandboxRequest.sysctls:type_name -> kuasar.vmm.agent.v1.SetupSandboxRequest.SysctlsEntry
+	4,  // 1: kuasar.vmm.agent.v1.ReadStdioRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
+	0,  // 2: kuasar.vmm.agent.v1.ReadStdioRequest.stream:type_name -> kuasar.vmm.agent.v1.Stream
+	4,  // 3: kuasar.vmm.agent.v1.WriteStdinRequest.process:type_name -> kuasar.vmm.agent.v1.ProcessStdio
+	21, // 4: kuasar.vmm.agent.v1.PodStatsResponse.metrics:type_name -> google.protobuf.Any
+	22, // 5: kuasar.vmm.agent.v1.HelloResponse.started_at:type_name -> google.protobuf.Timestamp
+	22, // 6: kuasar.vmm.agent.v1.CheckResponse.now:type_name -> google.protobuf.Timestamp
+	22, // 7: kuasar.vmm.agent.v1.SyncClockRequest.host_time:type_name -> google.protobuf.Timestamp
+	22, // 8: kuasar.vmm.agent.v1.SyncClockResponse.guest_time:type_name -> google.protobuf.Timestamp
+	16, // 9: kuasar.vmm.agent.v1.SetupNetworkRequest.interfaces:type_name -> kuasar.vmm.agent.v1.Interface
+	17, // 10: kuasar.vmm.agent.v1.SetupNetworkRequest.routes:type_name -> kuasar.vmm.agent.v1.Route
+	9,  // 11: kuasar.vmm.agent.v1.Agent.Hello:input_type -> kuasar.vmm.agent.v1.HelloRequest
+	11, // 12: kuasar.vmm.agent.v1.Agent.Check:input_type -> kuasar.vmm.agent.v1.CheckRequest
+	13, // 13: kuasar.vmm.agent.v1.Agent.SyncClock:input_type -> kuasar.vmm.agent.v1.SyncClockRequest
+	15, // 14: kuasar.vmm.agent.v1.Agent.Shutdown:input_type -> kuasar.vmm.agent.v1.ShutdownRequest
+	18, // 15: kuasar.vmm.agent.v1.Agent.SetupNetwork:input_type -> kuasar.vmm.agent.v1.SetupNetworkRequest
+	2,  // 16: kuasar.vmm.agent.v1.Agent.SetupSandbox:input_type -> kuasar.vmm.agent.v1.SetupSandboxRequest
+	5,  // 17: kuasar.vmm.agent.v1.Agent.ReadStdio:input_type -> kuasar.vmm.agent.v1.ReadStdioRequest
+	7,  // 18: kuasar.vmm.agent.v1.Agent.WriteStdin:input_type -> kuasar.vmm.agent.v1.WriteStdinRequest
+	4,  // 19: kuasar.vmm.agent.v1.Agent.CloseStdin:input_type -> kuasar.vmm.agent.v1.ProcessStdio
+	23, // 20: kuasar.vmm.agent.v1.Agent.PodStats:input_type -> google.protobuf.Empty
+	1,  // 21: kuasar.vmm.agent.v1.Agent.PortForward:input_type -> kuasar.vmm.agent.v1.PortForwardFrame
+	10, // 22: kuasar.vmm.agent.v1.Agent.Hello:output_type -> kuasar.vmm.agent.v1.HelloResponse
+	12, // 23: kuasar.vmm.agent.v1.Agent.Check:output_type -> kuasar.vmm.agent.v1.CheckResponse
+	14, // 24: kuasar.vmm.agent.v1.Agent.SyncClock:output_type -> kuasar.vmm.agent.v1.SyncClockResponse
+	23, // 25: kuasar.vmm.agent.v1.Agent.Shutdown:output_type -> google.protobuf.Empty
+	19, // 26: kuasar.vmm.agent.v1.Agent.SetupNetwork:output_type -> kuasar.vmm.agent.v1.SetupNetworkResponse
+	3,  // 27: kuasar.vmm.agent.v1.Agent.SetupSandbox:output_type -> kuasar.vmm.agent.v1.SetupSandboxResponse
+	6,  // 28: kuasar.vmm.agent.v1.Agent.ReadStdio:output_type -> kuasar.vmm.agent.v1.ReadStdioResponse
+	23, // 29: kuasar.vmm.agent.v1.Agent.WriteStdin:output_type -> google.protobuf.Empty
+	23, // 30: kuasar.vmm.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	8,  // 31: kuasar.vmm.agent.v1.Agent.PodStats:output_type -> kuasar.vmm.agent.v1.PodStatsResponse
+	1,  // 32: kuasar.vmm.agent.v1.Agent.PortForward:output_type -> kuasar.vmm.agent.v1.PortForwardFrame
+	22, // [22:33] is the sub-list for method output_type
+	11, // [11:22] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -816,13 +1431,14 @@ func file_agent_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   11,
+			NumEnums:      1,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_agent_proto_goTypes,
 		DependencyIndexes: file_agent_proto_depIdxs,
+		EnumInfos:         file_agent_proto_enumTypes,
 		MessageInfos:      file_agent_proto_msgTypes,
 	}.Build()
 	File_agent_proto = out.File

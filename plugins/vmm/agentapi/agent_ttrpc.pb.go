@@ -14,6 +14,34 @@ type AgentService interface {
 	SyncClock(context.Context, *SyncClockRequest) (*SyncClockResponse, error)
 	Shutdown(context.Context, *ShutdownRequest) (*emptypb.Empty, error)
 	SetupNetwork(context.Context, *SetupNetworkRequest) (*SetupNetworkResponse, error)
+	SetupSandbox(context.Context, *SetupSandboxRequest) (*SetupSandboxResponse, error)
+	ReadStdio(context.Context, *ReadStdioRequest) (*ReadStdioResponse, error)
+	WriteStdin(context.Context, *WriteStdinRequest) (*emptypb.Empty, error)
+	CloseStdin(context.Context, *ProcessStdio) (*emptypb.Empty, error)
+	PodStats(context.Context, *emptypb.Empty) (*PodStatsResponse, error)
+	PortForward(context.Context, Agent_PortForwardServer) error
+}
+
+type Agent_PortForwardServer interface {
+	Send(*PortForwardFrame) error
+	Recv() (*PortForwardFrame, error)
+	ttrpc.StreamServer
+}
+
+type agentPortForwardServer struct {
+	ttrpc.StreamServer
+}
+
+func (x *agentPortForwardServer) Send(m *PortForwardFrame) error {
+	return x.StreamServer.SendMsg(m)
+}
+
+func (x *agentPortForwardServer) Recv() (*PortForwardFrame, error) {
+	m := new(PortForwardFrame)
+	if err := x.StreamServer.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -54,15 +82,73 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 				}
 				return svc.SetupNetwork(ctx, &req)
 			},
+			"SetupSandbox": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req SetupSandboxRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.SetupSandbox(ctx, &req)
+			},
+			"ReadStdio": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ReadStdioRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ReadStdio(ctx, &req)
+			},
+			"WriteStdin": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req WriteStdinRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.WriteStdin(ctx, &req)
+			},
+			"CloseStdin": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ProcessStdio
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.CloseStdin(ctx, &req)
+			},
+			"PodStats": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req emptypb.Empty
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.PodStats(ctx, &req)
+			},
+		},
+		Streams: map[string]ttrpc.Stream{
+			"PortForward": {
+				Handler: func(ctx context.Context, stream ttrpc.StreamServer) (interface{}, error) {
+					return nil, svc.PortForward(ctx, &agentPortForwardServer{stream})
+				},
+				StreamingClient: true,
+				StreamingServer: true,
+			},
 		},
 	})
+}
+
+type AgentClient interface {
+	Hello(context.Context, *HelloRequest) (*HelloResponse, error)
+	Check(context.Context, *CheckRequest) (*CheckResponse, error)
+	SyncClock(context.Context, *SyncClockRequest) (*SyncClockResponse, error)
+	Shutdown(context.Context, *ShutdownRequest) (*emptypb.Empty, error)
+	SetupNetwork(context.Context, *SetupNetworkRequest) (*SetupNetworkResponse, error)
+	SetupSandbox(context.Context, *SetupSandboxRequest) (*SetupSandboxResponse, error)
+	ReadStdio(context.Context, *ReadStdioRequest) (*ReadStdioResponse, error)
+	WriteStdin(context.Context, *WriteStdinRequest) (*emptypb.Empty, error)
+	CloseStdin(context.Context, *ProcessStdio) (*emptypb.Empty, error)
+	PodStats(context.Context, *emptypb.Empty) (*PodStatsResponse, error)
+	PortForward(context.Context) (Agent_PortForwardClient, error)
 }
 
 type agentClient struct {
 	client *ttrpc.Client
 }
 
-func NewAgentClient(client *ttrpc.Client) AgentService {
+func NewAgentClient(client *ttrpc.Client) AgentClient {
 	return &agentClient{
 		client: client,
 	}
@@ -106,4 +192,78 @@ func (c *agentClient) SetupNetwork(ctx context.Context, req *SetupNetworkRequest
 		return nil, err
 	}
 	return &resp, nil
+}
+
+func (c *agentClient) SetupSandbox(ctx context.Context, req *SetupSandboxRequest) (*SetupSandboxResponse, error) {
+	var resp SetupSandboxResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "SetupSandbox", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ReadStdio(ctx context.Context, req *ReadStdioRequest) (*ReadStdioResponse, error) {
+	var resp ReadStdioResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "ReadStdio", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) WriteStdin(ctx context.Context, req *WriteStdinRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "WriteStdin", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) CloseStdin(ctx context.Context, req *ProcessStdio) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "CloseStdin", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) PodStats(ctx context.Context, req *emptypb.Empty) (*PodStatsResponse, error) {
+	var resp PodStatsResponse
+	if err := c.client.Call(ctx, "kuasar.vmm.agent.v1.Agent", "PodStats", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) PortForward(ctx context.Context) (Agent_PortForwardClient, error) {
+	stream, err := c.client.NewStream(ctx, &ttrpc.StreamDesc{
+		StreamingClient: true,
+		StreamingServer: true,
+	}, "kuasar.vmm.agent.v1.Agent", "PortForward", nil)
+	if err != nil {
+		return nil, err
+	}
+	x := &agentPortForwardClient{stream}
+	return x, nil
+}
+
+type Agent_PortForwardClient interface {
+	Send(*PortForwardFrame) error
+	Recv() (*PortForwardFrame, error)
+	ttrpc.ClientStream
+}
+
+type agentPortForwardClient struct {
+	ttrpc.ClientStream
+}
+
+func (x *agentPortForwardClient) Send(m *PortForwardFrame) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *agentPortForwardClient) Recv() (*PortForwardFrame, error) {
+	m := new(PortForwardFrame)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }

@@ -31,7 +31,32 @@ const (
 	ImageInfoPath = "/etc/kuasar/image.json"
 	// RuncPath is the OCI runtime that runs containers in the guest.
 	RuncPath = "/usr/bin/runc"
+
+	// ShareDir is where the host's share (tag ShareTag) is mounted: one
+	// directory per container, BundleDir, holding config.json (the spec,
+	// with guest paths) and rootfs/ (mounted on the host).
+	ShareDir = "/run/kuasar/shared"
+	// PodNSDir holds the pod's namespaces, pinned: ipc, uts, and pid when
+	// the pod shares one.
+	PodNSDir = "/run/kuasar/pod/ns"
+	// PodShmDir is the pod's /dev/shm.
+	PodShmDir = "/run/kuasar/pod/shm"
+	// CgroupParent is the guest cgroup (v2) that holds the containers':
+	// the host sets each spec's cgroupsPath to CgroupParent/<id> (the
+	// agent does when a spec has none, or a systemd one). The agent's
+	// PodStats are this cgroup's.
+	CgroupParent = "/kuasar"
 )
+
+// ShareTag is the mount tag of the host's share.
+const ShareTag = "kuasar"
+
+// BundleDir is the bundle of a container in the guest. The task service's
+// CreateTaskRequest names it, with Rootfs empty (mounted already) and
+// Stdin/Stdout/Stderr non-empty for the streams the process has (their
+// values mean nothing in the guest: the agent makes the streams and serves
+// them with ReadStdio/WriteStdin).
+func BundleDir(containerID string) string { return ShareDir + "/" + containerID }
 
 // PortName is the name of the agent's virtio-serial port
 // (virtserialport,name=...); the guest finds it under

@@ -11,7 +11,7 @@ import (
 type Config struct {
 	// ID names the VM (the sandbox id).
 	ID string
-	// RunDir holds the VM's sockets, pid file and console log. Unix
+	// RunDir holds the VM's sockets, pid file and the VMM's log. Unix
 	// socket paths are limited to 107 bytes: keep it short
 	// (MaxRunDirLen).
 	RunDir string
@@ -186,7 +186,7 @@ type Launch struct {
 	Env  []string
 	Dir  string
 	// Log is where the VMM's own output (stdout and stderr) should go;
-	// the guest's console is State.ConsoleLog.
+	// the guest's console is read with VM.Console.
 	Log string
 }
 
@@ -203,7 +203,6 @@ type State struct {
 	RunDir        string      `json:"runDir"`
 	PidFile       string      `json:"pidFile"`
 	ControlSocket string      `json:"controlSocket"` // QEMU: QMP
-	ConsoleLog    string      `json:"consoleLog"`
 	Channel       ChannelKind `json:"channel"`
 	// ChannelSocket is the host end of a serial channel.
 	ChannelSocket string `json:"channelSocket,omitempty"`

@@ -52,6 +52,9 @@ type VM interface {
 	Wait(ctx context.Context) error
 	// Exited is closed when the VMM process has exited.
 	Exited() <-chan struct{}
+	// Console returns the end of the guest's console (at most n bytes,
+	// kept bounded by the VMM: the guest writes it as it likes), or "".
+	Console(ctx context.Context, n int) string
 	// Close releases the driver's connections to the VMM, leaving it
 	// running (a daemon that stops without stopping its pods).
 	Close() error

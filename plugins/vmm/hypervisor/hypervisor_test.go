@@ -89,7 +89,7 @@ func TestKVMUsable(t *testing.T) {
 
 func TestStateJSON(t *testing.T) {
 	st := State{Hypervisor: "qemu", ID: "p", Pid: 42, StartTime: 7, RunDir: "/run/x", PidFile: "/run/x/qemu.pid",
-		ControlSocket: "/run/x/qmp.sock", ConsoleLog: "/run/x/console.log", Channel: ChannelSerial, ChannelSocket: "/run/x/agent.sock", Accel: AccelTCG}
+		ControlSocket: "/run/x/qmp.sock", Channel: ChannelSerial, ChannelSocket: "/run/x/agent.sock", Accel: AccelTCG}
 	b, err := json.Marshal(st)
 	if err != nil {
 		t.Fatal(err)

@@ -12,11 +12,11 @@ import (
 
 // Files of a VM's run directory.
 const (
-	pidFileName    = "qemu.pid"
-	qmpSocketName  = "qmp.sock"
-	agentSocket    = "agent.sock"
-	consoleLogName = "console.log"
-	logName        = "qemu.log"
+	pidFileName   = "qemu.pid"
+	qmpSocketName = "qmp.sock"
+	agentSocket   = "agent.sock"
+	consoleID     = "console"
+	logName       = "qemu.log"
 )
 
 // memoryID is the id of the guest RAM backend. It names the RAM block in
@@ -62,7 +62,10 @@ func Argv(cfg hypervisor.Config) []string {
 		"-pidfile", run(pidFileName),
 		"-chardev", "socket,id=qmp,path="+run(qmpSocketName)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
-		"-chardev", "file,id=console,path="+run(consoleLogName),
+		// The guest's console, kept in QEMU's memory: a ring of
+		// ConsoleSize bytes (an untrusted guest writes it forever), read
+		// over QMP (VM.Console).
+		"-chardev", fmt.Sprintf("ringbuf,id=%s,size=%d", consoleID, ConsoleSize),
 		"-serial", "chardev:console",
 		"-device", "vmgenid,guid=auto",
 	)
@@ -84,7 +87,7 @@ func Argv(cfg hypervisor.Config) []string {
 				"-device", fmt.Sprintf("vhost-user-fs-pci,chardev=vfs%d,tag=%s", i, s.Tag),
 			)
 		default:
-			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=passthrough", i, escape(s.Path))
+			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=passthrough,multidevs=remap", i, escape(s.Path))
 			if s.ReadOnly {
 				fsdev += ",readonly=on"
 			}

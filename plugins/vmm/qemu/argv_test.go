@@ -55,7 +55,7 @@ func TestArgv(t *testing.T) {
 		{"vsock", func(c *hypervisor.Config) { c.Channel = hypervisor.ChannelVsock; c.VsockCID = 7 }, "-device",
 			[]string{"vhost-vsock-pci,id=vsock0,guest-cid=7"}, []string{"virtio-serial-pci,id=vser0,max_ports=2"}},
 		{"9p", func(c *hypervisor.Config) { c.Shares = []hypervisor.Share{{Tag: "kuasar", Path: "/s", ReadOnly: true}} },
-			"-fsdev", []string{"local,id=fs0,path=/s,security_model=passthrough,readonly=on"}, nil},
+			"-fsdev", []string{"local,id=fs0,path=/s,security_model=passthrough,multidevs=remap,readonly=on"}, nil},
 		{"virtiofs", func(c *hypervisor.Config) {
 			c.Shares = []hypervisor.Share{{Tag: "kuasar", Kind: hypervisor.ShareVirtiofs, Socket: "/r/vfs.sock"}}
 			c.Memory.Share = true

@@ -81,7 +81,7 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 	}
 	st := stateOf(cfg)
 	logPath := filepath.Join(cfg.RunDir, logName)
-	for _, f := range []string{st.PidFile, st.ControlSocket, st.ChannelSocket, st.ConsoleLog, logPath} {
+	for _, f := range []string{st.PidFile, st.ControlSocket, st.ChannelSocket, logPath} {
 		if f != "" {
 			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return nil, hypervisor.State{}, err
@@ -99,7 +99,6 @@ func stateOf(cfg hypervisor.Config) hypervisor.State {
 		RunDir:        cfg.RunDir,
 		PidFile:       filepath.Join(cfg.RunDir, pidFileName),
 		ControlSocket: filepath.Join(cfg.RunDir, qmpSocketName),
-		ConsoleLog:    filepath.Join(cfg.RunDir, consoleLogName),
 		Channel:       cfg.Channel,
 		Accel:         cfg.Accel,
 	}
@@ -108,6 +107,14 @@ func stateOf(cfg hypervisor.Config) hypervisor.State {
 	} else {
 		st.ChannelSocket = filepath.Join(cfg.RunDir, agentSocket)
 	}
+	return st
+}
+
+// StateIn is the state of whatever VM runs in runDir, known by its files
+// only: Attach to it finds the QEMU by its pid file (if its command line
+// names the directory's control socket), e.g. to end a VM no record owns.
+func StateIn(runDir string) hypervisor.State {
+	st := stateOf(hypervisor.Config{ID: filepath.Base(runDir), RunDir: runDir, Channel: hypervisor.ChannelSerial})
 	return st
 }
 
@@ -254,6 +261,24 @@ func (vm *VM) QMP() *qmp.Client { return vm.qmp }
 // Exited is closed when QEMU has exited.
 func (vm *VM) Exited() <-chan struct{} { return vm.exited }
 
+// ConsoleSize is the guest console's ring in QEMU (a power of two).
+const ConsoleSize = 64 << 10
+
+// Console returns the end of the guest's console, at most n bytes, or ""
+// when QEMU does not answer. Reading empties the ring.
+func (vm *VM) Console(ctx context.Context, n int) string {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var out string
+	if err := vm.qmp.Execute(ctx, "ringbuf-read", map[string]any{"device": consoleID, "size": ConsoleSize, "format": "utf8"}, &out); err != nil {
+		return ""
+	}
+	if len(out) > n {
+		out = out[len(out)-n:]
+	}
+	return out
+}
+
 // DialAgent starts a channel session with the guest agent.
 func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	if vm.st.Channel == hypervisor.ChannelVsock {
@@ -272,7 +297,7 @@ func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	if err != nil {
 		select {
 		case <-vm.exited:
-			return nil, fmt.Errorf("vm %s exited before its agent answered (see %s): %w", vm.st.ID, vm.st.ConsoleLog, errdefs.ErrUnavailable)
+			return nil, fmt.Errorf("vm %s exited before its agent answered (QEMU's output is in %s): %w", vm.st.ID, filepath.Join(vm.st.RunDir, logName), errdefs.ErrUnavailable)
 		default:
 		}
 		return nil, err

@@ -1458,9 +1458,16 @@ type HostStatsResponse struct {
 	// compiling is how many modules are being compiled now.
 	Compiling int32 `protobuf:"varint,4,opt,name=compiling,proto3" json:"compiling,omitempty"`
 	// open_files is how many files the host's modules hold open.
-	OpenFiles     int64 `protobuf:"varint,5,opt,name=open_files,json=openFiles,proto3" json:"open_files,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	OpenFiles int64 `protobuf:"varint,5,opt,name=open_files,json=openFiles,proto3" json:"open_files,omitempty"`
+	// instances is how many module instances run now (containers' and
+	// execs').
+	Instances int32 `protobuf:"varint,6,opt,name=instances,proto3" json:"instances,omitempty"`
+	// linear_memory_bytes is the linear memory of every instance.
+	LinearMemoryBytes int64 `protobuf:"varint,7,opt,name=linear_memory_bytes,json=linearMemoryBytes,proto3" json:"linear_memory_bytes,omitempty"`
+	// resident_memory_bytes is the host process's resident set.
+	ResidentMemoryBytes int64 `protobuf:"varint,8,opt,name=resident_memory_bytes,json=residentMemoryBytes,proto3" json:"resident_memory_bytes,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *HostStatsResponse) Reset() {
@@ -1524,6 +1531,27 @@ func (x *HostStatsResponse) GetCompiling() int32 {
 func (x *HostStatsResponse) GetOpenFiles() int64 {
 	if x != nil {
 		return x.OpenFiles
+	}
+	return 0
+}
+
+func (x *HostStatsResponse) GetInstances() int32 {
+	if x != nil {
+		return x.Instances
+	}
+	return 0
+}
+
+func (x *HostStatsResponse) GetLinearMemoryBytes() int64 {
+	if x != nil {
+		return x.LinearMemoryBytes
+	}
+	return 0
+}
+
+func (x *HostStatsResponse) GetResidentMemoryBytes() int64 {
+	if x != nil {
+		return x.ResidentMemoryBytes
 	}
 	return 0
 }
@@ -1638,7 +1666,7 @@ const file_wasmhost_proto_rawDesc = "" +
 	"\x13cpu_throttled_nanos\x18\b \x01(\x04R\x11cpuThrottledNanos\x12\x1b\n" +
 	"\toom_kills\x18\t \x01(\x04R\boomKills\"N\n" +
 	"\fListResponse\x12>\n" +
-	"\tprocesses\x18\x01 \x03(\v2 .kuasar.wasmhost.v1.ProcessStateR\tprocesses\"\x9e\x01\n" +
+	"\tprocesses\x18\x01 \x03(\v2 .kuasar.wasmhost.v1.ProcessStateR\tprocesses\"\xa0\x02\n" +
 	"\x11HostStatsResponse\x12\x1e\n" +
 	"\n" +
 	"containers\x18\x01 \x01(\x05R\n" +
@@ -1647,7 +1675,10 @@ const file_wasmhost_proto_rawDesc = "" +
 	"\x04pods\x18\x03 \x01(\x05R\x04pods\x12\x1c\n" +
 	"\tcompiling\x18\x04 \x01(\x05R\tcompiling\x12\x1d\n" +
 	"\n" +
-	"open_files\x18\x05 \x01(\x03R\topenFiles*<\n" +
+	"open_files\x18\x05 \x01(\x03R\topenFiles\x12\x1c\n" +
+	"\tinstances\x18\x06 \x01(\x05R\tinstances\x12.\n" +
+	"\x13linear_memory_bytes\x18\a \x01(\x03R\x11linearMemoryBytes\x122\n" +
+	"\x15resident_memory_bytes\x18\b \x01(\x03R\x13residentMemoryBytes*<\n" +
 	"\x06Status\x12\v\n" +
 	"\aUNKNOWN\x10\x00\x12\v\n" +
 	"\aCREATED\x10\x01\x12\v\n" +

@@ -1,0 +1,81 @@
+package vmm
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
+)
+
+// fakeVMM is a process in a mount namespace of its own, as the keeper
+// starts QEMU (CLONE_NEWNS, mounts made private): it plays the hypervisor
+// whose namespace the share's mounts go to.
+func fakeVMM(t *testing.T, p *pod) {
+	t.Helper()
+	cmd := exec.Command("sleep", "300")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	pid := cmd.Process.Pid
+	p.st.VM = &hypervisor.State{Pid: pid, StartTime: proc.StartTime(pid)}
+}
+
+// What the guest writes through 9p lands where QEMU writes: in its mount
+// namespace, the share. Inside a container's rootfs or volume that is the
+// snapshot's or the volume's file system, which the kubelet accounts
+// (ephemeral storage) as for a runc container. But the share's own
+// directories (its root, <share>/<id>, <share>/<id>/mounts) are the
+// daemon's state directory (<state>/<sandbox>/shared, under /run: a tmpfs
+// of the node by default), which nothing accounts: a guest (a container
+// that escaped into the guest kernel) fills /run of the node, and every
+// daemon of the node that writes there fails. The guest needs nothing
+// there: the agent's bundles are in the guest, config.json is written by
+// the daemon. In the VM's namespace the share outside the attached mounts
+// must be read-only (e.g. a read-only bind of the share onto itself made
+// in the hypervisor's namespace before the guest runs; the daemon makes
+// the directories and config.json from the node's namespace, and
+// move_mount attaches beneath a read-only mount).
+func TestGuestCannotWriteShareOutsideMounts(t *testing.T) {
+	requireRoot(t)
+	p := testPod(t)
+	fakeVMM(t, p)
+	share := p.shareDir()
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
+		t.Fatal(err)
+	}
+	m, err := cloneTree(t.TempDir(), hostBind{}, "c1/rootfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.attach([]shareMount{m})
+	closeTrees([]shareMount{m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inRootfs, atRoot, inCtrDir error
+	if err := p.vmMountNS(func() error {
+		// As QEMU's 9p server does for the guest.
+		inRootfs = os.WriteFile(filepath.Join(share, "c1/rootfs/ok"), []byte("x"), 0o644)
+		atRoot = os.WriteFile(filepath.Join(share, "junk"), make([]byte, 1<<20), 0o644)
+		inCtrDir = os.WriteFile(filepath.Join(share, "c1/junk"), make([]byte, 1<<20), 0o644)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if inRootfs != nil {
+		t.Fatalf("writing in the container's rootfs, as the guest may: %v", inRootfs)
+	}
+	for rel, err := range map[string]error{"junk": atRoot, "c1/junk": inCtrDir} {
+		if err == nil {
+			if _, serr := os.Stat(filepath.Join(share, rel)); serr == nil {
+				t.Errorf("the guest wrote %s in the share's own directory: it is on the node's state file system (%s), unaccounted", rel, share)
+			}
+		}
+	}
+}

@@ -1,0 +1,64 @@
+package vmm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/containerd/plugin"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
+)
+
+// The default template_dir is /dev/shm/kuasar-vmm-<hash of the state
+// directory>: a world-writable directory, and a name any local user can
+// work out (the state directory is in the daemon's configuration). A user
+// who makes that directory first owns it; newKind's MkdirAll takes it as it
+// is. QEMU (root) then writes every template's RAM there (mode 0644) and
+// every clone maps it: the user reads the template's memory and, owning the
+// directory, swaps a RAM file for one of its own, which every later pod VM
+// runs (guest kernel code of the user's choice, with the pod's volumes in
+// its share). The daemon must refuse (or replace) a template directory it
+// does not own, or that others can write or enter.
+func TestTemplateDirPrecreatedByAnotherUser(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("skipping: needs root (chown)")
+	}
+	state := filepath.Join(t.TempDir(), "state")
+	h := sha256.Sum256([]byte(state))
+	tdir := filepath.Join("/dev/shm", "kuasar-vmm-"+hex.EncodeToString(h[:6]))
+	// The attacker, uid 65534, is there first.
+	if err := os.Mkdir(tdir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tdir) })
+	if err := os.Chmod(tdir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(tdir, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+
+	ic := &plugin.InitContext{Context: context.Background(), Config: DefaultConfig()}
+	k, err := newKind(ic, sandbox.Env{State: state, Root: filepath.Join(t.TempDir(), "root")})
+	if err != nil {
+		return // refused: fine
+	}
+	ramDir := k.(*kind).templates.ramDir
+	if ramDir == "" && k.(*kind).cfg.Template == "off" {
+		return // templates off: every VM boots, nothing is read from there
+	}
+	st, err := os.Lstat(ramDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	if !st.IsDir() || sys.Uid != 0 || st.Mode().Perm()&0o077 != 0 {
+		t.Errorf("templates' RAM go to %s, owned by uid %d, mode %v: another user made it and can read and replace the RAM every clone runs",
+			ramDir, sys.Uid, st.Mode())
+	}
+}
