@@ -417,11 +417,13 @@ func (c *kubeCluster) pod(t *testing.T, name string) *podState {
 	return &p
 }
 
-// waitPod waits until ok holds for the pod, for at most three minutes
-// (the first pull of an image and a cold Wasm compile included).
+// waitPod waits until ok holds for the pod, for at most six minutes (the
+// first pull of an image, a cold Wasm compile, emulated VMs booting side by
+// side on a busy machine, and a sandbox start the kubelet gave up on after
+// its two minutes and tried again, included).
 func (c *kubeCluster) waitPod(t *testing.T, name, what string, ok func(*podState) bool) *podState {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Minute)
+	deadline := time.Now().Add(6 * time.Minute)
 	for {
 		c.alive()
 		p := c.pod(t, name)
