@@ -1,7 +1,7 @@
 # containerd-kuasar
 #
 #   make demo    install what is needed, build, run a pod of every handler
-#   make test    install what is needed, unit, end-to-end and conformance tests
+#   make test    install what is needed, unit, end-to-end, conformance and kubelet tests
 #
 # Builds are cached machine-wide under $(CACHE) (default /var/cache/containerd-kuasar,
 # outside the clone), so a new clone on the same machine starts warm.
@@ -82,7 +82,7 @@ GUEST_OUT := $(OUT)/share/kuasar/guest
 GUEST_FILES := vmlinux initramfs.cpio guest.json
 
 .PHONY: all build deps tools stock stock-tools agent man lint unit e2e e2e-vmm-cold test demo run install install-files clean bench conformance protos check-protos guest \
-	pkg-deps rpm-sources rpm srpm deb package-test FORCE
+	pkg-deps rpm-sources rpm srpm deb package-test kube-tools e2e-kube FORCE
 
 all: build tools
 
@@ -192,6 +192,40 @@ man:
 	go tool go-md2man -in $(CONTAINERD_DIR)/docs/man/containerd-config.8.md -out $(MAN_OUT)/man8/containerd-config.8
 	go tool go-md2man -in $(CONTAINERD_DIR)/docs/man/containerd-config.toml.5.md -out $(MAN_OUT)/man5/containerd-config.toml.5
 
+## kube-tools: a real Kubernetes node's parts for `make e2e-kube`: kube-apiserver,
+## kubelet and kubectl (k8s.io/kubernetes v1.34.4) and etcd (server v3.6.4), pinned
+## by integration/kubetools/go.mod. About 10 minutes cold on 2 cores, so they are
+## kept in the machine cache, keyed by that module, the Go version and the flags
+## (a fresh clone on the same machine links them in seconds)
+KUBE_MOD      := $(ROOT)/integration/kubetools
+KUBE_VERSION  := $(shell awk '$$1 !~ "^//" {for (i = 1; i < NF; i++) if ($$i == "k8s.io/kubernetes" && $$(i+1) ~ /^v[0-9]/) print $$(i+1)}' $(KUBE_MOD)/go.mod)
+KUBE_VER_PKG  := k8s.io/component-base/version
+KUBE_LDFLAGS  := -s -w -X $(KUBE_VER_PKG).gitVersion=$(KUBE_VERSION) -X $(KUBE_VER_PKG).gitTreeState=clean \
+	-X $(KUBE_VER_PKG).buildDate=1970-01-01T00:00:00Z
+KUBE_KEY      := $(shell { cat $(KUBE_MOD)/go.mod $(KUBE_MOD)/go.sum; PATH=/usr/local/go/bin:$$PATH go env GOVERSION GOARCH; echo '$(KUBE_LDFLAGS)'; } | sha256sum | cut -c1-16)
+KUBE_CACHE    := $(CACHE)/kube/$(KUBE_KEY)
+KUBE_TOOLS    := kube-apiserver kubelet kubectl etcd
+
+kube-tools: $(addprefix $(BIN)/,$(KUBE_TOOLS))
+
+# Hard links when the cache is on the same file system (the four are ~350 MB).
+$(addprefix $(BIN)/,$(KUBE_TOOLS)): $(BIN)/%: $(KUBE_CACHE)/.done
+	@mkdir -p $(BIN)
+	@ln -f $(KUBE_CACHE)/$* $@ 2>/dev/null || install -m 0755 $(KUBE_CACHE)/$* $@
+
+# One go build for the four (they share most packages); built aside and
+# renamed into place, so that a build cut short or run twice at once on the
+# machine never leaves a half-filled cache entry.
+$(KUBE_CACHE)/.done:
+	@mkdir -p $(CACHE)/kube
+	@tmp=$$(mktemp -d $(CACHE)/kube/.build-XXXXXX) && chmod 0755 $$tmp && \
+	echo "building $(KUBE_TOOLS) ($(KUBE_VERSION)) into $(KUBE_CACHE)" && \
+	cd $(KUBE_MOD) && go build -trimpath -ldflags "$(KUBE_LDFLAGS)" -o $$tmp/ \
+		k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl \
+		go.etcd.io/etcd/server/v3 && \
+	mv $$tmp/server $$tmp/etcd && touch $$tmp/.done && \
+	{ mv -T $$tmp $(KUBE_CACHE) 2>/dev/null || { rm -rf $$tmp; test -e $@; }; }
+
 ## protos: regenerate the ttrpc APIs between our processes (*.proto -> *.pb.go,
 ## committed); needs protoc (Debian protobuf-compiler), the Go plugins are tools
 ## of go.mod
@@ -217,6 +251,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
 	go vet -tags "e2e conformance bench pkg" ./integration/...
+	go vet -tags kube ./integration/
 
 ## unit: unit tests
 unit:
@@ -237,8 +272,16 @@ e2e-vmm-cold: build tools guest
 		go test -count=1 -tags e2e -timeout 20m -v ./integration/ -run 'TestVMM(Lifecycle|Streams|PodNetwork|Restart|PortForward)$$' 2>&1 | tee $(OUT)/e2e-vmm-cold.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
+## e2e-kube: a real kubelet, kube-apiserver and etcd on loopback against
+## containerd-kuasar: pods of every handler through the Kubernetes API (needs root)
+e2e-kube: build tools kube-tools guest
+	@mkdir -p $(OUT)
+	KUASAR_BIN_DIR=$(BIN) KUASAR_STOCK_BIN_DIR=$(STOCK_BIN) KUASAR_CACHE_DIR=$(CACHE) KUASAR_GUEST_DIR=$(GUEST_OUT) \
+		go test -count=1 -tags kube -timeout 30m -run TestKube -v ./integration/ 2>&1 | tee $(OUT)/e2e-kube.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|^\s+(--- |\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
 ## test: everything CI runs
-test: deps lint unit e2e e2e-vmm-cold conformance package-test
+test: deps lint unit e2e e2e-vmm-cold conformance e2e-kube package-test
 
 ## run: the daemon in the foreground on the scratch config
 SCRATCH ?= /tmp/containerd-kuasar

@@ -41,6 +41,7 @@ disable_pause_image_pull = true
 runtime_type = "io.containerd.kuasar.v1"
 sandboxer = "kuasar-wasm"
 disable_pause_image_pull = true
+pod_annotations = ["wasm.kuasar.io/*"]
 container_annotations = ["wasm.kuasar.io/*"]
 
 [containerd.runtimes.kuasar-gvisor]

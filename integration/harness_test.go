@@ -1,4 +1,4 @@
-//go:build e2e || bench || conformance || pkg
+//go:build e2e || bench || conformance || pkg || kube
 
 package integration
 
@@ -9,7 +9,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,6 +90,7 @@ type Daemon struct {
 	Config string
 	Addr   string
 	Bridge string
+	Subnet string // the pod network (CNI host-local range)
 	// CgroupParent is where this daemon's pods put their cgroups.
 	CgroupParent string
 	// TemplateDir holds kuasar-vmm's template RAM files.
@@ -102,6 +105,14 @@ type Daemon struct {
 	keeperPid int
 	wasmHost  int    // pid of the node's Wasm host, once seen
 	path      string // PATH of the daemon ("" for the build's)
+	// ownMounts are mounts under Dir that are not the pods' (a kubelet's
+	// root directory, which it makes a shared mount of itself): the leak
+	// check passes over them.
+	ownMounts map[string]bool
+	// ownProcs are processes started from Dir that are not the pods' (a
+	// test's kubelet, API server and etcd), passed over by the leak check
+	// while they run.
+	ownProcs map[int]bool
 }
 
 type daemonOptions struct {
@@ -160,10 +171,11 @@ func startDaemon(t *testing.T, o daemonOptions) *Daemon {
 	if o.binary != "" {
 		d.Binary, d.path = o.binary, o.path
 	}
+	d.Subnet = subnet(o.bigSubnet, b)
 	layout, err := scratch.Write(scratch.Options{
 		Dir:            dir,
 		Bridge:         d.Bridge,
-		Subnet:         subnet(o.bigSubnet, b),
+		Subnet:         d.Subnet,
 		Mirror:         registry,
 		DefaultHandler: o.defaultHandler,
 		PortMap:        o.portMap,
@@ -356,7 +368,7 @@ func (d *Daemon) cleanup() {
 	// A daemon that died (or leaked) leaves its pods' processes running:
 	// they are this test's (in its cgroups, or named after its root), and
 	// go before their mounts and cgroups do, whether the test failed or not.
-	killLeftovers(d.CgroupParent, d.Dir)
+	killLeftovers(d.CgroupParent, d.Dir, d.ownProcs)
 	forceUnmountUnder(d.Dir)
 	removeCgroups(d.CgroupParent)
 	os.RemoveAll(d.TemplateDir)
@@ -406,12 +418,12 @@ func (d *Daemon) checkLeaks() {
 		daemon = d.cmd.Process.Pid // checked while running, between rounds
 	}
 	for _, p := range processesMentioning(d.Dir) {
-		if p != d.keeperPid && p != d.wasmHost && p != daemon {
+		if p != d.keeperPid && p != d.wasmHost && p != daemon && !d.ownProcs[p] {
 			t.Errorf("leak: process %d still runs from %s: %s", p, d.Dir, cmdline(p))
 		}
 	}
 	for _, m := range mountsUnder(d.Dir) {
-		if !isRunscNullNetns(m) {
+		if !d.ownMounts[m] && !isRunscNullNetns(m) {
 			t.Errorf("leak: mount %s", m)
 		}
 	}
@@ -615,7 +627,7 @@ func cgroupChildren(parent string) []string {
 // killLeftovers SIGKILLs the processes in the cgroups under parent and
 // those whose command line names dir (a VM's QEMU, gVisor's sentry and
 // gofers), and waits briefly for them to go.
-func killLeftovers(parent, dir string) {
+func killLeftovers(parent, dir string, spare map[int]bool) {
 	pids := map[int]bool{}
 	for _, root := range cgroupRoots() {
 		_ = filepath.WalkDir(filepath.Join(root, parent), func(p string, e os.DirEntry, err error) error {
@@ -642,6 +654,9 @@ func killLeftovers(parent, dir string) {
 				pids[pid] = true
 			}
 		}
+	}
+	for pid := range spare {
+		delete(pids, pid)
 	}
 	for pid := range pids {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -691,6 +706,26 @@ func waitPort(addr string, d time.Duration) error {
 			return err
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitHTTP fetches url until its body contains want.
+func waitHTTP(url, want string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(body), want) {
+				return nil
+			}
+			err = fmt.Errorf("%s: body %q", resp.Status, body)
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

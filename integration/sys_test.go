@@ -1,4 +1,4 @@
-//go:build e2e || bench || conformance || pkg
+//go:build e2e || bench || conformance || pkg || kube
 
 package integration
 

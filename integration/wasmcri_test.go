@@ -1,4 +1,4 @@
-//go:build e2e || bench || pkg
+//go:build e2e || bench || pkg || kube
 
 package integration
 

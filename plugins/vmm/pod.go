@@ -150,6 +150,10 @@ func (p *pod) Start(ctx context.Context) (retErr error) {
 	defer cancel()
 	begin := time.Now()
 	defer func() {
+		if retErr != nil && ctx.Err() != nil && !strings.Contains(retErr.Error(), "boot_timeout") {
+			// Out of time at any step: say which bound it was.
+			retErr = fmt.Errorf("the pod's VM did not start within boot_timeout (%s; an overloaded node may need more: raise it under [plugins.'io.containerd.sandbox.controller.v1.%s']): %w", p.k.bootTimeout, ID, retErr)
+		}
 		if retErr != nil {
 			p.release(context.WithoutCancel(ctx))
 		}
