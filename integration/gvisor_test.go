@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"crypto/md5"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -765,5 +766,25 @@ func TestGVisorNoShimNoPause(t *testing.T) {
 			}
 			d.removePod(t, pod)
 		})
+	}
+}
+
+// TestGVisorPortForward: CRI's port-forward reaches a server that listens
+// on the pod's localhost only, in gVisor's network stack (CRI's own
+// port-forward dials the node's side of the pod's network namespace,
+// where nothing of a gVisor pod listens), and carries a megabyte intact.
+func TestGVisorPortForward(t *testing.T) {
+	d := startDaemon(t, daemonOptions{})
+	podCfg := d.podConfig("gvisor-portforward")
+	pod := d.runPod(t, kuasarGVisor, podCfg)
+	d.run(t, pod, podCfg, ctrConfig("web", "sh", "-c",
+		"mkdir -p /www && echo kuasar-gvisor-web > /www/index.html && head -c 1048576 /dev/urandom > /www/big && md5sum /www/big | cut -d' ' -f1 > /www/big.md5 && exec httpd -f -p 127.0.0.1:8080 -h /www"))
+	if got := d.portForwardGet(t, pod, 8080, "/index.html"); strings.TrimSpace(got) != "kuasar-gvisor-web" {
+		t.Fatalf("port-forward: %q", got)
+	}
+	want := strings.TrimSpace(d.portForwardGet(t, pod, 8080, "/big.md5"))
+	big := d.portForwardGet(t, pod, 8080, "/big")
+	if sum := fmt.Sprintf("%x", md5.Sum([]byte(big))); len(big) != 1<<20 || sum != want {
+		t.Errorf("a megabyte through port-forward: %d bytes, md5 %s, want %s", len(big), sum, want)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -378,3 +380,54 @@ func podKey(sb *sandbox.Sandbox) string {
 // ioKeyPrefix starts the key of every stream kuasar-gvisor has the keeper
 // hold.
 const ioKeyPrefix = "gvisor/"
+
+// PortForward connects stream to port on the pod's localhost: the sandbox
+// dials it in its own network stack (where the pod's servers listen; the
+// node's side of the pod's network namespace has none of them) and copies
+// it over a socket pair whose other end the daemon copies to stream.
+func (p *pod) PortForward(ctx context.Context, port int32, stream io.ReadWriteCloser) error {
+	defer stream.Close()
+	if port <= 0 || port > 65535 {
+		return fmt.Errorf("port %d: %w", port, errdefs.ErrInvalidArgument)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("port-forward socket pair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "port-forward"), os.NewFile(uintptr(fds[1]), "port-forward (sandbox)")
+	err = p.ctl.PortForward(ctx, p.sb.ID, uint16(port), theirs)
+	theirs.Close()
+	if err != nil {
+		ours.Close()
+		return fmt.Errorf("port-forward to port %d of the sandbox: %w", port, err)
+	}
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return fmt.Errorf("port-forward socket: %w", err)
+	}
+	defer conn.Close()
+	// The client's end of input half-closes the connection; the server's
+	// end of output ends the forward.
+	fromClient, toClient := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(fromClient)
+		_, _ = io.Copy(conn, stream)
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+	}()
+	go func() {
+		defer close(toClient)
+		_, _ = io.Copy(stream, conn)
+	}()
+	select {
+	case <-toClient:
+	case <-ctx.Done():
+	}
+	conn.Close()
+	stream.Close()
+	<-fromClient
+	<-toClient
+	return nil
+}

@@ -63,16 +63,17 @@ func (k *kind) Reconcile(ctx context.Context, owned sandbox.Owned) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := k.removeStrayFiles(ctx, ownedSandbox); err != nil {
+	if err := k.removeStrayFiles(ctx, ownedSandbox, ownedContainer); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
 // removeStrayFiles removes what a runsc create killed before it recorded
-// its sandbox left in runsc's root: lock files and control sockets of
-// sandboxes no state or record names.
-func (k *kind) removeStrayFiles(ctx context.Context, owned map[string]bool) error {
+// its state left in runsc's root: control sockets of sandboxes, and lock
+// files of containers (a subcontainer's too, in a sandbox that lives on),
+// that no state or record names.
+func (k *kind) removeStrayFiles(ctx context.Context, ownedSandbox, ownedContainer map[string]bool) error {
 	states, err := listState(k.root)
 	if err != nil {
 		return err
@@ -88,24 +89,19 @@ func (k *kind) removeStrayFiles(ctx context.Context, owned map[string]bool) erro
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
-		var sandbox string
 		switch {
 		case strings.HasPrefix(name, "runsc-") && strings.HasSuffix(name, ".sock"):
-			sandbox = strings.TrimSuffix(strings.TrimPrefix(name, "runsc-"), ".sock")
-			if recorded[sandbox+"_sandbox:"+sandbox] {
+			sandbox := strings.TrimSuffix(strings.TrimPrefix(name, "runsc-"), ".sock")
+			if recorded[sandbox+"_sandbox:"+sandbox] || ownedSandbox[sandbox] {
 				continue
 			}
 		case strings.HasSuffix(name, ".lock"):
 			base := strings.TrimSuffix(name, ".lock")
-			_, sid, ok := strings.Cut(base, "_sandbox:")
-			if !ok || recorded[base] {
+			cid, _, ok := strings.Cut(base, "_sandbox:")
+			if !ok || recorded[base] || ownedContainer[cid] {
 				continue
 			}
-			sandbox = sid
 		default:
-			continue
-		}
-		if owned[sandbox] {
 			continue
 		}
 		log.G(ctx).WithField("file", name).Warn("removing what a killed runsc create left")

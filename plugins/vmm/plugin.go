@@ -183,7 +183,8 @@ func (k *kind) image() (*guest.Image, error) {
 				return m, nil
 			}
 		}
-		for what, f := range map[string]string{"kernel_path": img.Kernel, "initrd_path": img.Initrd} {
+		for _, o := range []struct{ what, f string }{{"kernel_path", img.Kernel}, {"initrd_path", img.Initrd}} {
+			what, f := o.what, o.f
 			if _, err := os.Stat(f); err != nil {
 				return nil, fmt.Errorf("guest %s %q: %v (build it with `make guest`, or set it under [plugins.'io.containerd.sandbox.controller.v1.%s']): %w", what, f, err, ID, errdefs.ErrFailedPrecondition)
 			}

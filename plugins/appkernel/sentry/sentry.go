@@ -41,6 +41,7 @@ const (
 	methodProcesses  = "containerManager.Processes"
 	methodDestroySub = "containerManager.DestroySubcontainer"
 	methodState      = "containerManager.ContainerRuntimeState"
+	methodPortFwd    = "containerManager.PortForward"
 )
 
 // SocketPath is where runsc puts the control socket of sandbox id, under
@@ -145,8 +146,11 @@ func roundTrip(s *unet.Socket, method string, arg, result any) error {
 		return fmt.Errorf("encoding the call: %w", err)
 	}
 	var files []*os.File
-	if e, ok := arg.(*ExecArgs); ok {
-		files = e.Files
+	switch a := arg.(type) {
+	case *ExecArgs:
+		files = a.Files
+	case *portForwardArgs:
+		files = a.Files
 	}
 	w := s.Writer(true)
 	if len(files) > 0 {
@@ -422,3 +426,17 @@ func (c *Client) State(ctx context.Context, cid string) (RuntimeState, error) {
 
 // Gone reports whether err says the sandbox is not there to answer.
 func Gone(err error) bool { return errors.Is(err, ErrGone) }
+
+// portForwardArgs mirrors boot.PortForwardOpts.
+type portForwardArgs struct {
+	urpc.FilePayload
+	ContainerID string `json:"ContainerID"`
+	Port        uint16 `json:"Port"`
+}
+
+// PortForward has the sandbox connect to port on its own localhost (its
+// network stack, not the node's) and copy that connection to and from
+// conn, a socket the sandbox is given; the caller keeps its copy.
+func (c *Client) PortForward(ctx context.Context, cid string, port uint16, conn *os.File) error {
+	return c.call(ctx, methodPortFwd, &portForwardArgs{FilePayload: urpc.FilePayload{Files: []*os.File{conn}}, ContainerID: cid, Port: port}, nil)
+}
