@@ -256,7 +256,9 @@ func (tg *target) startConcurrently(t *testing.T, n int) ([]time.Duration, time.
 	wg.Wait()
 	wall := time.Since(begin)
 	if len(errs) > 0 {
-		t.Fatalf("%s: %d concurrent starts failed, first: %v", tg.Name, len(errs), errs[0])
+		// Reported, and the run goes on with the pods that started: a
+		// benchmark reports what it measured.
+		t.Errorf("%s: %d concurrent starts failed, first: %v", tg.Name, len(errs), errs[0])
 	}
 	tg.pods = append(tg.pods, pods...)
 	return lat, wall

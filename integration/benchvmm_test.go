@@ -87,7 +87,7 @@ func TestBenchVMM(t *testing.T) {
 
 	for _, path := range []struct{ name, template string }{{"template", "auto"}, {"cold", "off"}} {
 		t.Run(path.name, func(t *testing.T) {
-			d := startDaemon(t, daemonOptions{bigSubnet: true, vmmConfig: "  template = \"" + path.template + "\""})
+			d := startDaemon(t, daemonOptions{bigSubnet: true, vmmConfig: "  template = \"" + path.template + "\"\n  boot_timeout = \"5m\""})
 			tg := &target{Name: "kuasar-vmm " + path.name, Handler: kuasarVMM, d: d}
 			if path.name == "template" {
 				// The first pod builds the template: timed apart.
