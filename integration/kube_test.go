@@ -32,12 +32,7 @@ var kubeHandlers = []kubeHandler{
 	{handler: kuasarRunc, runtimeClass: kuasarRunc, controller: kuasarRunc, workload: linuxWorkload},
 	{handler: kuasarWasm, runtimeClass: kuasarWasm, controller: kuasarWasm, workload: wasmWorkload},
 	{handler: kuasarVMM, runtimeClass: kuasarVMM, controller: kuasarVMM, workload: linuxWorkload},
-	{handler: kuasarGVisor, runtimeClass: kuasarGVisor, controller: "kuasar-appkernel", workload: linuxWorkload, gaps: map[string]string{
-		// CRI's port-forward dials localhost in the pod's network
-		// namespace on the node; a gVisor pod's network stack (and its
-		// localhost) is in its sentry.
-		"port-forward": "kuasar-gvisor does not forward ports yet (CRI dials localhost in the pod's netns on the node; gVisor's netstack is in the sentry)",
-	}},
+	{handler: kuasarGVisor, runtimeClass: kuasarGVisor, controller: "kuasar-appkernel", workload: linuxWorkload},
 }
 
 type kubeHandler struct {
