@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
@@ -67,17 +68,24 @@ func newTemplates(k *kind, dir, ramDir string) *templates {
 // templateKey names a template by everything its state depends on.
 func templateKey(img *guest.Image, cfg hypervisor.Config) string {
 	bin, _ := qemu.FindBinary(cfg.Binary)
-	var binID string
-	if st, err := os.Stat(bin); err == nil {
-		binID = fmt.Sprintf("%s:%d:%d", bin, st.Size(), st.ModTime().UnixNano())
+	// Files are known by path, size, modification time and inode: a kernel or
+	// initramfs replaced at the same path (an image without a manifest
+	// key, given by kernel_path and initrd_path) makes a new template.
+	fileID := func(path string) string {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			return path
+		}
+		return fmt.Sprintf("%s:%d:%d.%d:%d", path, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ino)
 	}
+	binID := fileID(bin)
 	var tags []string
 	for _, s := range cfg.Shares {
 		tags = append(tags, s.Tag+":"+s.Kind)
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "v%s\nimage %s %s %s\nqemu %s\nvcpus %d mem %d accel %s tb %d slots %d shares %s\n",
-		templateVersion, img.Key, img.Kernel, img.Initrd, binID,
+		templateVersion, img.Key, fileID(img.Kernel), fileID(img.Initrd), binID,
 		cfg.VCPUs, cfg.MemoryMiB, cfg.Accel, cfg.TBSizeMiB, cfg.HotplugSlots, strings.Join(tags, ","))
 	return hex.EncodeToString(h.Sum(nil))[:24]
 }

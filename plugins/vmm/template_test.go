@@ -12,6 +12,8 @@ import (
 	"github.com/containerd/plugin"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
 )
 
 // The default template_dir is /dev/shm/kuasar-vmm-<hash of the state
@@ -61,4 +63,51 @@ func TestTemplateDirPrecreatedByAnotherUser(t *testing.T) {
 		t.Errorf("templates' RAM go to %s, owned by uid %d, mode %v: another user made it and can read and replace the RAM every clone runs",
 			ramDir, sys.Uid, st.Mode())
 	}
+}
+
+// A template is rebuilt when anything it was booted from changes: the
+// image's key (a new agent or kernel package), the kernel or initramfs
+// replaced at the same path (an image given by kernel_path and
+// initrd_path, with no key), or the VM's shape.
+func TestTemplateKeyChanges(t *testing.T) {
+	dir := t.TempDir()
+	kernel, initrd := filepath.Join(dir, "vmlinux"), filepath.Join(dir, "initramfs.cpio")
+	for _, f := range []string{kernel, initrd} {
+		if err := os.WriteFile(f, []byte("one"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img := &guest.Image{Kernel: kernel, Initrd: initrd}
+	cfg := hypervisor.Config{VCPUs: 1, MemoryMiB: 128}
+	base := templateKey(img, cfg)
+	if again := templateKey(img, cfg); again != base {
+		t.Fatalf("the key of the same inputs changed: %s, %s", base, again)
+	}
+	replace := func(path string) {
+		tmp := path + ".new"
+		if err := os.WriteFile(tmp, []byte("two"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[string]string{base: "the original"}
+	check := func(what string, key string) {
+		t.Helper()
+		if prev, ok := seen[key]; ok {
+			t.Errorf("%s: same template key as %s", what, prev)
+		}
+		seen[key] = what
+	}
+	replace(kernel)
+	check("a new kernel at the same path", templateKey(img, cfg))
+	replace(initrd)
+	check("a new initramfs at the same path", templateKey(img, cfg))
+	withKey := *img
+	withKey.Key = "agent-v2"
+	check("a new image key", templateKey(&withKey, cfg))
+	bigger := cfg
+	bigger.MemoryMiB = 256
+	check("more memory", templateKey(img, bigger))
 }
