@@ -142,12 +142,8 @@ func (r *containers) Create(ctx context.Context, c *task.Container) (retErr erro
 		if err := os.MkdirAll(rootfs, 0o711); err != nil {
 			return err
 		}
-		var ms []mount.Mount
-		for _, m := range c.Rootfs {
-			ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
-		}
-		if err := mount.All(ms, rootfs); err != nil {
-			return fmt.Errorf("mounting rootfs: %w", err)
+		if err := c.MountRootfs(rootfs); err != nil {
+			return err
 		}
 		defer func() {
 			if retErr != nil {

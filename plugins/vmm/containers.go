@@ -333,12 +333,8 @@ func (r *containers) shareMounts(c *task.Container, binds []hostBind) (_ []share
 			return nil, err
 		}
 		defer os.Remove(stage)
-		var mounts []mount.Mount
-		for _, m := range c.Rootfs {
-			mounts = append(mounts, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
-		}
-		if err := mount.All(mounts, stage); err != nil {
-			return nil, fmt.Errorf("mounting rootfs: %w", err)
+		if err := c.MountRootfs(stage); err != nil {
+			return nil, err
 		}
 		m, err := cloneTree(stage, hostBind{}, rel("rootfs"))
 		if uerr := mount.UnmountRecursive(stage, unix.MNT_DETACH); uerr != nil && err == nil {
