@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 )
 
 func TestIdleProgramLayout(t *testing.T) {
@@ -89,7 +91,7 @@ func TestIdleProgramRuns(t *testing.T) {
 	if strings.TrimSpace(string(out)) == "" {
 		t.Fatal("no orphan pid")
 	}
-	waitFor(t, "the orphan to be reaped", func() bool { return len(childrenOf(pid)) == 0 })
+	waitFor(t, "the orphan to be reaped", func() bool { return len(proc.ChildPids(pid, true)) == 0 })
 	select {
 	case err := <-exited:
 		t.Fatalf("the program exited: %v", err)
@@ -102,28 +104,6 @@ func TestIdleProgramRuns(t *testing.T) {
 	if err := <-exited; err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("after SIGKILL: %v", err)
 	}
-}
-
-// childrenOf lists the processes (zombies included) whose parent is pid.
-func childrenOf(pid int) []int {
-	var out []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
-			out = append(out, p)
-		}
-	}
-	return out
 }
 
 // waitFor polls cond until it holds; it fails the test after a long

@@ -127,20 +127,24 @@ func WaitPidfd(pid int) error {
 
 // Children counts the live (not zombie) processes whose parent is pid, by
 // reading every /proc/PID/stat: a scan of the node's processes.
-func Children(pid int) int {
+func Children(pid int) int { return len(ChildPids(pid, false)) }
+
+// ChildPids lists the processes whose parent is pid, zombies too if asked,
+// by reading every /proc/PID/stat.
+func ChildPids(pid int, zombies bool) []int {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0
+		return nil
 	}
-	n := 0
+	var out []int
 	for _, e := range entries {
 		p, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		if st, err := ReadStat(p); err == nil && st.PPid == pid && st.State != 'Z' {
-			n++
+		if st, err := ReadStat(p); err == nil && st.PPid == pid && (zombies || st.State != 'Z') {
+			out = append(out, p)
 		}
 	}
-	return n
+	return out
 }
