@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,12 +84,16 @@ func TestGVisorPod(t *testing.T) {
 	podCfg.DnsConfig = &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10"}, Searches: []string{"e2e.svc.cluster.local"}}
 	pod := d.runPod(t, kuasarGVisor, podCfg)
 	c := d.run(t, pod, podCfg, ctrConfig("main", "sh", "-c", "echo out-line; echo err-line >&2; exec sleep 3600"))
+	d.waitLog(t, c, "out-line", 20*time.Second)
 	d.waitLog(t, c, "err-line", 20*time.Second)
+	// stdout and stderr are two pipes: CRI keeps the order within a
+	// stream, not across them.
 	var streams []string
 	for _, l := range readLog(t, d.logPath(t, c)) {
 		streams = append(streams, l.Stream+":"+l.Text)
 	}
-	if strings.Join(streams, ",") != "stdout:out-line,stderr:err-line" {
+	sort.Strings(streams)
+	if strings.Join(streams, ",") != "stderr:err-line,stdout:out-line" {
 		t.Errorf("log %v", streams)
 	}
 
@@ -390,9 +395,18 @@ func TestGVisorSharedPID(t *testing.T) {
 	two.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_POD
 	c1 := d.run(t, pod, podCfg, one)
 	d.run(t, pod, podCfg, two)
-	out, _, code := d.execSync(t, c1, "ps", "-o", "pid,comm")
-	if code != 0 || !strings.Contains(out, "1 pause") || strings.Count(out, "sleep") < 2 {
-		t.Fatalf("ps in a shared PID namespace:\n%s", out)
+	// StartContainer returns once the second container's process exists;
+	// it may still be loading sh (comm "exe") when ps first looks.
+	var out string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		var code int32
+		out, _, code = d.execSync(t, c1, "ps", "-o", "pid,comm")
+		if code == 0 && strings.Contains(out, "1 pause") && strings.Count(out, "sleep") >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ps in a shared PID namespace:\n%s", out)
+		}
 	}
 	// An orphan: its parent exits, PID 1 must reap it.
 	if _, _, code := d.execSync(t, c1, "sh", "-c", "sleep 0.3 &"); code != 0 {
