@@ -22,6 +22,7 @@ require (
 	github.com/distribution/reference v0.6.0
 	github.com/docker/go-metrics v0.1.0
 	github.com/google/go-containerregistry v0.22.1
+	github.com/moby/sys/capability v0.4.0
 	github.com/moby/sys/mountinfo v0.7.2
 	github.com/opencontainers/go-digest v1.0.0
 	github.com/opencontainers/image-spec v1.1.1

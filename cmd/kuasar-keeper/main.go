@@ -4,7 +4,9 @@
 // stdin survive a daemon restart, and it exits by itself once idle.
 //
 // Run as "kuasar-keeper pause" it is instead the init of a pod's shared PID
-// namespace: it reaps orphans and waits for a signal.
+// namespace: it reaps orphans and waits for a signal. Run as
+// "kuasar-keeper jail SPEC -- COMMAND..." it confines itself (package
+// plugins/vmm/jail) and execs COMMAND: how kuasar-vmm starts a hypervisor.
 package main
 
 import (
@@ -24,6 +26,7 @@ import (
 
 	"github.com/kuasar-io/containerd-kuasar/cmd/internal/version"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/jail"
 )
 
 func main() {
@@ -31,6 +34,11 @@ func main() {
 	// pod's pause process in ps.
 	if filepath.Base(os.Args[0]) == "pause" || (len(os.Args) > 1 && os.Args[1] == "pause") {
 		os.Exit(pause())
+	}
+	// kuasar-vmm spawns each hypervisor through it: it jails itself and
+	// execs the hypervisor.
+	if len(os.Args) > 1 && os.Args[1] == jail.Arg {
+		os.Exit(jail.Main(os.Args[2:]))
 	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "kuasar-keeper:", err)

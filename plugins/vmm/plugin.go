@@ -78,6 +78,11 @@ type Config struct {
 	// TemplateDir keeps templates' RAM files (a tmpfs, only this daemon's);
 	// empty is a directory of /dev/shm named after the daemon's state.
 	TemplateDir string `toml:"template_dir" comment:"Where templates keep their RAM (a tmpfs, root-only); empty: /dev/shm/kuasar-vmm-<hash of the state dir>"`
+	// Jail confines each hypervisor (package jail): a root of its own
+	// with only the files it uses, the capabilities of its 9p server and
+	// no new privileges. Off runs it as root with the daemon's view of
+	// the node (a QEMU needing files the jail does not know of).
+	Jail bool `toml:"jail" comment:"Confine each hypervisor: a root holding only what it uses, 9p's capabilities only, no new privileges (false: QEMU runs as root with the node's files)"`
 }
 
 // DefaultConfig is the controller's default configuration.
@@ -93,6 +98,7 @@ func DefaultConfig() *Config {
 		TBSizeMiB:         64,
 		BootTimeout:       "60s",
 		Template:          "auto",
+		Jail:              true,
 	}
 }
 

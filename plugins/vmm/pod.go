@@ -31,6 +31,7 @@ import (
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
+	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/jail"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/network"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/qemu"
 )
@@ -235,7 +236,7 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 		return err
 	}
 	p.st.VM = &st
-	ref, err := spawnVMM(ctx, p.k.env, launch)
+	ref, err := p.k.spawnVMM(ctx, launch)
 	if err != nil {
 		return err
 	}
@@ -245,7 +246,7 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 	}
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
-		return fmt.Errorf("the VM did not come up (QEMU's output is in %s): %w", filepath.Join(st.RunDir, "qemu.log"), err)
+		return fmt.Errorf("the VM did not come up (QEMU said %q): %w", qemu.LogTail(st.RunDir, 512), err)
 	}
 	p.mu.Lock()
 	p.vm, p.guest = vm, newGuestConn(vm)
@@ -257,15 +258,34 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 }
 
 // spawnVMM starts a hypervisor as a child of the node's process keeper
-// (it must outlive the daemon), its output to the launch's log.
-func spawnVMM(ctx context.Context, env sandbox.Env, l *hypervisor.Launch) (keeper.ProcessRef, error) {
+// (it must outlive the daemon), its output to the launch's log, jailed
+// (package jail) unless the config says otherwise.
+func (k *kind) spawnVMM(ctx context.Context, l *hypervisor.Launch) (keeper.ProcessRef, error) {
 	envv := l.Env
 	if envv == nil {
 		envv = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	}
-	r, err := env.Monitor.Spawn(ctx, &api.SpawnRequest{
-		Path:   l.Path,
-		Args:   append([]string{l.Path}, l.Args...),
+	path, args := l.Path, append([]string{l.Path}, l.Args...)
+	if k.cfg.Jail {
+		helper := k.env.Monitor.KeeperBinary()
+		if helper == "" {
+			return keeper.ProcessRef{}, fmt.Errorf("jailing the hypervisor: kuasar-keeper not found: %w", errdefs.ErrNotFound)
+		}
+		var err error
+		path, args, err = jail.Command(helper, jail.Spec{
+			Root:         filepath.Join(l.Dir, "jail"),
+			ReadOnly:     l.Access.ReadOnly,
+			Writable:     l.Access.Writable,
+			Devices:      l.Access.Devices,
+			Capabilities: l.Access.Capabilities,
+		}, l.Path, l.Args)
+		if err != nil {
+			return keeper.ProcessRef{}, fmt.Errorf("jailing the hypervisor: %w", err)
+		}
+	}
+	r, err := k.env.Monitor.Spawn(ctx, &api.SpawnRequest{
+		Path:   path,
+		Args:   args,
 		Env:    envv,
 		Dir:    l.Dir,
 		Stdio:  &api.Stdio{Stdout: "file://" + l.Log, Stderr: "file://" + l.Log},

@@ -149,13 +149,21 @@ type shareMount struct {
 }
 
 // cloneTree clones the mount tree at src (with its submounts) detached, and
-// makes it read-only as b asks.
+// makes it read-only as b asks, and without devices, set-uid or exec.
 func cloneTree(src string, b hostBind, target string) (shareMount, error) {
 	fd, err := unix.OpenTree(unix.AT_FDCWD, src, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
 	if err != nil {
 		return shareMount{}, fmt.Errorf("cloning the mounts at %s: %w", src, err)
 	}
 	m := shareMount{tree: os.NewFile(uintptr(fd), src), target: target}
+	// The hypervisor serves these files; it never opens a device, runs a
+	// program or honours a set-uid bit of them (a guest that made a
+	// device node in its rootfs cannot open the node's disk through it).
+	err = unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NODEV | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NOEXEC})
+	if err != nil && !errors.Is(err, unix.ENOSYS) {
+		m.tree.Close()
+		return shareMount{}, fmt.Errorf("restricting the mounts at %s: %w", src, err)
+	}
 	if !b.ReadOnly {
 		return m, nil
 	}

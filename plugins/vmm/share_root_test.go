@@ -1,11 +1,15 @@
 package vmm
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
@@ -76,6 +80,63 @@ func TestGuestCannotWriteShareOutsideMounts(t *testing.T) {
 			if _, serr := os.Stat(filepath.Join(share, rel)); serr == nil {
 				t.Errorf("the guest wrote %s in the share's own directory: it is on the node's state file system (%s), unaccounted", rel, share)
 			}
+		}
+	}
+}
+
+// TestShareMountsWithoutDevices: what is attached beneath the share is
+// served by the hypervisor without devices, set-uid or exec: a device
+// node a guest made in its rootfs (9p passthrough makes real ones) opens
+// nothing of the node's in the hypervisor's namespace.
+func TestShareMountsWithoutDevices(t *testing.T) {
+	requireRoot(t)
+	p := testPod(t)
+	fakeVMM(t, p)
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
+		t.Fatal(err)
+	}
+	src := t.TempDir()
+	if err := unix.Mknod(filepath.Join(src, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := os.OpenFile(filepath.Join(src, "null"), os.O_WRONLY, 0); err != nil {
+		t.Fatalf("the test's own device node does not open on the node (%v): the test cannot tell", err)
+	} else {
+		f.Close()
+	}
+	m, err := cloneTree(src, hostBind{}, "c1/rootfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.attach([]shareMount{m})
+	closeTrees([]shareMount{m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var openErr error
+	var opts string
+	if err := p.vmMountNS(func() error {
+		f, err := os.OpenFile(filepath.Join(p.shareDir(), "c1/rootfs/null"), os.O_WRONLY, 0)
+		if err == nil {
+			f.Close()
+		}
+		openErr = err
+		b, _ := os.ReadFile("/proc/thread-self/mountinfo")
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, " "+filepath.Join(p.shareDir(), "c1/rootfs")+" ") {
+				opts = l
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(openErr, unix.EACCES) {
+		t.Errorf("opening a device node of the share in the hypervisor's namespace: %v, want EACCES", openErr)
+	}
+	for _, o := range []string{"nodev", "nosuid", "noexec"} {
+		if !strings.Contains(opts, o) {
+			t.Errorf("the attached mount lacks %s: %s", o, opts)
 		}
 	}
 }

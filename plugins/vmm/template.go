@@ -175,7 +175,7 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	if err != nil {
 		return nil, err
 	}
-	ref, err := spawnVMM(ctx, ts.k.env, launch)
+	ref, err := ts.k.spawnVMM(ctx, launch)
 	if err != nil {
 		return nil, err
 	}
@@ -185,7 +185,7 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
 		killVMIn(ctx, cfg.RunDir)
-		return nil, fmt.Errorf("the template VM did not come up (QEMU's output is in %s): %w", filepath.Join(st.RunDir, "qemu.log"), err)
+		return nil, fmt.Errorf("the template VM did not come up (QEMU said %q): %w", qemu.LogTail(st.RunDir, 512), err)
 	}
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)

@@ -188,6 +188,18 @@ type Launch struct {
 	// Log is where the VMM's own output (stdout and stderr) should go;
 	// the guest's console is read with VM.Console.
 	Log string
+	// Access is what the VMM needs of the node once started, for a jail
+	// (package jail) that gives it that and nothing more.
+	Access Access
+}
+
+// Access lists what a VMM process reaches of the node: absolute paths,
+// and the only capabilities it keeps.
+type Access struct {
+	ReadOnly     []string // binaries, libraries, firmware, the guest's kernel
+	Writable     []string // its run directory, shares, a RAM file
+	Devices      []string // /dev/kvm, /dev/vhost-vsock...
+	Capabilities []string // as "CAP_CHOWN"
 }
 
 // State is a VM's record: enough for any later daemon to attach to it

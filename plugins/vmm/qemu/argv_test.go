@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -173,5 +174,81 @@ func TestAttachGone(t *testing.T) {
 	st.Hypervisor = "firecracker"
 	if _, err := (Driver{}).Attach(context.Background(), st); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("attach with another driver's state: %v", err)
+	}
+}
+
+func TestLogTail(t *testing.T) {
+	for _, tc := range []struct {
+		name, log string
+		limit     int
+		want      string
+	}{
+		{"none", "", 512, ""},
+		{"short", "kuasar-keeper jail: jail: stat /gone: no such file or directory\n", 512, "kuasar-keeper jail: jail: stat /gone: no such file or directory"},
+		{"long", strings.Repeat("x", 1000) + "\nthe end\n", 8, "the end"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.log != "" {
+				if err := os.WriteFile(filepath.Join(dir, logName), []byte(tc.log), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := LogTail(dir, tc.limit); got != tc.want {
+				t.Errorf("LogTail = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestAccess(t *testing.T) {
+	base := func() hypervisor.Config {
+		return hypervisor.Config{ID: "vm", RunDir: "/run/v/1", Kernel: "/img/vmlinux", Initrd: "/img/initrd", Accel: hypervisor.AccelTCG}
+	}
+	for _, tc := range []struct {
+		name                        string
+		mod                         func(*hypervisor.Config)
+		readOnly, writable, devices []string
+		notWritable, notDevices     []string
+		capabilities                bool
+	}{
+		{"tcg, no share", nil, []string{"/usr", "/img/vmlinux", "/img/initrd"}, []string{"/run/v/1"}, nil, nil, []string{"/dev/kvm", "/dev/vhost-vsock"}, false},
+		{"9p share", func(c *hypervisor.Config) { c.Shares = []hypervisor.Share{{Tag: "s", Path: "/sb/shared"}} }, nil, []string{"/sb/shared"}, nil, nil, nil, true},
+		{"read-only share", func(c *hypervisor.Config) { c.Shares = []hypervisor.Share{{Tag: "s", Path: "/sb/ro", ReadOnly: true}} }, []string{"/sb/ro"}, nil, nil, []string{"/sb/ro"}, nil, true},
+		{"kvm and vsock", func(c *hypervisor.Config) {
+			c.Accel, c.Channel, c.VsockCID = hypervisor.AccelKVM, hypervisor.ChannelVsock, 3
+		}, nil, nil, []string{"/dev/kvm", "/dev/vhost-vsock"}, nil, nil, false},
+		{"template RAM", func(c *hypervisor.Config) {
+			c.Memory = hypervisor.MemoryBackend{Kind: hypervisor.MemoryFile, Path: "/dev/shm/t/1.ram"}
+		}, nil, []string{"/dev/shm/t/1.ram"}, nil, nil, nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := base()
+			if tc.mod != nil {
+				tc.mod(&cfg)
+			}
+			a := access("/usr/bin/qemu-system-x86_64", cfg)
+			for _, c := range []struct {
+				what  string
+				list  []string
+				paths []string
+				want  bool
+			}{
+				{"read-only", a.ReadOnly, tc.readOnly, true},
+				{"writable", a.Writable, tc.writable, true},
+				{"writable", a.Writable, tc.notWritable, false},
+				{"devices", a.Devices, tc.devices, true},
+				{"devices", a.Devices, tc.notDevices, false},
+			} {
+				for _, p := range c.paths {
+					if slices.Contains(c.list, p) != c.want {
+						t.Errorf("%s %v: has %s is %v, want %v", c.what, c.list, p, !c.want, c.want)
+					}
+				}
+			}
+			if got := len(a.Capabilities) > 0; got != tc.capabilities {
+				t.Errorf("capabilities %v, want some: %v", a.Capabilities, tc.capabilities)
+			}
+		})
 	}
 }

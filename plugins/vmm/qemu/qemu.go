@@ -89,7 +89,77 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 		}
 	}
 	log.G(ctx).WithField("vm", cfg.ID).WithField("accel", cfg.Accel).Debug("qemu prepared")
-	return &hypervisor.Launch{Path: bin, Args: Argv(cfg), Dir: cfg.RunDir, Log: logPath}, st, nil
+	return &hypervisor.Launch{Path: bin, Args: Argv(cfg), Dir: cfg.RunDir, Log: logPath, Access: access(bin, cfg)}, st, nil
+}
+
+// shareCapabilities are what QEMU's 9p server (security_model=passthrough)
+// uses on the share's files, as the guest's root: keep owners and modes
+// (chown, set-gid bits, file capabilities), reach files of any owner, and
+// make the special files a container makes (which it never opens: the
+// jail binds the share without devices).
+var shareCapabilities = []string{
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP",
+}
+
+// access is what a QEMU started for cfg from bin reads and writes once
+// running: its binary, libraries and firmware (Debian's are all under
+// /usr: the data directory, /usr/share/qemu, links into seabios and ipxe),
+// the guest's kernel and initramfs, its run directory (sockets, pid file),
+// the shares and a RAM file; /dev/kvm and /dev/vhost-vsock when used.
+func access(bin string, cfg hypervisor.Config) hypervisor.Access {
+	a := hypervisor.Access{ReadOnly: []string{"/usr"}}
+	if real, err := filepath.EvalSymlinks(bin); err == nil && !strings.HasPrefix(real, "/usr/") {
+		// A QEMU of its own install (/opt/qemu/bin/...): its tree.
+		a.ReadOnly = append(a.ReadOnly, filepath.Dir(filepath.Dir(real)))
+	}
+	for _, p := range []string{"/lib", "/lib64", "/bin", "/etc/ld.so.cache"} {
+		if _, err := os.Lstat(p); err == nil {
+			a.ReadOnly = append(a.ReadOnly, p)
+		}
+	}
+	a.ReadOnly = append(a.ReadOnly, cfg.Kernel, cfg.Initrd)
+	a.Writable = append(a.Writable, cfg.RunDir)
+	if cfg.Memory.Kind == hypervisor.MemoryFile {
+		a.Writable = append(a.Writable, cfg.Memory.Path)
+	}
+	for _, s := range cfg.Shares {
+		switch {
+		case s.Kind == hypervisor.ShareVirtiofs:
+			a.Writable = append(a.Writable, filepath.Dir(s.Socket))
+		case s.ReadOnly:
+			a.ReadOnly = append(a.ReadOnly, s.Path)
+			a.Capabilities = shareCapabilities
+		default:
+			a.Writable = append(a.Writable, s.Path)
+			a.Capabilities = shareCapabilities
+		}
+	}
+	if cfg.Accel == hypervisor.AccelKVM {
+		a.Devices = append(a.Devices, "/dev/kvm")
+	}
+	if cfg.Channel == hypervisor.ChannelVsock {
+		a.Devices = append(a.Devices, "/dev/vhost-vsock")
+	}
+	return a
+}
+
+// LogTail is the end of the QEMU log in runDir (what QEMU, or the jail
+// that starts it, said before exiting), at most limit bytes from its
+// last lines; "" if there is none.
+func LogTail(runDir string, limit int) string {
+	f, err := os.Open(filepath.Join(runDir, logName))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := max(st.Size()-int64(limit), 0)
+	b := make([]byte, st.Size()-off)
+	n, _ := f.ReadAt(b, off)
+	return strings.TrimSpace(strings.ToValidUTF8(string(b[:n]), "?"))
 }
 
 func stateOf(cfg hypervisor.Config) hypervisor.State {

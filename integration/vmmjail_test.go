@@ -1,0 +1,143 @@
+//go:build e2e
+
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestVMMHypervisorJailed looks at a pod's QEMU from the node as a guest
+// that took it over would find itself: a root holding only what QEMU
+// runs from, read-only; the 9p server's capabilities and nothing else, no
+// new privileges; no other pod's files, no daemon state, no /etc, no
+// privileged process in sight; the share's mounts without devices.
+func TestVMMHypervisorJailed(t *testing.T) {
+	d, pod, podCfg := vmmPod(t, "vmm-jail", daemonOptions{})
+	c := d.run(t, pod, podCfg, ctrConfig("app", "sh", "-c", "echo hi > /from-guest; exec sleep 3600"))
+	if out, _, code := d.execSync(t, c, "cat", "/from-guest"); code != 0 || out != "hi\n" {
+		t.Fatalf("the VM's container does not work in a jailed VM: %q (exit %d)", out, code)
+	}
+	// Another pod of the node, whose rootfs and files the VM must not see.
+	rCfg := d.podConfig("beside")
+	rPod := d.runPod(t, kuasarRunc, rCfg)
+	rc := d.run(t, rPod, rCfg, ctrConfig("other", "sleep", "3600"))
+	otherRootfs := mountpointWith(t, "/proc/self/mountinfo", rc)
+
+	qemu := d.vmInfo(t, pod).VMPid
+	status := procStatus(t, qemu)
+	// CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, MKNOD, SETFCAP.
+	const keep = "000000008800001f"
+	for k, want := range map[string]string{"CapBnd": keep, "CapEff": keep, "CapPrm": keep, "CapInh": "0000000000000000", "CapAmb": "0000000000000000", "NoNewPrivs": "1", "Uid": "0\t0\t0\t0"} {
+		if status[k] != want {
+			t.Errorf("QEMU's %s is %q, want %q", k, status[k], want)
+		}
+	}
+
+	root := fmt.Sprintf("/proc/%d/root", qemu)
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	t.Logf("QEMU's root: %v", names)
+	for _, p := range []string{
+		"/etc/shadow", "/etc/passwd", "/root", "/home", "/var/lib", "/run/containerd", "/sys",
+		filepath.Join(d.Dir, "root"),        // containerd's content and snapshots
+		filepath.Join(d.Dir, "config.toml"), // the daemon's config
+		filepath.Join(d.Dir, "state", "k"),  // the keeper's sockets
+		otherRootfs,                         // another pod's rootfs
+	} {
+		if _, err := os.Lstat(root + p); err == nil {
+			t.Errorf("QEMU sees the node's %s", p)
+		}
+	}
+	mounts := readMountinfo(t, fmt.Sprintf("/proc/%d/mountinfo", qemu))
+	for _, m := range mounts {
+		opts := strings.Split(m.opts, ",")
+		has := func(o string) bool { return slices.Contains(opts, o) }
+		switch {
+		case m.point == "/" || m.point == "/usr":
+			if !has("ro") {
+				t.Errorf("QEMU's %s is writable: %s", m.point, m.opts)
+			}
+		case m.point == "/proc":
+			// What QEMU's reads of /proc show: only processes it could
+			// trace (none of the node's privileged ones).
+			if !strings.Contains(m.super, "hidepid=ptraceable") {
+				t.Errorf("QEMU's /proc shows the node's processes: %s", m.super)
+			}
+		case strings.Contains(m.point, "/shared"):
+			if !has("nodev") || !has("nosuid") {
+				t.Errorf("QEMU serves %s with devices or set-uid: %s", m.point, m.opts)
+			}
+		}
+	}
+	if !strings.Contains(fmt.Sprint(mounts), "/shared/") {
+		t.Errorf("no container mount beneath the share in QEMU's namespace: %v", mounts)
+	}
+	d.removePod(t, rPod)
+	d.removePod(t, pod)
+}
+
+type mountLine struct{ point, opts, super string }
+
+func readMountinfo(t *testing.T, path string) []mountLine {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []mountLine
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		if len(fields) > 5 {
+			m := mountLine{point: fields[4], opts: fields[5]}
+			if _, after, ok := strings.Cut(s.Text(), " - "); ok {
+				if f := strings.Fields(after); len(f) > 2 {
+					m.super = f[2]
+				}
+			}
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// mountpointWith is the first mount point of path's table that names s.
+func mountpointWith(t *testing.T, path, s string) string {
+	t.Helper()
+	for _, m := range readMountinfo(t, path) {
+		if strings.Contains(m.point, s) {
+			return m.point
+		}
+	}
+	t.Fatalf("no mount of %s in %s", s, path)
+	return ""
+}
+
+// procStatus is /proc/PID/status as a map.
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			out[k] = strings.TrimSpace(v)
+		}
+	}
+	return out
+}
