@@ -37,13 +37,18 @@ WITH_VMM   ?= 1
 MODULE             := github.com/kuasar-io/containerd-kuasar
 VERSION            ?= $(shell git describe --tags --match 'v*' --dirty 2>/dev/null || echo v0.1.0-dev)
 REVISION           ?= $(shell git rev-parse HEAD 2>/dev/null)
-CONTAINERD_VERSION := $(shell go list -m -f '{{.Version}}' github.com/containerd/containerd/v2 2>/dev/null)
+# $(shell) does not see what this file exports (GNU make < 4.4): go run
+# from it gets the caches and PATH spelled out, or it would look for Go
+# elsewhere and write ~/go.
+GO_SHELL := PATH="$(PATH)" GOCACHE="$(GOCACHE)" GOMODCACHE="$(GOMODCACHE)" GOPATH="$(GOPATH)" GOFLAGS="$(GOFLAGS)" GONOSUMDB="$(GONOSUMDB)" go
+# Evaluated once, when first used (after deps may have installed Go).
+CONTAINERD_VERSION = $(eval CONTAINERD_VERSION := $(shell $(GO_SHELL) list -m -f '{{.Version}}' github.com/containerd/containerd/v2 2>/dev/null))$(CONTAINERD_VERSION)
 BUILDTAGS          := no_btrfs
-LDFLAGS := -s -w \
+LDFLAGS = -s -w \
 	-X $(MODULE)/cmd/internal/version.Version=$(VERSION) \
 	-X $(MODULE)/cmd/internal/version.Revision=$(REVISION) \
 	-X github.com/containerd/containerd/v2/version.Version=$(CONTAINERD_VERSION)
-GOBUILD := go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
+GOBUILD = go build -trimpath -tags "$(BUILDTAGS)" -ldflags "$(LDFLAGS)"
 
 # Debian packages the daemon, the tests and the demo use.
 DEB_PACKAGES := runc containernetworking-plugins docker-registry busybox-static \
@@ -70,11 +75,11 @@ STOCK_TOOLS := $(STOCK_BIN)/ctr $(STOCK_BIN)/containerd-shim-runc-v2 $(STOCK_BIN
 # packages ship them, made from the containerd module of go.mod.
 MAN_OUT   := $(OUT)/man
 MAN_PAGES := man8/containerd.8 man8/ctr.8 man8/containerd-config.8 man5/containerd-config.toml.5
-CONTAINERD_DIR = $(shell go list -m -f '{{.Dir}}' github.com/containerd/containerd/v2 2>/dev/null)
+CONTAINERD_DIR = $(shell $(GO_SHELL) list -m -f '{{.Dir}}' github.com/containerd/containerd/v2 2>/dev/null)
 
 # gVisor's licence and README go with runsc, kuasar-gvisor's (from the
 # gVisor module contrib/gvisor pins, in the module cache once runsc is built).
-GVISOR_DOC_DIR = $(if $(wildcard contrib/gvisor/go.mod),$(shell cd contrib/gvisor && go list -m -f '{{.Dir}}' gvisor.dev/gvisor 2>/dev/null))
+GVISOR_DOC_DIR = $(if $(wildcard contrib/gvisor/go.mod),$(shell cd contrib/gvisor && $(GO_SHELL) list -m -f '{{.Dir}}' gvisor.dev/gvisor 2>/dev/null))
 
 # The kuasar-vmm guest image (kernel + initramfs), as `make guest` publishes
 # it; the files themselves live in the machine cache, $(CACHE)/guest/<key>.
@@ -202,7 +207,7 @@ KUBE_VERSION  := $(shell awk '$$1 !~ "^//" {for (i = 1; i < NF; i++) if ($$i == 
 KUBE_VER_PKG  := k8s.io/component-base/version
 KUBE_LDFLAGS  := -s -w -X $(KUBE_VER_PKG).gitVersion=$(KUBE_VERSION) -X $(KUBE_VER_PKG).gitTreeState=clean \
 	-X $(KUBE_VER_PKG).buildDate=1970-01-01T00:00:00Z
-KUBE_KEY      := $(shell { cat $(KUBE_MOD)/go.mod $(KUBE_MOD)/go.sum; PATH=/usr/local/go/bin:$$PATH go env GOVERSION GOARCH; echo '$(KUBE_LDFLAGS)'; } | sha256sum | cut -c1-16)
+KUBE_KEY      := $(shell { cat $(KUBE_MOD)/go.mod $(KUBE_MOD)/go.sum; $(GO_SHELL) env GOVERSION GOARCH; echo '$(KUBE_LDFLAGS)'; } | sha256sum | cut -c1-16)
 KUBE_CACHE    := $(CACHE)/kube/$(KUBE_KEY)
 KUBE_TOOLS    := kube-apiserver kubelet kubectl etcd
 
