@@ -266,7 +266,9 @@ func (k *kind) spawnVMM(ctx context.Context, l *hypervisor.Launch) (keeper.Proce
 		envv = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	}
 	path, args := l.Path, append([]string{l.Path}, l.Args...)
+	var cloneflags uint64
 	if k.cfg.Jail {
+		cloneflags = unix.CLONE_NEWPID
 		helper := k.env.Monitor.KeeperBinary()
 		if helper == "" {
 			return keeper.ProcessRef{}, fmt.Errorf("jailing the hypervisor: kuasar-keeper not found: %w", errdefs.ErrNotFound)
@@ -291,8 +293,10 @@ func (k *kind) spawnVMM(ctx context.Context, l *hypervisor.Launch) (keeper.Proce
 		Stdio:  &api.Stdio{Stdout: "file://" + l.Log, Stderr: "file://" + l.Log},
 		Setsid: true,
 		// A mount namespace of its own, where the share's mounts go
-		// (share.go).
+		// (share.go); jailed, a PID namespace of its own too: it sees
+		// and signals no process of the node, nor other VMs.
 		Unshareflags: unix.CLONE_NEWNS,
+		Cloneflags:   cloneflags,
 	})
 	if err != nil {
 		return keeper.ProcessRef{}, fmt.Errorf("starting the hypervisor %s: %w", l.Path, err)

@@ -143,9 +143,10 @@ type hostBind struct {
 type shareMount struct {
 	tree   *os.File
 	target string // relative to the share
-	// remountRO: the kernel cannot make a detached tree read-only
-	// (mount_setattr, Linux 5.12): the top mount is once attached.
-	remountRO bool
+	// remountRO, remountRestrict: the kernel cannot change a detached
+	// tree's flags (mount_setattr, Linux 5.12): the top mount is made
+	// read-only, or nodev,nosuid,noexec, once attached.
+	remountRO, remountRestrict bool
 }
 
 // cloneTree clones the mount tree at src (with its submounts) detached, and
@@ -160,7 +161,11 @@ func cloneTree(src string, b hostBind, target string) (shareMount, error) {
 	// program or honours a set-uid bit of them (a guest that made a
 	// device node in its rootfs cannot open the node's disk through it).
 	err = unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NODEV | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NOEXEC})
-	if err != nil && !errors.Is(err, unix.ENOSYS) {
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.ENOSYS):
+		m.remountRestrict = true // submounts keep their flags
+	default:
 		m.tree.Close()
 		return shareMount{}, fmt.Errorf("restricting the mounts at %s: %w", src, err)
 	}
@@ -241,8 +246,8 @@ func (p *pod) attach(ms []shareMount) error {
 				return fmt.Errorf("attaching %s at the share's %s: %w", m.tree.Name(), m.target, err)
 			}
 			done = append(done, m.target)
-			if m.remountRO {
-				if err := remountReadOnly(root, m.target); err != nil {
+			if m.remountRO || m.remountRestrict {
+				if err := remount(root, m.target, m.remountRO); err != nil {
 					return err
 				}
 			}
@@ -251,16 +256,27 @@ func (p *pod) attach(ms []shareMount) error {
 	})
 }
 
-// remountReadOnly makes the mount at the share's rel read-only (kernels
-// without mount_setattr).
-func remountReadOnly(root *os.File, rel string) error {
+// remount makes the mount at the share's rel nodev, nosuid, noexec and
+// read-only if asked (kernels without mount_setattr: its submounts keep
+// their flags).
+func remount(root *os.File, rel string, readOnly bool) error {
 	fd, err := unix.Openat2(int(root.Fd()), rel, &beneath)
 	if err != nil {
 		return fmt.Errorf("the share's %s: %w", rel, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Mount("", fdPath(fd), "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
-		return fmt.Errorf("making the share's %s read-only: %w", rel, err)
+	flags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NODEV | unix.MS_NOSUID | unix.MS_NOEXEC)
+	// A remount sets the flags it is given: a mount read-only already
+	// stays so.
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil {
+		return fmt.Errorf("the share's %s: %w", rel, err)
+	}
+	if readOnly || st.Flags&unix.ST_RDONLY != 0 {
+		flags |= unix.MS_RDONLY
+	}
+	if err := unix.Mount("", fdPath(fd), "", flags, ""); err != nil {
+		return fmt.Errorf("restricting the share's %s (read-only: %v): %w", rel, readOnly, err)
 	}
 	return nil
 }

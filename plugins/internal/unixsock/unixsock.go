@@ -11,8 +11,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
@@ -60,21 +62,44 @@ func (l *Listener) Close() error {
 	return err
 }
 
-// CheckPeer admits only clients of the calling process's own user.
-func CheckPeer(c *net.UnixConn) error {
-	raw, err := c.SyscallConn()
+// peerCred is who is at the other end of c (for a client: who listened).
+func peerCred(c net.Conn) (*unix.Ucred, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("%T is not a socket", c)
+	}
+	raw, err := sc.SyscallConn()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var cred *unix.Ucred
 	var cerr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
+		return nil, err
+	}
+	return cred, cerr
+}
+
+// CheckPeerPid admits only a peer that is process pid: a client's check
+// of who serves a socket in a directory someone else can write.
+func CheckPeerPid(c net.Conn, pid int) error {
+	cred, err := peerCred(c)
+	if err != nil {
 		return err
 	}
-	if cerr != nil {
-		return cerr
+	if int(cred.Pid) != pid {
+		return fmt.Errorf("served by pid %d, not by %d: %w", cred.Pid, pid, errdefs.ErrPermissionDenied)
+	}
+	return nil
+}
+
+// CheckPeer admits only clients of the calling process's own user.
+func CheckPeer(c *net.UnixConn) error {
+	cred, err := peerCred(c)
+	if err != nil {
+		return err
 	}
 	if int(cred.Uid) != os.Geteuid() {
 		return fmt.Errorf("peer uid %d is not %d", cred.Uid, os.Geteuid())

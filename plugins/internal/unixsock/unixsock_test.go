@@ -38,6 +38,18 @@ func TestListen(t *testing.T) {
 	if err := CheckPeer(c); err != nil {
 		t.Fatalf("own user refused: %v", err)
 	}
+	// From the client's side: who serves the socket.
+	cc, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	if err := CheckPeerPid(cc, os.Getpid()); err != nil {
+		t.Errorf("the server's own pid refused: %v", err)
+	}
+	if err := CheckPeerPid(cc, os.Getpid()+1); !errdefs.IsPermissionDenied(err) {
+		t.Errorf("another pid: %v, want PermissionDenied", err)
+	}
 	c.Close()
 	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode: %v %v", st, err)

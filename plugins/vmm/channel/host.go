@@ -86,6 +86,12 @@ func DialUnix(ctx context.Context, path string, opts ...Option) (*Conn, error) {
 	for {
 		nc, err := d.DialContext(ctx, "unix", path)
 		if err == nil {
+			if o := defaults(opts); o.peerCheck != nil {
+				if err := o.peerCheck(nc); err != nil {
+					nc.Close()
+					return nil, fmt.Errorf("channel: %s: %w", path, err)
+				}
+			}
 			return Client(ctx, nc, append([]Option{WithPath(path)}, opts...)...)
 		}
 		select {

@@ -1,6 +1,9 @@
 package channel
 
-import "time"
+import (
+	"net"
+	"time"
+)
 
 // Option tunes a channel end.
 type Option func(*options)
@@ -11,6 +14,7 @@ type options struct {
 	helloInterval      time.Duration
 	hello              []byte
 	path               string
+	peerCheck          func(net.Conn) error
 }
 
 func defaults(opts []Option) options {
@@ -52,4 +56,10 @@ func WithHello(payload []byte, interval time.Duration) Option {
 // WithPath names the socket or device the channel runs over, for Addr.
 func WithPath(path string) Option {
 	return func(o *options) { o.path = path }
+}
+
+// WithPeerCheck has DialUnix check each connection (who serves the
+// socket) before it is used; an error ends the dial.
+func WithPeerCheck(check func(net.Conn) error) Option {
+	return func(o *options) { o.peerCheck = check }
 }

@@ -23,6 +23,7 @@
 package jail
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -55,10 +56,10 @@ type Spec struct {
 	// Writable are files and directories it writes (its run directory,
 	// the guest's share, a RAM file), bound read-write (unless the node's
 	// mount there is read-only) without their submounts, devices, set-uid
-	// or executables. A file that does not exist yet is made (empty,
-	// 0600).
+	// or executables. Each must exist.
 	Writable []string `json:"writable,omitempty"`
-	// Devices are device nodes it opens (/dev/kvm, /dev/vhost-vsock).
+	// Devices are device nodes it opens (/dev/kvm, /dev/vhost-vsock),
+	// bound read-only: opened as they are, never chmod-ed or chown-ed.
 	Devices []string `json:"devices,omitempty"`
 	// Capabilities are the only ones it keeps (names as "CAP_CHOWN"); its
 	// bounding set is reduced to them, and it cannot gain others (no new
@@ -179,7 +180,17 @@ func ownMountNamespace() error {
 	if err := unix.Stat("/proc/self/ns/mnt", &self); err != nil {
 		return fmt.Errorf("reading the mount namespace: %w", err)
 	}
-	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/mnt", os.Getppid()), &parent); err != nil {
+	// The parent as the node's /proc knows it: in a PID namespace of its
+	// own, getppid says 0.
+	b, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return fmt.Errorf("reading the parent: %w", err)
+	}
+	fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(fields) < 2 {
+		return errors.New("reading the parent: malformed /proc/self/stat")
+	}
+	if err := unix.Stat("/proc/"+fields[1]+"/ns/mnt", &parent); err != nil {
 		return fmt.Errorf("reading the parent's mount namespace: %w", err)
 	}
 	if self.Ino == parent.Ino && self.Dev == parent.Dev {
@@ -205,34 +216,23 @@ func build(spec Spec) error {
 	// The dynamic loader and the libraries: merged-/usr systems have
 	// /lib, /lib64, /bin as symlinks into /usr.
 	for _, p := range spec.ReadOnly {
-		if err := j.bind(p, unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, false, true); err != nil {
+		if err := j.bind(p, unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, true); err != nil {
 			return err
 		}
 	}
 	for _, p := range spec.Writable {
-		if err := j.bind(p, unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, true, false); err != nil {
+		if err := j.bind(p, unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, false); err != nil {
 			return err
 		}
 	}
 	devices := append(append([]string(nil), BaseDevices...), spec.Devices...)
 	for _, p := range devices {
-		if err := j.bind(p, unix.MS_NOSUID|unix.MS_NOEXEC, false, false); err != nil {
+		if err := j.bind(p, unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NOEXEC, false); err != nil {
 			return err
 		}
 	}
-	// /proc for the process's own entries (QEMU reads /proc/self): the
-	// node's processes it cannot trace (all the privileged ones) are
-	// invisible, and nothing but processes is there (no /proc/sys).
-	proc := filepath.Join(root, "proc")
-	if err := os.Mkdir(proc, 0o555); err != nil {
+	if err := mountProc(filepath.Join(root, "proc")); err != nil {
 		return err
-	}
-	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
-	if err := unix.Mount("proc", proc, "proc", flags, "hidepid=ptraceable,subset=pid"); err != nil {
-		// Kernels before 5.8 know neither option.
-		if err := unix.Mount("proc", proc, "proc", flags, ""); err != nil {
-			return fmt.Errorf("mounting /proc in the jail: %w", err)
-		}
 	}
 	for _, d := range []string{"tmp", "dev/shm"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
@@ -242,36 +242,71 @@ func build(spec Spec) error {
 	return nil
 }
 
+// mountProc mounts a /proc for the process's own entries (QEMU reads
+// /proc/self). Spawned in a PID namespace of its own (as kuasar-vmm does),
+// it shows that namespace only; in any case only the processes it could
+// trace, and, where the kernel can (5.8), nothing but processes: no
+// /proc/sys, whose files root may write without any capability
+// (core_pattern would run a program of its choosing on the node), no
+// sysrq-trigger. Older kernels get those read-only or masked, as runc
+// does for a container.
+func mountProc(proc string) error {
+	if err := os.Mkdir(proc, 0o555); err != nil {
+		return err
+	}
+	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	if err := unix.Mount("proc", proc, "proc", flags, "hidepid=ptraceable,subset=pid"); err == nil {
+		return nil
+	}
+	if err := unix.Mount("proc", proc, "proc", flags, ""); err != nil {
+		return fmt.Errorf("mounting /proc in the jail: %w", err)
+	}
+	for _, rel := range []string{"bus", "fs", "irq", "sys", "sysrq-trigger"} {
+		p := filepath.Join(proc, rel)
+		if _, err := os.Lstat(p); err != nil {
+			continue
+		}
+		if err := unix.Mount(p, p, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("jail: /proc/%s: %w", rel, err)
+		}
+		if err := unix.Mount("", p, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|flags, ""); err != nil {
+			return fmt.Errorf("jail: making /proc/%s read-only: %w", rel, err)
+		}
+	}
+	for _, rel := range []string{"kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug", "acpi", "scsi", "kallsyms"} {
+		p := filepath.Join(proc, rel)
+		fi, err := os.Lstat(p)
+		if err != nil {
+			continue
+		}
+		if fi.IsDir() {
+			err = unix.Mount("tmpfs", p, "tmpfs", unix.MS_RDONLY|flags, "size=0")
+		} else {
+			err = unix.Mount("/dev/null", p, "", unix.MS_BIND, "")
+		}
+		if err != nil {
+			return fmt.Errorf("jail: masking /proc/%s: %w", rel, err)
+		}
+	}
+	return nil
+}
+
 // jailRoot makes paths of the node appear in the jail.
 type jailRoot struct{ root string }
 
 // bind binds the node's path p at the same path in the jail, with flags
-// (MS_RDONLY, MS_NOSUID...), with its submounts if recursive; a file that
-// does not exist yet is made first if create.
-func (j *jailRoot) bind(p string, flags uintptr, create, recursive bool) error {
+// (MS_RDONLY, MS_NOSUID...), with its submounts if recursive.
+func (j *jailRoot) bind(p string, flags uintptr, recursive bool) error {
 	real, err := j.mirror(p, 0)
 	if err != nil {
 		return err
 	}
 	fi, err := os.Stat(real)
-	if errors.Is(err, os.ErrNotExist) && create {
-		f, cerr := os.OpenFile(real, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-		if cerr != nil {
-			return fmt.Errorf("making %s for the jail: %w", real, cerr)
-		}
-		f.Close()
-		fi, err = os.Stat(real)
-	}
 	if err != nil {
 		return fmt.Errorf("jail: %w", err)
 	}
 	target := filepath.Join(j.root, real)
-	if fi.IsDir() {
-		err = os.MkdirAll(target, 0o755)
-	} else {
-		err = j.touch(target)
-	}
-	if err != nil {
+	if err := mountPoint(target, fi.IsDir()); err != nil {
 		return fmt.Errorf("jail: the mount point of %s: %w", real, err)
 	}
 	bflags := uintptr(unix.MS_BIND)
@@ -316,9 +351,6 @@ func (j *jailRoot) mirror(p string, depth int) (string, error) {
 		next := filepath.Join(cur, part)
 		fi, err := os.Lstat(next)
 		if err != nil {
-			if errors.Is(err, os.ErrNotExist) && i == len(parts)-1 {
-				return next, nil // a file to make (Writable)
-			}
 			return "", fmt.Errorf("jail: %w", err)
 		}
 		if fi.Mode()&os.ModeSymlink == 0 {
@@ -349,11 +381,19 @@ func (j *jailRoot) mirror(p string, depth int) (string, error) {
 	return cur, nil
 }
 
-func (j *jailRoot) touch(target string) error {
+// mountPoint makes target (a directory, or an empty file) unless there:
+// it may be beneath an earlier read-only bind (a kernel under /usr).
+func mountPoint(target string, dir bool) error {
+	if _, err := os.Lstat(target); err == nil {
+		return nil
+	}
+	if dir {
+		return os.MkdirAll(target, 0o755)
+	}
 	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY, 0o600)
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return err
 	}

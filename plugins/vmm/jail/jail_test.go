@@ -13,14 +13,57 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The test binary is its own helper: run with helperEnv set, it is Main.
-const helperEnv = "KUASAR_JAIL_TEST_HELPER"
+// The test binary is its own helper: run with helperEnv set, it is Main;
+// with probeEnv, it is what runs in the jail and tries what a hypervisor
+// taken over would.
+const (
+	helperEnv = "KUASAR_JAIL_TEST_HELPER"
+	probeEnv  = "KUASAR_JAIL_TEST_PROBE"
+)
 
 func TestMain(m *testing.M) {
-	if os.Getenv(helperEnv) == "1" {
+	switch {
+	case os.Getenv(helperEnv) == "1" && len(os.Args) > 1:
 		os.Exit(Main(os.Args[1:]))
+	case os.Getenv(probeEnv) == "1":
+		probe()
+		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// probe prints what the system calls a jailed hypervisor could use
+// against the node return.
+func probe() {
+	fd, err := unix.Open("/usr", unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		fmt.Println("open /usr:", err)
+		return
+	}
+	// "shocker": the root directory of /usr's file system by handle,
+	// outside the bind.
+	h := unix.NewFileHandle(1 /* FILEID_INO32_GEN */, []byte{2, 0, 0, 0, 0, 0, 0, 0})
+	if rfd, err := unix.OpenByHandleAt(fd, h, unix.O_RDONLY); err == nil {
+		fmt.Println("open_by_handle_at: escaped")
+		unix.Close(rfd)
+	} else {
+		fmt.Println("open_by_handle_at:", err)
+	}
+	fmt.Println("pid:", os.Getpid(), "ppid:", os.Getppid())
+	if err := unix.Kill(os.Getppid(), 0); err == nil && os.Getppid() != 0 {
+		fmt.Println("kill: reaches its parent")
+	}
+	if err := unix.Chmod("/dev/null", 0); err == nil {
+		fmt.Println("chmod /dev/null: changed the node's device")
+		_ = unix.Chmod("/dev/null", 0o666)
+	} else {
+		fmt.Println("chmod /dev/null:", err)
+	}
+	if f, err := os.OpenFile("/dev/null", os.O_WRONLY, 0); err != nil {
+		fmt.Println("open /dev/null for writing:", err)
+	} else {
+		f.Close()
+	}
 }
 
 func TestValidate(t *testing.T) {
@@ -88,6 +131,9 @@ func TestJail(t *testing.T) {
 	if err := os.Mkdir(filepath.Dir(ram), 0o700); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(ram, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	spec := Spec{
 		Root:         filepath.Join(dir, "root"),
 		ReadOnly:     []string{"/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache"},
@@ -99,7 +145,9 @@ func TestJail(t *testing.T) {
 		"echo root: $(ls -A / | tr '\\n' ' ')",
 		"test -e /etc/shadow && echo sees-shadow",
 		"test -e " + secret + "/key && echo sees-secret",
-		"test -e /proc/1/status && echo sees-init",
+		fmt.Sprintf("test -e /proc/%d && echo sees-the-test", os.Getpid()),
+		"echo pid: $$",
+		"chmod 0 /dev/null 2>/dev/null && echo chmod-device",
 		"grep -E '^(CapBnd|CapPrm|CapInh|CapAmb|NoNewPrivs)' /proc/self/status",
 		"touch /usr/jail-test 2>/dev/null && echo wrote-usr",
 		"touch /jail-test 2>/dev/null && echo wrote-root",
@@ -122,12 +170,13 @@ func TestJail(t *testing.T) {
 		"NoNewPrivs:\t1",
 		"wrote-work", "has-ram",
 		"cwd: " + work,
+		"pid: 1",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("inside the jail: no %q", want)
 		}
 	}
-	for _, bad := range []string{"sees-shadow", "sees-secret", "sees-init", "wrote-usr", "wrote-root", "opened-device"} {
+	for _, bad := range []string{"sees-shadow", "sees-secret", "sees-the-test", "wrote-usr", "wrote-root", "opened-device", "chmod-device"} {
 		if strings.Contains(out, bad) {
 			t.Errorf("inside the jail: %s", bad)
 		}
@@ -147,8 +196,38 @@ func TestJail(t *testing.T) {
 	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), spec.Root) {
 		t.Errorf("the jail's root is mounted on the node")
 	}
-	if _, err := os.Stat(ram); err != nil {
-		t.Errorf("the writable file to be made: %v", err)
+}
+
+// TestJailProbe runs a program in a jail that keeps 9p's capabilities
+// (those kuasar-vmm gives QEMU) and tries to reach the node with them.
+func TestJailProbe(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	self, err := filepath.EvalSymlinks(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := Spec{
+		Root:         filepath.Join(dir, "root"),
+		ReadOnly:     existing([]string{"/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", self}),
+		Writable:     []string{dir},
+		Capabilities: []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP"},
+	}
+	t.Setenv(probeEnv, "1")
+	out, err := jailed(t, spec, true, self)
+	if err != nil {
+		t.Fatalf("probe: %v\n%s", err, out)
+	}
+	t.Logf("the probe says:\n%s", out)
+	for _, want := range []string{"open_by_handle_at: operation not permitted", "pid: 1 ppid: 0", "chmod /dev/null: read-only file system"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("probe: no %q", want)
+		}
+	}
+	for _, bad := range []string{"escaped", "reaches its parent", "changed the node's device", "open /dev/null for writing"} {
+		if strings.Contains(out, bad) {
+			t.Errorf("probe: %s", bad)
+		}
 	}
 }
 
@@ -166,7 +245,8 @@ func jailed(t *testing.T, spec Spec, ownNS bool, argv ...string) (string, error)
 		cmd.Dir = spec.Writable[0]
 	}
 	if ownNS {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+		// As kuasar-vmm spawns it.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Cloneflags: syscall.CLONE_NEWPID}
 	}
 	out, err := cmd.CombinedOutput()
 	return string(out), err

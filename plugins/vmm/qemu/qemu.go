@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/unixsock"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/channel"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/qemu/qmp"
@@ -88,6 +89,15 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 			}
 		}
 	}
+	if cfg.Memory.Kind == hypervisor.MemoryFile && cfg.Memory.Share {
+		// A template's RAM: QEMU fills the file, which must exist to be
+		// bound in a jail. A clone's must exist already.
+		f, err := os.OpenFile(cfg.Memory.Path, os.O_CREATE|os.O_WRONLY|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, hypervisor.State{}, fmt.Errorf("vm memory file: %w", err)
+		}
+		f.Close()
+	}
 	log.G(ctx).WithField("vm", cfg.ID).WithField("accel", cfg.Accel).Debug("qemu prepared")
 	return &hypervisor.Launch{Path: bin, Args: Argv(cfg), Dir: cfg.RunDir, Log: logPath, Access: access(bin, cfg)}, st, nil
 }
@@ -96,9 +106,11 @@ func (d Driver) Prepare(ctx context.Context, cfg hypervisor.Config) (*hypervisor
 // uses on the share's files, as the guest's root: keep owners and modes
 // (chown, set-gid bits, file capabilities), reach files of any owner, and
 // make the special files a container makes (which it never opens: the
-// jail binds the share without devices).
+// jail binds the share without devices). Not CAP_DAC_READ_SEARCH, which
+// DAC_OVERRIDE covers for paths and which would let open_by_handle_at
+// reach the whole file system of any bind.
 var shareCapabilities = []string{
-	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP",
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP",
 }
 
 // access is what a QEMU started for cfg from bin reads and writes once
@@ -147,7 +159,8 @@ func access(bin string, cfg hypervisor.Config) hypervisor.Access {
 // that starts it, said before exiting), at most limit bytes from its
 // last lines; "" if there is none.
 func LogTail(runDir string, limit int) string {
-	f, err := os.Open(filepath.Join(runDir, logName))
+	// The run directory is QEMU's to write: never follow a link of it.
+	f, err := os.OpenFile(filepath.Join(runDir, logName), os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return ""
 	}
@@ -205,6 +218,13 @@ func Attach(ctx context.Context, st hypervisor.State) (*VM, error) {
 		if err != nil {
 			return nil, err
 		}
+		if !isQEMUOf(pid, st.ControlSocket) {
+			// A QEMU in a PID namespace of its own (jailed) writes its
+			// pid there, 1; or the file is stale: look for it.
+			if p := findQEMUOf(st.ControlSocket); p != 0 {
+				pid = p
+			}
+		}
 		st.Pid = pid
 	}
 	if st.StartTime == 0 {
@@ -224,7 +244,7 @@ func Attach(ctx context.Context, st hypervisor.State) (*VM, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	q, err := dialQMP(ctx, st.ControlSocket, vm.exited)
+	q, err := dialQMP(ctx, st.ControlSocket, st.Pid, vm.exited)
 	if err != nil {
 		vm.Close()
 		return nil, fmt.Errorf("qemu of vm %s: %w", st.ID, err)
@@ -233,8 +253,10 @@ func Attach(ctx context.Context, st hypervisor.State) (*VM, error) {
 	return vm, nil
 }
 
-// dialQMP connects to QMP, giving up if QEMU exits meanwhile.
-func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Client, error) {
+// dialQMP connects to QMP, giving up if QEMU exits meanwhile. The socket
+// is in the run directory, which QEMU can write: it must be served by pid
+// (a link to another VM's socket is refused).
+func dialQMP(ctx context.Context, path string, pid int, exited <-chan struct{}) (*qmp.Client, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
@@ -244,7 +266,7 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Cli
 		case <-ctx.Done():
 		}
 	}()
-	q, err := qmp.Dial(ctx, path)
+	q, err := qmp.Dial(ctx, path, func(c net.Conn) error { return unixsock.CheckPeerPid(c, pid) })
 	if err != nil {
 		select {
 		case <-exited:
@@ -253,6 +275,21 @@ func dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Cli
 		}
 	}
 	return q, err
+}
+
+// findQEMUOf looks through the node's processes for the QEMU whose
+// command line names the QMP socket; 0 if none.
+func findQEMUOf(qmpSocket string) int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && isQEMUOf(pid, qmpSocket) {
+			return pid
+		}
+	}
+	return 0
 }
 
 // isQEMUOf reports whether pid's command line names the QMP socket.
@@ -363,7 +400,10 @@ func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 		case <-ctx.Done():
 		}
 	}()
-	c, err := channel.DialUnix(ctx, vm.st.ChannelSocket)
+	// Served by this VM's QEMU, not through a link its guest's QEMU put
+	// in the run directory.
+	pid := vm.st.Pid
+	c, err := channel.DialUnix(ctx, vm.st.ChannelSocket, channel.WithPeerCheck(func(c net.Conn) error { return unixsock.CheckPeerPid(c, pid) }))
 	if err != nil {
 		select {
 		case <-vm.exited:

@@ -88,13 +88,20 @@ type Client struct {
 }
 
 // Dial connects to QEMU's QMP socket, retrying until it accepts or ctx is
-// done, and negotiates capabilities.
-func Dial(ctx context.Context, path string) (*Client, error) {
+// done, checks the connection with check (if not nil: who serves it) and
+// negotiates capabilities.
+func Dial(ctx context.Context, path string, check func(net.Conn) error) (*Client, error) {
 	var d net.Dialer
 	backoff := 2 * time.Millisecond
 	for {
 		conn, err := d.DialContext(ctx, "unix", path)
 		if err == nil {
+			if check != nil {
+				if err := check(conn); err != nil {
+					conn.Close()
+					return nil, fmt.Errorf("qmp: %s: %w", path, err)
+				}
+			}
 			return New(ctx, conn)
 		}
 		select {

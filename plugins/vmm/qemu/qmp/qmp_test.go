@@ -101,7 +101,7 @@ func start(t *testing.T, f *fakeQEMU) (*Client, error) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, sock)
+	c, err := Dial(ctx, sock, nil)
 	if err == nil {
 		t.Cleanup(func() { c.Close() })
 	}
