@@ -407,6 +407,17 @@ func TestVMMTemplateClones(t *testing.T) {
 	if memoryHolds(t, ib.VMPid, secret) {
 		t.Errorf("the secret of one clone is in the other's memory")
 	}
+	// A pod of another namespace gets a template of its own
+	// (template_scope "namespace"): its QEMU maps no RAM file of the
+	// first namespace's, which that namespace's QEMUs hold open.
+	oCfg := d.podConfig("vmm-clone-other")
+	oCfg.Metadata.Namespace = "e2e-other"
+	o := d.runPod(t, kuasarVMM, oCfg)
+	io := d.vmInfo(t, o)
+	if io.Boot != "template" || io.Template == ia.Template {
+		t.Errorf("a pod of another namespace: %+v, the first namespace's template %s", io, ia.Template)
+	}
+	d.removePod(t, o)
 }
 
 // memoryHolds reports whether a process's memory holds s (scanning the

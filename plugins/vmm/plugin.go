@@ -75,6 +75,11 @@ type Config struct {
 	// Template is "auto" (start pod VMs as clones of a VM booted once per
 	// guest image and size) or "off" (boot each one).
 	Template string `toml:"template" comment:"\"auto\": pod VMs are clones of a VM booted once per guest image and size; \"off\": every pod VM boots"`
+	// TemplateScope is which pods share a template: "namespace" (the
+	// pods of one Kubernetes namespace: a QEMU taken over can reach the
+	// RAM of its template's other clones, so the boundary is a tenant's)
+	// or "node" (every pod: one template per image and size).
+	TemplateScope string `toml:"template_scope" comment:"Which pods share a VM template: \"namespace\" (those of one namespace: a taken-over QEMU could alter its template's RAM, which its other clones map) or \"node\" (all)"`
 	// TemplateDir keeps templates' RAM files (a tmpfs, only this daemon's);
 	// empty is a directory of /dev/shm named after the daemon's state.
 	TemplateDir string `toml:"template_dir" comment:"Where templates keep their RAM (a tmpfs, root-only); empty: /dev/shm/kuasar-vmm-<hash of the state dir>"`
@@ -98,6 +103,7 @@ func DefaultConfig() *Config {
 		TBSizeMiB:         64,
 		BootTimeout:       "60s",
 		Template:          "auto",
+		TemplateScope:     "namespace",
 		Jail:              true,
 	}
 }
@@ -129,6 +135,11 @@ func newKind(ic *plugin.InitContext, env sandbox.Env) (sandbox.Kind, error) {
 	case "auto", "off":
 	default:
 		return nil, fmt.Errorf("template %q: want \"auto\" or \"off\"", cfg.Template)
+	}
+	switch cfg.TemplateScope {
+	case "namespace", "node":
+	default:
+		return nil, fmt.Errorf("template_scope %q: want \"namespace\" or \"node\"", cfg.TemplateScope)
 	}
 	if cfg.DefaultVCPUs < 1 || cfg.DefaultMemoryMiB < 64 || cfg.MaxVCPUs < cfg.DefaultVCPUs || cfg.MaxMemoryMiB < cfg.DefaultMemoryMiB {
 		return nil, fmt.Errorf("VM sizes: default %d vCPUs / %d MiB, max %d / %d MiB", cfg.DefaultVCPUs, cfg.DefaultMemoryMiB, cfg.MaxVCPUs, cfg.MaxMemoryMiB)

@@ -166,7 +166,7 @@ func (p *pod) Start(ctx context.Context) (retErr error) {
 	cfg := p.vmConfig(img)
 	clone := false
 	if p.k.cfg.Template == "auto" {
-		t, err := p.k.templates.get(ctx, img, cfg)
+		t, err := p.k.templates.get(ctx, img, cfg, p.templateScope())
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("sandbox", p.sb.ID).Warn("no VM template: booting the pod's VM")
 		} else if err := p.startClone(ctx, cfg, t); err != nil {
@@ -226,6 +226,18 @@ func (p *pod) vmConfig(img *guest.Image) hypervisor.Config {
 		HotplugSlots: 1,
 		Shares:       []hypervisor.Share{{Tag: guest.ShareTag, Path: p.shareDir()}},
 	}
+}
+
+// templateScope is who the pod's VM may share a template with: a clone's
+// QEMU holds its template's RAM file open for writing (QEMU 7.2 maps it
+// copy-on-write from a writable file only), so a QEMU a guest took over
+// could change the RAM of every VM cloned from the same template. With
+// template_scope "namespace" those are its namespace's pods only.
+func (p *pod) templateScope() string {
+	if p.k.cfg.TemplateScope == "node" {
+		return ""
+	}
+	return "namespace/" + p.sb.Config.GetMetadata().GetNamespace()
 }
 
 // spawn starts a VM from cfg through the node's keeper, in the pod's

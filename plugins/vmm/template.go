@@ -42,7 +42,12 @@ type templates struct {
 
 	mu       sync.Mutex
 	building map[string]*building
+	used     map[string]time.Time // when a pod last asked for each template
 }
+
+// pruneGrace keeps a template a pod asked for this recently, whether or
+// not its clone maps the RAM file yet.
+const pruneGrace = 5 * time.Minute
 
 type building struct {
 	done chan struct{}
@@ -62,11 +67,12 @@ type vmTemplate struct {
 }
 
 func newTemplates(k *kind, dir, ramDir string) *templates {
-	return &templates{k: k, dir: dir, ramDir: ramDir, building: map[string]*building{}}
+	return &templates{k: k, dir: dir, ramDir: ramDir, building: map[string]*building{}, used: map[string]time.Time{}}
 }
 
-// templateKey names a template by everything its state depends on.
-func templateKey(img *guest.Image, cfg hypervisor.Config) string {
+// templateKey names a template by everything its state depends on, and
+// by its scope: the pods that may share it ("" for every pod of the node).
+func templateKey(img *guest.Image, cfg hypervisor.Config, scope string) string {
 	bin, _ := qemu.FindBinary(cfg.Binary)
 	// Files are known by path, size, modification time and inode: a kernel or
 	// initramfs replaced at the same path (an image without a manifest
@@ -87,13 +93,20 @@ func templateKey(img *guest.Image, cfg hypervisor.Config) string {
 	fmt.Fprintf(h, "v%s\nimage %s %s %s\nqemu %s\nvcpus %d mem %d accel %s tb %d slots %d shares %s\n",
 		templateVersion, img.Key, fileID(img.Kernel), fileID(img.Initrd), binID,
 		cfg.VCPUs, cfg.MemoryMiB, cfg.Accel, cfg.TBSizeMiB, cfg.HotplugSlots, strings.Join(tags, ","))
+	if scope != "" {
+		fmt.Fprintf(h, "scope %q\n", scope)
+	}
 	return hex.EncodeToString(h.Sum(nil))[:24]
 }
 
-// get returns the template of cfg's image and size, booting and saving it
-// first if there is none (one build at a time per template).
-func (ts *templates) get(ctx context.Context, img *guest.Image, cfg hypervisor.Config) (*vmTemplate, error) {
-	key := templateKey(img, cfg)
+// get returns the template of cfg's image and size for the pods of scope,
+// booting and saving it first if there is none (one build at a time per
+// template).
+func (ts *templates) get(ctx context.Context, img *guest.Image, cfg hypervisor.Config, scope string) (*vmTemplate, error) {
+	key := templateKey(img, cfg, scope)
+	ts.mu.Lock()
+	ts.used[key] = time.Now()
+	ts.mu.Unlock()
 	if t, err := ts.load(key); err == nil {
 		return t, nil
 	}
@@ -282,6 +295,12 @@ func (ts *templates) prune(ctx context.Context, keep string) {
 		}
 		t, err := ts.load(e.Name())
 		if err != nil {
+			continue
+		}
+		ts.mu.Lock()
+		recent := time.Since(ts.used[t.Key]) < pruneGrace
+		ts.mu.Unlock()
+		if recent {
 			continue
 		}
 		if mapped, err := fileMapped(t.RAMFile); err != nil || mapped {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/containerd/plugin"
 
@@ -79,8 +81,8 @@ func TestTemplateKeyChanges(t *testing.T) {
 	}
 	img := &guest.Image{Kernel: kernel, Initrd: initrd}
 	cfg := hypervisor.Config{VCPUs: 1, MemoryMiB: 128}
-	base := templateKey(img, cfg)
-	if again := templateKey(img, cfg); again != base {
+	base := templateKey(img, cfg, "")
+	if again := templateKey(img, cfg, ""); again != base {
 		t.Fatalf("the key of the same inputs changed: %s, %s", base, again)
 	}
 	replace := func(path string) {
@@ -101,13 +103,43 @@ func TestTemplateKeyChanges(t *testing.T) {
 		seen[key] = what
 	}
 	replace(kernel)
-	check("a new kernel at the same path", templateKey(img, cfg))
+	check("a new kernel at the same path", templateKey(img, cfg, ""))
 	replace(initrd)
-	check("a new initramfs at the same path", templateKey(img, cfg))
+	check("a new initramfs at the same path", templateKey(img, cfg, ""))
 	withKey := *img
 	withKey.Key = "agent-v2"
-	check("a new image key", templateKey(&withKey, cfg))
+	check("a new image key", templateKey(&withKey, cfg, ""))
 	bigger := cfg
 	bigger.MemoryMiB = 256
-	check("more memory", templateKey(img, bigger))
+	check("more memory", templateKey(img, bigger, ""))
+	check("the pods of a namespace", templateKey(img, cfg, "namespace/team-a"))
+	check("the pods of another namespace", templateKey(img, cfg, "namespace/team-b"))
+}
+
+// TestPruneKeepsRecentTemplates: a template a pod asked for a moment ago
+// is kept by a prune (its clone may not map the RAM file yet); one no pod
+// asked for lately, and no VM maps, goes.
+func TestPruneKeepsRecentTemplates(t *testing.T) {
+	dir, ramDir := t.TempDir(), t.TempDir()
+	ts := newTemplates(nil, dir, ramDir)
+	for _, key := range []string{"recent", "stale", "new"} {
+		tpl := vmTemplate{Key: key, StateFile: filepath.Join(dir, key, "state"), RAMFile: filepath.Join(ramDir, key+".ram")}
+		if err := os.MkdirAll(filepath.Join(dir, key), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(tpl)
+		for f, data := range map[string][]byte{tpl.StateFile: nil, tpl.RAMFile: nil, filepath.Join(dir, key, "template.json"): b} {
+			if err := os.WriteFile(f, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ts.used["recent"] = time.Now()
+	ts.used["stale"] = time.Now().Add(-2 * pruneGrace)
+	ts.prune(context.Background(), "new")
+	for key, kept := range map[string]bool{"recent": true, "stale": false, "new": true} {
+		if _, err := ts.load(key); (err == nil) != kept {
+			t.Errorf("template %s: kept %v, want %v", key, err == nil, kept)
+		}
+	}
 }
