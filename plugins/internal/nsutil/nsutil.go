@@ -75,33 +75,34 @@ func onThread(kinds []Kind, unshareFS bool, fn func() error) error {
 		runtime.LockOSThread()
 		tid := unix.Gettid()
 		saved := map[Kind]int{}
-		defer func() {
-			restored := true
-			for k, fd := range saved {
-				if err := unix.Setns(fd, setnsFlag[k]); err != nil {
-					restored = false
+		err := func() error {
+			for _, k := range kinds {
+				fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+				if err != nil {
+					return fmt.Errorf("opening this thread's %s namespace: %w", k, err)
 				}
-				unix.Close(fd)
+				saved[k] = fd
 			}
-			if restored && !unshareFS {
-				runtime.UnlockOSThread()
+			if unshareFS {
+				if err := unix.Unshare(unix.CLONE_FS); err != nil {
+					return fmt.Errorf("unshare CLONE_FS: %w", err)
+				}
 			}
+			return fn()
 		}()
-		for _, k := range kinds {
-			fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/%s", tid, k), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-			if err != nil {
-				ch <- fmt.Errorf("opening this thread's %s namespace: %w", k, err)
-				return
+		// Back in its own namespaces before the caller goes on: the
+		// caller may look at this thread (or the process) at once.
+		restored := true
+		for k, fd := range saved {
+			if err := unix.Setns(fd, setnsFlag[k]); err != nil {
+				restored = false
 			}
-			saved[k] = fd
+			unix.Close(fd)
 		}
-		if unshareFS {
-			if err := unix.Unshare(unix.CLONE_FS); err != nil {
-				ch <- fmt.Errorf("unshare CLONE_FS: %w", err)
-				return
-			}
+		if restored && !unshareFS {
+			runtime.UnlockOSThread()
 		}
-		ch <- fn()
+		ch <- err
 	}()
 	return <-ch
 }
