@@ -41,9 +41,16 @@ func TestVMMHypervisorJailed(t *testing.T) {
 		}
 	}
 	// A PID namespace of its own, where it is 1: it sees and signals
-	// neither the node's processes nor other VMs.
+	// neither the node's processes nor other VMs; and network, IPC and
+	// UTS namespaces of its own (no loopback service of the node).
 	if f := strings.Fields(status["NSpid"]); len(f) != 2 || f[1] != "1" {
 		t.Errorf("QEMU's NSpid is %q, want its own PID namespace", status["NSpid"])
+	}
+	for _, ns := range []string{"net", "ipc", "uts", "mnt"} {
+		node, _ := os.Readlink("/proc/self/ns/" + ns)
+		if own, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", qemu, ns)); err != nil || own == node {
+			t.Errorf("QEMU's %s namespace is the node's (%s, %v)", ns, own, err)
+		}
 	}
 
 	root := fmt.Sprintf("/proc/%d/root", qemu)
@@ -91,6 +98,15 @@ func TestVMMHypervisorJailed(t *testing.T) {
 	}
 	if !strings.Contains(fmt.Sprint(mounts), "/shared/") {
 		t.Errorf("no container mount beneath the share in QEMU's namespace: %v", mounts)
+	}
+	// A removed container's mounts leave QEMU's namespace (the daemon
+	// works in it through the node's /proc: the jail's shows QEMU's PID
+	// namespace only).
+	d.stopRemove(t, c, 2)
+	for _, m := range readMountinfo(t, fmt.Sprintf("/proc/%d/mountinfo", qemu)) {
+		if strings.Contains(m.point, "/shared/"+c) {
+			t.Errorf("a removed container's mount is still in QEMU's namespace: %s", m.point)
+		}
 	}
 	d.removePod(t, rPod)
 	d.removePod(t, pod)

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper"
 	"github.com/kuasar-io/containerd-kuasar/plugins/keeper/api"
 	"github.com/kuasar-io/containerd-kuasar/plugins/sandbox"
@@ -258,6 +259,8 @@ func (p *pod) spawn(ctx context.Context, cfg hypervisor.Config) error {
 	}
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
+		// Not left running: nothing attached to it to stop it later.
+		_ = proc.Signal(ref.Pid, ref.StartTime, unix.SIGKILL)
 		return fmt.Errorf("the VM did not come up (QEMU said %q): %w", qemu.LogTail(st.RunDir, 512), err)
 	}
 	p.mu.Lock()
@@ -280,7 +283,11 @@ func (k *kind) spawnVMM(ctx context.Context, l *hypervisor.Launch) (keeper.Proce
 	path, args := l.Path, append([]string{l.Path}, l.Args...)
 	var cloneflags uint64
 	if k.cfg.Jail {
-		cloneflags = unix.CLONE_NEWPID
+		// Namespaces of its own but for the user one: it sees no
+		// process, network (the node's loopback services, the metadata
+		// service, abstract sockets), IPC object or host name of the
+		// node. Its tap comes as a descriptor, its sockets are paths.
+		cloneflags = unix.CLONE_NEWPID | unix.CLONE_NEWNET | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS
 		helper := k.env.Monitor.KeeperBinary()
 		if helper == "" {
 			return keeper.ProcessRef{}, fmt.Errorf("jailing the hypervisor: kuasar-keeper not found: %w", errdefs.ErrNotFound)
@@ -305,8 +312,7 @@ func (k *kind) spawnVMM(ctx context.Context, l *hypervisor.Launch) (keeper.Proce
 		Stdio:  &api.Stdio{Stdout: "file://" + l.Log, Stderr: "file://" + l.Log},
 		Setsid: true,
 		// A mount namespace of its own, where the share's mounts go
-		// (share.go); jailed, a PID namespace of its own too: it sees
-		// and signals no process of the node, nor other VMs.
+		// (share.go); jailed, PID, network, IPC and UTS ones too.
 		Unshareflags: unix.CLONE_NEWNS,
 		Cloneflags:   cloneflags,
 	})

@@ -194,7 +194,11 @@ func closeTrees(ms []shareMount) {
 	}
 }
 
-// vmMountNS runs fn on a thread in the VM's mount namespace.
+// vmMountNS runs fn on a thread in the VM's mount namespace, with its
+// working directory the node's /proc: fn names the thread's own files
+// relative to it (procSelf), since the /proc a jailed VM's namespace
+// mounts shows the VM's PID namespace only, where the thread has no
+// entry.
 func (p *pod) vmMountNS(fn func() error) error {
 	p.mu.Lock()
 	vm := p.st.VM
@@ -212,8 +216,24 @@ func (p *pod) vmMountNS(fn func() error) error {
 	if st, err := proc.ReadStat(vm.Pid); err != nil || st.StartTime != vm.StartTime {
 		return errVMGone
 	}
-	return nsutil.Do(map[nsutil.Kind]string{nsutil.Mnt: "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))}, fn)
+	nodeProc, err := os.OpenFile("/proc", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer nodeProc.Close()
+	// Do gives a mount namespace's thread file system attributes of its
+	// own: its working directory is its own to change.
+	return nsutil.Do(map[nsutil.Kind]string{nsutil.Mnt: "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))}, func() error {
+		if err := unix.Fchdir(int(nodeProc.Fd())); err != nil {
+			return fmt.Errorf("the node's /proc: %w", err)
+		}
+		return fn()
+	})
 }
+
+// procSelf names the calling thread's file rel of /proc relative to the
+// working directory vmMountNS sets (the node's /proc).
+func procSelf(rel string) string { return "thread-self/" + rel }
 
 // attach attaches ms beneath the share, in the VM's mount namespace; on
 // error none of them stays attached.
@@ -247,7 +267,9 @@ func (p *pod) attach(ms []shareMount) error {
 			}
 			done = append(done, m.target)
 			if m.remountRO || m.remountRestrict {
-				if err := remount(root, m.target, m.remountRO); err != nil {
+				// Through the moved tree: the mount attached, whatever the
+				// guest renames meanwhile.
+				if err := remount(int(m.tree.Fd()), m.target, m.remountRO); err != nil {
 					return err
 				}
 			}
@@ -256,15 +278,10 @@ func (p *pod) attach(ms []shareMount) error {
 	})
 }
 
-// remount makes the mount at the share's rel nodev, nosuid, noexec and
-// read-only if asked (kernels without mount_setattr: its submounts keep
-// their flags).
-func remount(root *os.File, rel string, readOnly bool) error {
-	fd, err := unix.Openat2(int(root.Fd()), rel, &beneath)
-	if err != nil {
-		return fmt.Errorf("the share's %s: %w", rel, err)
-	}
-	defer unix.Close(fd)
+// remount makes the mount fd is (an attached tree, at the share's rel)
+// nodev, nosuid, noexec and read-only if asked (kernels without
+// mount_setattr: its submounts keep their flags). It runs in vmMountNS.
+func remount(fd int, rel string, readOnly bool) error {
 	flags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NODEV | unix.MS_NOSUID | unix.MS_NOEXEC)
 	// A remount sets the flags it is given: a mount read-only already
 	// stays so.
@@ -281,8 +298,9 @@ func remount(root *os.File, rel string, readOnly bool) error {
 	return nil
 }
 
-// fdPath names an open file through the calling thread's fd table.
-func fdPath(fd int) string { return "/proc/thread-self/fd/" + strconv.Itoa(fd) }
+// fdPath names an open file through the calling thread's fd table (in
+// vmMountNS).
+func fdPath(fd int) string { return procSelf("fd/" + strconv.Itoa(fd)) }
 
 // detach unmounts everything at and beneath the share's rel in the VM's
 // mount namespace. A VM that is gone took its mounts with it.
@@ -310,7 +328,7 @@ func (p *pod) detach(rel string) error {
 // mount the guest moved out of rel (renaming a parent) stays, and goes
 // with the VM.
 func unmountBeneath(root *os.File, rel string) error {
-	f, err := os.Open("/proc/thread-self/mountinfo")
+	f, err := os.Open(procSelf("mountinfo"))
 	if err != nil {
 		return err
 	}

@@ -2,12 +2,14 @@ package vmm
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -28,6 +30,68 @@ func fakeVMM(t *testing.T, p *pod) {
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	pid := cmd.Process.Pid
 	p.st.VM = &hypervisor.State{Pid: pid, StartTime: proc.StartTime(pid)}
+}
+
+// fakeJailedVMM is a VMM in mount and PID namespaces of its own, with the
+// /proc of its PID namespace, as a jailed QEMU is: the daemon's thread in
+// its mount namespace has no entry in that /proc.
+func fakeJailedVMM(t *testing.T, p *pod) {
+	t.Helper()
+	cmd := exec.Command("unshare", "--pid", "--fork", "--mount-proc", "sleep", "300")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	pid := cmd.Process.Pid
+	// unshare has joined its new mount namespace once /proc there is the
+	// new PID namespace's: its pid 1 is sleep.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/root/proc/1/comm", pid)); err == nil && strings.TrimSpace(string(b)) == "sleep" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fake jailed VMM did not start")
+		}
+	}
+	p.st.VM = &hypervisor.State{Pid: pid, StartTime: proc.StartTime(pid)}
+}
+
+// TestShareInJailedVMM: the daemon attaches and detaches the share's
+// mounts in the mount namespace of a VMM whose /proc is its own PID
+// namespace's (the jail's).
+func TestShareInJailedVMM(t *testing.T) {
+	requireRoot(t)
+	p := testPod(t)
+	fakeJailedVMM(t, p)
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
+		t.Fatal(err)
+	}
+	m, err := cloneTree(t.TempDir(), hostBind{}, "c1/rootfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.attach([]shareMount{m})
+	closeTrees([]shareMount{m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(p.shareDir(), "c1/rootfs")
+	vmMounts := func() string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.st.VM.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	if !strings.Contains(vmMounts(), " "+target+" ") {
+		t.Fatalf("not attached in the VMM's namespace:\n%s", vmMounts())
+	}
+	if err := p.detach("c1"); err != nil {
+		t.Fatalf("detaching in the jailed VMM's namespace: %v", err)
+	}
+	if strings.Contains(vmMounts(), " "+target+" ") {
+		t.Errorf("still attached after detach:\n%s", vmMounts())
+	}
 }
 
 // What the guest writes through 9p lands where QEMU writes: in its mount
@@ -121,7 +185,7 @@ func TestShareMountsWithoutDevices(t *testing.T) {
 			f.Close()
 		}
 		openErr = err
-		b, _ := os.ReadFile("/proc/thread-self/mountinfo")
+		b, _ := os.ReadFile(procSelf("mountinfo"))
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.Contains(l, " "+filepath.Join(p.shareDir(), "c1/rootfs")+" ") {
 				opts = l

@@ -217,6 +217,7 @@ func TestUnmountBeneath(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer root.Close()
+	t.Chdir("/proc") // as vmMountNS runs it
 	if err := unmountBeneath(root, "c1"); err != nil {
 		t.Fatal(err)
 	}

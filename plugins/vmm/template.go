@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/kuasar-io/containerd-kuasar/plugins/internal/proc"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/agentapi"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/guest"
 	"github.com/kuasar-io/containerd-kuasar/plugins/vmm/hypervisor"
@@ -111,6 +112,7 @@ func (ts *templates) get(ctx context.Context, img *guest.Image, cfg hypervisor.C
 		return t, nil
 	}
 	ts.mu.Lock()
+	ts.used[key] = time.Now()
 	b, ok := ts.building[key]
 	if !ok {
 		b = &building{done: make(chan struct{})}
@@ -197,7 +199,9 @@ func (ts *templates) build(ctx context.Context, key string, img *guest.Image, cf
 	defer ts.k.env.Monitor.Unwatch(ref)
 	vm, err := qemu.Attach(ctx, st)
 	if err != nil {
-		killVMIn(ctx, cfg.RunDir)
+		// By the keeper's reference: the run directory is the VM's to
+		// write, its pid file says 1 (a PID namespace of its own).
+		_ = proc.Signal(ref.Pid, ref.StartTime, unix.SIGKILL)
 		return nil, fmt.Errorf("the template VM did not come up (QEMU said %q): %w", qemu.LogTail(st.RunDir, 512), err)
 	}
 	defer func() {
@@ -297,18 +301,22 @@ func (ts *templates) prune(ctx context.Context, keep string) {
 		if err != nil {
 			continue
 		}
+		// Checked and removed under the lock: a pod asking for it
+		// meanwhile waits, then builds it again.
 		ts.mu.Lock()
-		recent := time.Since(ts.used[t.Key]) < pruneGrace
-		ts.mu.Unlock()
-		if recent {
+		if time.Since(ts.used[t.Key]) < pruneGrace {
+			ts.mu.Unlock()
 			continue
 		}
 		if mapped, err := fileMapped(t.RAMFile); err != nil || mapped {
+			ts.mu.Unlock()
 			continue
 		}
 		log.G(ctx).WithField("template", t.Key).Info("removing a VM template no VM uses")
 		_ = os.Remove(t.RAMFile)
 		_ = os.RemoveAll(filepath.Join(ts.dir, e.Name()))
+		delete(ts.used, t.Key)
+		ts.mu.Unlock()
 	}
 }
 

@@ -82,6 +82,17 @@ func peerCred(c net.Conn) (*unix.Ucred, error) {
 	return cred, cerr
 }
 
+// PeerPid is the pid of the process at the other end of c (for a client:
+// the one that listened), in the caller's PID namespace (0 if it is not
+// in it).
+func PeerPid(c net.Conn) (int, error) {
+	cred, err := peerCred(c)
+	if err != nil {
+		return 0, err
+	}
+	return int(cred.Pid), nil
+}
+
 // CheckPeerPid admits only a peer that is process pid: a client's check
 // of who serves a socket in a directory someone else can write.
 func CheckPeerPid(c net.Conn, pid int) error {

@@ -273,7 +273,7 @@ func mountProc(proc string) error {
 			return fmt.Errorf("jail: making /proc/%s read-only: %w", rel, err)
 		}
 	}
-	for _, rel := range []string{"kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug", "acpi", "scsi", "kallsyms"} {
+	for _, rel := range []string{"kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug", "acpi", "scsi", "asound", "interrupts", "kallsyms"} {
 		p := filepath.Join(proc, rel)
 		fi, err := os.Lstat(p)
 		if err != nil {
@@ -281,8 +281,10 @@ func mountProc(proc string) error {
 		}
 		if fi.IsDir() {
 			err = unix.Mount("tmpfs", p, "tmpfs", unix.MS_RDONLY|flags, "size=0")
-		} else {
-			err = unix.Mount("/dev/null", p, "", unix.MS_BIND, "")
+		} else if err = unix.Mount("/dev/null", p, "", unix.MS_BIND, ""); err == nil {
+			// Read-only: a writable bind of the node's /dev/null
+			// could be chmod-ed.
+			err = unix.Mount("", p, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NOEXEC, "")
 		}
 		if err != nil {
 			return fmt.Errorf("jail: masking /proc/%s: %w", rel, err)

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -121,8 +122,14 @@ var shareCapabilities = []string{
 func access(bin string, cfg hypervisor.Config) hypervisor.Access {
 	a := hypervisor.Access{ReadOnly: []string{"/usr"}}
 	if real, err := filepath.EvalSymlinks(bin); err == nil && !strings.HasPrefix(real, "/usr/") {
-		// A QEMU of its own install (/opt/qemu/bin/...): its tree.
-		a.ReadOnly = append(a.ReadOnly, filepath.Dir(filepath.Dir(real)))
+		// A QEMU of its own install (/opt/qemu/bin/...): its tree, if
+		// that is a directory of its own (not /opt or /var, which hold
+		// other things), else its directory.
+		tree := filepath.Dir(filepath.Dir(real))
+		if strings.Count(tree, "/") < 2 {
+			tree = filepath.Dir(real)
+		}
+		a.ReadOnly = append(a.ReadOnly, tree)
 	}
 	for _, p := range []string{"/lib", "/lib64", "/bin", "/etc/ld.so.cache"} {
 		if _, err := os.Lstat(p); err == nil {
@@ -159,20 +166,41 @@ func access(bin string, cfg hypervisor.Config) hypervisor.Access {
 // that starts it, said before exiting), at most limit bytes from its
 // last lines; "" if there is none.
 func LogTail(runDir string, limit int) string {
-	// The run directory is QEMU's to write: never follow a link of it.
-	f, err := os.OpenFile(filepath.Join(runDir, logName), os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	// The run directory is QEMU's to write: never follow a link of it,
+	// nor wait on a FIFO.
+	f, err := os.OpenFile(filepath.Join(runDir, logName), os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return ""
 	}
 	defer f.Close()
 	st, err := f.Stat()
-	if err != nil {
+	if err != nil || !st.Mode().IsRegular() {
 		return ""
 	}
 	off := max(st.Size()-int64(limit), 0)
 	b := make([]byte, st.Size()-off)
 	n, _ := f.ReadAt(b, off)
 	return strings.TrimSpace(strings.ToValidUTF8(string(b[:n]), "?"))
+}
+
+// readSmallFile reads at most limit bytes of the regular file at path,
+// never through a symlink nor waiting on a FIFO (a file of the run
+// directory, which QEMU can write).
+func readSmallFile(path string, limit int) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	b := make([]byte, limit)
+	n, err := f.Read(b)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return b[:n], nil
 }
 
 func stateOf(cfg hypervisor.Config) hypervisor.State {
@@ -220,12 +248,15 @@ func Attach(ctx context.Context, st hypervisor.State) (*VM, error) {
 		}
 		if !isQEMUOf(pid, st.ControlSocket) {
 			// A QEMU in a PID namespace of its own (jailed) writes its
-			// pid there, 1; or the file is stale: look for it.
-			if p := findQEMUOf(st.ControlSocket); p != 0 {
-				pid = p
+			// pid there, 1; or the file is stale: ask the socket who
+			// serves it.
+			if p, err := socketPeerPid(st.ControlSocket); err == nil {
+				st.Pid, st.StartTime = p, proc.StartTime(p)
 			}
 		}
-		st.Pid = pid
+		if st.Pid == 0 {
+			st.Pid = pid
+		}
 	}
 	if st.StartTime == 0 {
 		// First attach: make sure the pid is this VM's QEMU (a pid file
@@ -277,19 +308,33 @@ func dialQMP(ctx context.Context, path string, pid int, exited <-chan struct{}) 
 	return q, err
 }
 
-// findQEMUOf looks through the node's processes for the QEMU whose
-// command line names the QMP socket; 0 if none.
-func findQEMUOf(qmpSocket string) int {
-	entries, err := os.ReadDir("/proc")
+// socketPeerPid is the pid of the process serving the Unix socket at
+// path, asked of the socket itself (never through a symlink: the run
+// directory is QEMU's to write, and a command line is a process's to
+// rewrite).
+func socketPeerPid(path string) (int, error) {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return 0
+		return 0, err
 	}
-	for _, e := range entries {
-		if pid, err := strconv.Atoi(e.Name()); err == nil && isQEMUOf(pid, qmpSocket) {
-			return pid
-		}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, err
 	}
-	return 0
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return 0, fmt.Errorf("%s is not a socket", path)
+	}
+	c, err := net.Dial("unix", "/proc/self/fd/"+strconv.Itoa(fd))
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	pid, err := unixsock.PeerPid(c)
+	if err == nil && pid <= 0 {
+		err = fmt.Errorf("%s is served from another PID namespace", path)
+	}
+	return pid, err
 }
 
 // isQEMUOf reports whether pid's command line names the QMP socket.
@@ -302,7 +347,7 @@ func isQEMUOf(pid int, qmpSocket string) bool {
 // before the guest starts).
 func waitPidFile(ctx context.Context, path string) (int, error) {
 	for {
-		b, err := os.ReadFile(path)
+		b, err := readSmallFile(path, 32)
 		if err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
 				return pid, nil
