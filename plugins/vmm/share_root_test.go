@@ -63,18 +63,7 @@ func TestShareInJailedVMM(t *testing.T) {
 	requireRoot(t)
 	p := testPod(t)
 	fakeJailedVMM(t, p)
-	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
-		t.Fatal(err)
-	}
-	m, err := cloneTree(t.TempDir(), hostBind{}, "c1/rootfs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.attach([]shareMount{m})
-	closeTrees([]shareMount{m})
-	if err != nil {
-		t.Fatal(err)
-	}
+	attachAsRootfs(t, p, t.TempDir())
 	target := filepath.Join(p.shareDir(), "c1/rootfs")
 	vmMounts := func() string {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", p.st.VM.Pid))
@@ -91,6 +80,24 @@ func TestShareInJailedVMM(t *testing.T) {
 	}
 	if strings.Contains(vmMounts(), " "+target+" ") {
 		t.Errorf("still attached after detach:\n%s", vmMounts())
+	}
+}
+
+// attachAsRootfs attaches a clone of the mounts at src as container c1's
+// rootfs beneath the pod's share, in its VMM's namespace.
+func attachAsRootfs(t *testing.T, p *pod, src string) {
+	t.Helper()
+	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
+		t.Fatal(err)
+	}
+	m, err := cloneTree(src, hostBind{}, "c1/rootfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.attach([]shareMount{m})
+	closeTrees([]shareMount{m})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -114,18 +121,7 @@ func TestGuestCannotWriteShareOutsideMounts(t *testing.T) {
 	p := testPod(t)
 	fakeVMM(t, p)
 	share := p.shareDir()
-	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
-		t.Fatal(err)
-	}
-	m, err := cloneTree(t.TempDir(), hostBind{}, "c1/rootfs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.attach([]shareMount{m})
-	closeTrees([]shareMount{m})
-	if err != nil {
-		t.Fatal(err)
-	}
+	attachAsRootfs(t, p, t.TempDir())
 	var inRootfs, atRoot, inCtrDir error
 	if err := p.vmMountNS(func() error {
 		// As QEMU's 9p server does for the guest.
@@ -156,9 +152,6 @@ func TestShareMountsWithoutDevices(t *testing.T) {
 	requireRoot(t)
 	p := testPod(t)
 	fakeVMM(t, p)
-	if err := makeInShare(p.shareRW(), "c1/rootfs", true); err != nil {
-		t.Fatal(err)
-	}
 	src := t.TempDir()
 	if err := unix.Mknod(filepath.Join(src, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err != nil {
 		t.Fatal(err)
@@ -168,15 +161,7 @@ func TestShareMountsWithoutDevices(t *testing.T) {
 	} else {
 		f.Close()
 	}
-	m, err := cloneTree(src, hostBind{}, "c1/rootfs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.attach([]shareMount{m})
-	closeTrees([]shareMount{m})
-	if err != nil {
-		t.Fatal(err)
-	}
+	attachAsRootfs(t, p, src)
 	var openErr error
 	var opts string
 	if err := p.vmMountNS(func() error {
