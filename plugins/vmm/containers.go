@@ -54,6 +54,16 @@ func marker(path, name string) string {
 
 func (r *containers) conn() (*guestConn, error) { return r.pod.conn() }
 
+// call runs fn on the session to the pod's guest (its agent's task
+// service and Agent API), once the guest is reached.
+func (r *containers) call(ctx context.Context, fn func(context.Context, *session) error) error {
+	g, err := r.conn()
+	if err != nil {
+		return err
+	}
+	return g.call(ctx, true, fn)
+}
+
 // shareDir is a container's directory in the pod's share.
 func (r *containers) shareDir(c *task.Container) string {
 	return filepath.Join(r.pod.shareRW(), c.ID)
@@ -267,11 +277,7 @@ func (r *containers) Exec(ctx context.Context, p *task.Process) error {
 }
 
 func (r *containers) Kill(ctx context.Context, p *task.Process, sig unix.Signal, all bool) error {
-	g, err := r.conn()
-	if err != nil {
-		return err
-	}
-	return g.call(ctx, true, func(ctx context.Context, s *session) error {
+	return r.call(ctx, func(ctx context.Context, s *session) error {
 		_, err := s.tasks.Kill(ctx, &taskAPI.KillRequest{ID: p.Container.ID, ExecID: p.ExecID, Signal: uint32(sig), All: all})
 		return err
 	})
@@ -393,12 +399,8 @@ func (r *containers) unshare(ctx context.Context, c *task.Container) {
 }
 
 func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.ProcessInfo, error) {
-	g, err := r.conn()
-	if err != nil {
-		return nil, err
-	}
 	var resp *taskAPI.PidsResponse
-	err = g.call(ctx, true, func(ctx context.Context, s *session) error {
+	err := r.call(ctx, func(ctx context.Context, s *session) error {
 		var err error
 		resp, err = s.tasks.Pids(ctx, &taskAPI.PidsRequest{ID: c.ID})
 		return err
@@ -410,11 +412,7 @@ func (r *containers) Pids(ctx context.Context, c *task.Container) ([]*tasktypes.
 }
 
 func (r *containers) ResizePty(ctx context.Context, p *task.Process, w, h uint32) error {
-	g, err := r.conn()
-	if err != nil {
-		return err
-	}
-	return g.call(ctx, true, func(ctx context.Context, s *session) error {
+	return r.call(ctx, func(ctx context.Context, s *session) error {
 		_, err := s.tasks.ResizePty(ctx, &taskAPI.ResizePtyRequest{ID: p.Container.ID, ExecID: p.ExecID, Width: w, Height: h})
 		return err
 	})
@@ -436,15 +434,11 @@ func (r *containers) Update(ctx context.Context, c *task.Container, res *specs.L
 	if res == nil {
 		return nil
 	}
-	g, err := r.conn()
-	if err != nil {
-		return err
-	}
 	a, err := typeurl.MarshalAnyToProto(res)
 	if err != nil {
 		return err
 	}
-	return g.call(ctx, true, func(ctx context.Context, s *session) error {
+	return r.call(ctx, func(ctx context.Context, s *session) error {
 		_, err := s.tasks.Update(ctx, &taskAPI.UpdateTaskRequest{ID: c.ID, Resources: a, Annotations: ann})
 		return err
 	})
@@ -452,12 +446,8 @@ func (r *containers) Update(ctx context.Context, c *task.Container, res *specs.L
 
 // Stats are the guest's figures of the container (cgroup v2 metrics).
 func (r *containers) Stats(ctx context.Context, c *task.Container) (typeurl.Any, error) {
-	g, err := r.conn()
-	if err != nil {
-		return nil, err
-	}
 	var resp *taskAPI.StatsResponse
-	err = g.call(ctx, true, func(ctx context.Context, s *session) error {
+	err := r.call(ctx, func(ctx context.Context, s *session) error {
 		var err error
 		resp, err = s.tasks.Stats(ctx, &taskAPI.StatsRequest{ID: c.ID})
 		return err
@@ -469,22 +459,14 @@ func (r *containers) Stats(ctx context.Context, c *task.Container) (typeurl.Any,
 }
 
 func (r *containers) Pause(ctx context.Context, c *task.Container) error {
-	g, err := r.conn()
-	if err != nil {
-		return err
-	}
-	return g.call(ctx, true, func(ctx context.Context, s *session) error {
+	return r.call(ctx, func(ctx context.Context, s *session) error {
 		_, err := s.tasks.Pause(ctx, &taskAPI.PauseRequest{ID: c.ID})
 		return err
 	})
 }
 
 func (r *containers) Resume(ctx context.Context, c *task.Container) error {
-	g, err := r.conn()
-	if err != nil {
-		return err
-	}
-	return g.call(ctx, true, func(ctx context.Context, s *session) error {
+	return r.call(ctx, func(ctx context.Context, s *session) error {
 		_, err := s.tasks.Resume(ctx, &taskAPI.ResumeRequest{ID: c.ID})
 		return err
 	})
