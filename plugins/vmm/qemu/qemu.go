@@ -166,35 +166,44 @@ func access(bin string, cfg hypervisor.Config) hypervisor.Access {
 // that starts it, said before exiting), at most limit bytes from its
 // last lines; "" if there is none.
 func LogTail(runDir string, limit int) string {
-	// The run directory is QEMU's to write: never follow a link of it,
-	// nor wait on a FIFO.
-	f, err := os.OpenFile(filepath.Join(runDir, logName), os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	f, st, err := openRunFile(filepath.Join(runDir, logName))
 	if err != nil {
 		return ""
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil || !st.Mode().IsRegular() {
-		return ""
-	}
 	off := max(st.Size()-int64(limit), 0)
 	b := make([]byte, st.Size()-off)
 	n, _ := f.ReadAt(b, off)
 	return strings.TrimSpace(strings.ToValidUTF8(string(b[:n]), "?"))
 }
 
-// readSmallFile reads at most limit bytes of the regular file at path,
-// never through a symlink nor waiting on a FIFO (a file of the run
-// directory, which QEMU can write).
-func readSmallFile(path string, limit int) ([]byte, error) {
+// openRunFile opens a file of a VM's run directory, which QEMU can
+// write, for reading: a regular file only, never through a symlink nor
+// waiting on a FIFO.
+func openRunFile(path string) (*os.File, os.FileInfo, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file", path)
+	}
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return f, st, nil
+}
+
+// readSmallFile reads at most limit bytes of the run directory's file at
+// path (openRunFile).
+func readSmallFile(path string, limit int) ([]byte, error) {
+	f, _, err := openRunFile(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
 	b := make([]byte, limit)
 	n, err := f.Read(b)
 	if err != nil && !errors.Is(err, io.EOF) {
