@@ -112,7 +112,6 @@ func (ts *templates) get(ctx context.Context, img *guest.Image, cfg hypervisor.C
 		return t, nil
 	}
 	ts.mu.Lock()
-	ts.used[key] = time.Now()
 	b, ok := ts.building[key]
 	if !ok {
 		b = &building{done: make(chan struct{})}
