@@ -3,13 +3,14 @@
 package integration
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // TestVMMHypervisorJailed looks at a pod's QEMU from the node as a guest
@@ -76,74 +77,63 @@ func TestVMMHypervisorJailed(t *testing.T) {
 	}
 	mounts := readMountinfo(t, fmt.Sprintf("/proc/%d/mountinfo", qemu))
 	for _, m := range mounts {
-		opts := strings.Split(m.opts, ",")
+		opts := strings.Split(m.Options, ",")
 		has := func(o string) bool { return slices.Contains(opts, o) }
 		switch {
-		case m.point == "/" || m.point == "/usr" || slices.Contains([]string{"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/kvm"}, m.point):
+		case m.Mountpoint == "/" || m.Mountpoint == "/usr" || slices.Contains([]string{"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/kvm"}, m.Mountpoint):
 			// Device nodes too: opened as they are, not chmod-ed.
 			if !has("ro") {
-				t.Errorf("QEMU's %s is writable: %s", m.point, m.opts)
+				t.Errorf("QEMU's %s is writable: %s", m.Mountpoint, m.Options)
 			}
-		case m.point == "/proc":
+		case m.Mountpoint == "/proc":
 			// What QEMU's reads of /proc show: only processes it could
 			// trace (none of the node's privileged ones).
-			if !strings.Contains(m.super, "hidepid=ptraceable") {
-				t.Errorf("QEMU's /proc shows the node's processes: %s", m.super)
+			if !strings.Contains(m.VFSOptions, "hidepid=ptraceable") {
+				t.Errorf("QEMU's /proc shows the node's processes: %s", m.VFSOptions)
 			}
-		case strings.Contains(m.point, "/shared"):
+		case strings.Contains(m.Mountpoint, "/shared"):
 			if !has("nodev") || !has("nosuid") {
-				t.Errorf("QEMU serves %s with devices or set-uid: %s", m.point, m.opts)
+				t.Errorf("QEMU serves %s with devices or set-uid: %s", m.Mountpoint, m.Options)
 			}
 		}
 	}
-	if !strings.Contains(fmt.Sprint(mounts), "/shared/") {
-		t.Errorf("no container mount beneath the share in QEMU's namespace: %v", mounts)
+	if !slices.ContainsFunc(mounts, func(m *mountinfo.Info) bool { return strings.Contains(m.Mountpoint, "/shared/") }) {
+		t.Errorf("no container mount beneath the share in QEMU's namespace")
 	}
 	// A removed container's mounts leave QEMU's namespace (the daemon
 	// works in it through the node's /proc: the jail's shows QEMU's PID
 	// namespace only).
 	d.stopRemove(t, c, 2)
 	for _, m := range readMountinfo(t, fmt.Sprintf("/proc/%d/mountinfo", qemu)) {
-		if strings.Contains(m.point, "/shared/"+c) {
-			t.Errorf("a removed container's mount is still in QEMU's namespace: %s", m.point)
+		if strings.Contains(m.Mountpoint, "/shared/"+c) {
+			t.Errorf("a removed container's mount is still in QEMU's namespace: %s", m.Mountpoint)
 		}
 	}
 	d.removePod(t, rPod)
 	d.removePod(t, pod)
 }
 
-type mountLine struct{ point, opts, super string }
-
-func readMountinfo(t *testing.T, path string) []mountLine {
+// readMountinfo is the mount table at path (a /proc/PID/mountinfo).
+func readMountinfo(t *testing.T, path string) []*mountinfo.Info {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	var out []mountLine
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 5 {
-			m := mountLine{point: fields[4], opts: fields[5]}
-			if _, after, ok := strings.Cut(s.Text(), " - "); ok {
-				if f := strings.Fields(after); len(f) > 2 {
-					m.super = f[2]
-				}
-			}
-			out = append(out, m)
-		}
+	ms, err := mountinfo.GetMountsFromReader(f, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return ms
 }
 
 // mountpointWith is the first mount point of path's table that names s.
 func mountpointWith(t *testing.T, path, s string) string {
 	t.Helper()
 	for _, m := range readMountinfo(t, path) {
-		if strings.Contains(m.point, s) {
-			return m.point
+		if strings.Contains(m.Mountpoint, s) {
+			return m.Mountpoint
 		}
 	}
 	t.Fatalf("no mount of %s in %s", s, path)
